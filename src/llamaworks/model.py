@@ -1,0 +1,240 @@
+"""The Llama transformer (Touvron et al., 2023; Llama 2/3 and SmolLM2 share it).
+
+Pre-norm decoder: RMSNorm, rotary position embeddings (with Llama-3 frequency scaling), grouped-
+query attention on `F.scaled_dot_product_attention`, SwiGLU MLP, tied or untied embeddings, and an
+optional preallocated KV cache for incremental decoding. Module and parameter names are
+transformers' (`model.layers.0.self_attn.q_proj.weight`, ...), so our state dict *is* the HF
+checkpoint layout and needs no renaming. No I/O, parallelism or quantization in here: those wrap
+the model from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamaworks.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device: torch.device | str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# -- rotary embeddings -------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """Inverse frequencies theta^(-2i/d), optionally with Llama-3's long-context scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling or scaling.get("rope_type", "llama3") == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def llama3_freq_factors(head_dim: int, theta: float, scaling: dict) -> Tensor:
+    """The per-frequency divisors llama.cpp stores as the `rope_freqs` GGUF tensor."""
+    return rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for `positions` ([T] or [B, T]), shaped to broadcast over heads."""
+    freqs = positions.float()[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    if positions.dim() == 1:
+        return cos[None, None], sin[None, None]  # [1, 1, T, hd]
+    return cos[:, None], sin[:, None]  # [B, 1, T, hd]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + d/2): HF's layout (Meta's interleaved pairs, permuted)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+# -- KV cache ----------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys/values for every layer: [batch, n_kv_heads, max_seq_len, head_dim].
+
+    `update` writes the new positions in place and returns the first `kv_len` positions."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int
+               ) -> tuple[Tensor, Tensor]:
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+
+
+# -- blocks ------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, device=None):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv = layer, cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False, device=device)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False, device=device)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False, device=device)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False, device=device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, input_pos, k, v, kv_len)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv != self.n_heads:  # grouped-query attention: share each K/V head
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and t > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False, device=device)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False, device=device)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.self_attn = Attention(cfg, layer, device)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.mlp = MLP(cfg, device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks, final norm (HF's `LlamaModel`, hence the `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, device=device)
+        self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+
+
+class Llama(nn.Module):
+    """Causal language model. Build on `device="meta"` and call `init_weights` (or load a state
+    dict with `assign=True`, then `tie_weights`) to avoid allocating twice."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, device)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device=device)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2, device=device),
+                             persistent=False)
+        if device is None or torch.device(device).type != "meta":
+            self.reset_rope()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self) -> None:
+        cfg = self.config
+        device = self.model.embed_tokens.weight.device  # not the buffer's: it may be on meta
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh weights: N(0, std) for matrices (output projections scaled by 1/sqrt(2L), as in
+        GPT-2/torchtitan), ones for norms. Materialize from meta with `to_empty` first."""
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.normal_(0.0, s, generator=generator)
+        self.reset_rope()
+        self.tie_weights()
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_seq_len or self.config.max_seq_len,
+                       dtype or p.dtype, p.device)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None,
+                cache: KVCache | None = None, attn_mask: Tensor | None = None,
+                kv_len: int | None = None, hidden_only: bool = False) -> Tensor:
+        """Logits [B, T, vocab] (float32) for `tokens` [B, T].
+
+        input_pos: positions of these tokens ([T], or [B, T] for per-row positions); default
+        0..T-1. With `cache`, keys/values are written at `input_pos` and attention runs over the
+        first `kv_len` cached positions (default: last position + 1) under a causal mask.
+        attn_mask: optional boolean mask (True = attend) broadcastable to [B, 1, T, kv_len],
+        e.g. to hide left padding; it replaces the default causal mask."""
+        b, t = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(t, device=tokens.device)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, input_pos, x.dtype)
+        mask = attn_mask
+        write_pos = input_pos if input_pos.dim() == 1 else input_pos[0]
+        if cache is not None:
+            if kv_len is None:
+                kv_len = int(write_pos[-1]) + 1
+            if mask is None:
+                key_pos = torch.arange(kv_len, device=tokens.device)
+                mask = key_pos[None, :] <= write_pos[:, None]  # [T, kv_len]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, write_pos, kv_len or t)
+        x = self.model.norm(x)
+        if hidden_only:
+            return x
+        return self.lm_head(x).float()

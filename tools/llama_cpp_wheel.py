@@ -1,0 +1,123 @@
+"""Build (once) and install llama-cpp-python, the test reference for tokenization and speed.
+
+llama-cpp-python has no CPU wheel on PyPI, so it is built from its source distribution (about six
+minutes on two cores). The wheel is cached in `.cache/wheels` (git-ignored) and in a per-user
+cache, so later runs and fresh clones on the same machine install it in seconds. The same source
+distribution also ships llama.cpp's vocabulary-only GGUFs (`models/ggml-vocab-*.gguf`), which the
+tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3 and GPT-2 vocabularies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+VOCABS = ("llama-spm", "llama-bpe", "gpt-2")
+
+
+def _pip(*args: str) -> None:
+    subprocess.check_call([sys.executable, "-m", "pip", "--disable-pip-version-check", *args])
+
+
+def find_sdist(version: str, dirs: list[Path]) -> Path:
+    name = f"llama_cpp_python-{version}.tar.gz"
+    for d in dirs:
+        if (d / "sdist" / name).exists():
+            return d / "sdist" / name
+    dest = dirs[0] / "sdist"
+    dest.mkdir(parents=True, exist_ok=True)
+    print(f"downloading the llama-cpp-python {version} source distribution ...", flush=True)
+    _pip("download", "-q", "--no-deps", "--no-binary", ":all:",
+         f"llama-cpp-python=={version}", "-d", str(dest))
+    found = sorted(dest.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if not found:
+        sys.exit(f"error: pip did not produce {name} in {dest}")
+    return found[0]
+
+
+def extract_vocab(sdist: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = {f"ggml-vocab-{v}.gguf{ext}" for v in VOCABS for ext in ("", ".inp", ".out")}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            base = os.path.basename(member.name)
+            if base in wanted and "/vendor/llama.cpp/models/" in member.name:
+                src = tar.extractfile(member)
+                assert src is not None
+                tmp = out / (base + ".tmp")
+                with open(tmp, "wb") as f:
+                    shutil.copyfileobj(src, f)
+                os.replace(tmp, out / base)
+                wanted.discard(base)
+    if any(w.endswith(".gguf") for w in wanted):
+        sys.exit(f"error: {sdist} lacks vocab files: {sorted(wanted)}")
+
+
+def find_wheel(version: str, dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        hits = sorted(glob.glob(str(d / "wheels" / f"llama_cpp_python-{version}-*.whl")))
+        if hits:
+            return Path(hits[-1])
+    return None
+
+
+def build_wheel(sdist: Path, version: str, dirs: list[Path]) -> Path:
+    out = dirs[0] / "wheels"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"building llama-cpp-python {version} from source (about 6 minutes on 2 cores) ...",
+          flush=True)
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.check_call([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                               "-w", tmp, str(sdist)], env=env)
+        built = next(Path(tmp).glob("*.whl"))
+        target = out / built.name
+        shutil.copy(built, str(target) + ".tmp")
+        os.replace(str(target) + ".tmp", target)
+    for d in dirs[1:]:
+        try:
+            (d / "wheels").mkdir(parents=True, exist_ok=True)
+            shutil.copy(target, d / "wheels" / target.name)
+        except OSError as e:  # the per-user cache is an optimisation only
+            print(f"note: could not copy the wheel to {d}: {e}")
+    return target
+
+
+def installed_version() -> str | None:
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--cache", type=Path, default=Path(".cache"))
+    ap.add_argument("--user-cache", type=Path, default=Path.home() / ".cache" / "llamaworks")
+    ap.add_argument("--vocab-only", action="store_true", help="only extract the vocab GGUFs")
+    ap.add_argument("--install", action="store_true", help="build if needed, then install")
+    a = ap.parse_args()
+    dirs = [a.cache, a.user_cache]
+    if a.vocab_only:
+        if not all((a.cache / "vocab" / f"ggml-vocab-{v}.gguf").exists() for v in VOCABS):
+            extract_vocab(find_sdist(a.version, dirs), a.cache / "vocab")
+        return
+    if a.install:
+        if installed_version() == a.version:
+            return
+        wheel = find_wheel(a.version, dirs) or build_wheel(find_sdist(a.version, dirs), a.version,
+                                                           dirs)
+        _pip("install", "-q", str(wheel))
+
+
+if __name__ == "__main__":
+    main()
