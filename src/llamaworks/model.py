@@ -229,7 +229,7 @@ class Llama(nn.Module):
         if cache is not None:
             if kv_len is None:
                 kv_len = int(write_pos[-1]) + 1
-            if mask is None:
+            if mask is None and t > 1:  # one new token may see the whole cache: no mask
                 key_pos = torch.arange(kv_len, device=tokens.device)
                 mask = key_pos[None, :] <= write_pos[:, None]  # [T, kv_len]
         for layer in self.model.layers:

@@ -1,0 +1,263 @@
+"""Read llama-architecture GGUF files (parsed by `gguf_file`, decoded by the `gguf` package).
+
+Weights are dequantized to float32 by `gguf.quants.dequantize`; llama.cpp's converter permutes the
+Q and K projections (Meta's interleaved rotary pairs), so `unpermute_qk` restores the HF layout that
+`model.py` uses. Every failure raises `CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamaworks.checkpoint.gguf_file import GGUFFile, TensorInfo, parse_gguf
+from llamaworks.checkpoint.shapes import expected_shapes
+from llamaworks.config import ModelConfig
+from llamaworks.errors import CheckpointError
+
+# The tensor types llamaworks accepts (the issue's list); anything else is refused by name.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+# llama.cpp tensor names -> HF names ({i} = layer index).
+_LAYER_MAP = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_MAP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def read_metadata(source: str | os.PathLike[str] | GGUFFile | Any) -> dict[str, Any]:
+    """All GGUF key/values as plain Python (str, int, float, bool, lists), from a path, a parsed
+    `GGUFFile`, or a `gguf.GGUFReader`.
+
+    Tokenizer arrays (`tokenizer.ggml.tokens`, `.merges`, `.scores`, `.token_type`) come back as
+    Python lists too."""
+    if isinstance(source, (str, os.PathLike)):
+        source = parse_gguf(source)
+    if isinstance(source, GGUFFile):
+        return dict(source.metadata)
+    md: dict[str, Any] = {}  # a gguf.GGUFReader
+    for name, fld in source.fields.items():
+        if not name.startswith("GGUF."):
+            md[name] = _field_value(fld)
+    return md
+
+
+def _field_value(fld: Any) -> Any:
+    import gguf
+
+    types = fld.types
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(fld.parts[i]).decode("utf-8", errors="replace") for i in fld.data]
+        return [fld.parts[i].tolist()[0] for i in fld.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(fld.parts[fld.data[0]]).decode("utf-8", errors="replace")
+    v = fld.parts[fld.data[0]].tolist()
+    v = v[0] if isinstance(v, list) else v
+    return bool(v) if types[0] == gguf.GGUFValueType.BOOL else v
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> HF's half split)."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+             .transpose(1, 2).reshape(w.shape))
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF layout -> llama.cpp layout (inverse of `unpermute_qk`), for GGUF export."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
+             .transpose(1, 2).reshape(w.shape))
+
+
+def _dequantize(f: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """A tensor as float32 (numpy order), or `CheckpointError` for a type llamaworks refuses."""
+    from gguf import GGMLQuantizationType, quants
+
+    kind = t.type_name
+    if kind not in SUPPORTED_TYPES:
+        raise CheckpointError(f"{f.path}: tensor {t.name!r} has type {kind}, which llamaworks "
+                              f"does not support (supported: {', '.join(SUPPORTED_TYPES)})")
+    raw = f.data(t)
+    try:
+        if kind == "F32":
+            arr = raw.view(np.float32)
+        elif kind == "F16":
+            arr = raw.view(np.float16).astype(np.float32)
+        else:
+            rows = raw.reshape(-1, t.n_bytes // max(1, math.prod(t.shape[:-1])))
+            arr = quants.dequantize(rows, GGMLQuantizationType(t.type_id))
+        return arr.reshape(t.shape)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{f.path}: cannot decode tensor {t.name!r} ({kind}, shape "
+                              f"{t.shape}): {e}") from None
+
+
+# Exact Llama-3 rope scaling parameters, written by our exporter beside `rope_freqs` (llama.cpp
+# ignores keys it does not know); files from elsewhere get their parameters fitted to the tensor.
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
+ROPE_SCALING_PREFIX = "llamaworks.rope_scaling."
+
+
+def _llama3_candidates(freqs: np.ndarray, cfg: ModelConfig, md: dict[str, Any]
+                       ) -> list[dict[str, Any]]:
+    """Llama-3 scaling parameters that may have produced `freqs`: the ones stored in the file's
+    metadata, the published ones, then the ones solved from the tensor. The divisor is 1 for
+    short wavelengths, `factor` for long ones, and between them 1/f = 1/factor + s (1 - 1/factor)
+    with s = orig/(high-low)/wavelen - low/(high-low), linear in 1/wavelen; so (factor,
+    orig/(high-low), low/(high-low)) fix the tensor, and low = 1 loses nothing."""
+    from llamaworks.model import rope_inv_freq
+
+    f = freqs.astype(np.float64)
+    factor = float(f.max())
+    cands = []
+    if all(ROPE_SCALING_PREFIX + k in md for k in ROPE_SCALING_KEYS):
+        stored = {k: float(md[ROPE_SCALING_PREFIX + k]) for k in ROPE_SCALING_KEYS}
+        stored["original_max_position_embeddings"] = int(stored[ROPE_SCALING_KEYS[-1]])
+        cands.append({"rope_type": "llama3", **stored})
+    cands += [{"rope_type": "llama3", "factor": fac, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+             for fac in dict.fromkeys((float(round(factor, 4)), 8.0, 16.0, 32.0, 4.0, 2.0))]
+    wavelen = 2 * np.pi / rope_inv_freq(cfg.head_dim, cfg.rope_theta).double().numpy()
+    medium = (f > 1 + 1e-5) & (f < factor * (1 - 1e-5))
+    if factor > 1 + 1e-5 and medium.sum() >= 2:
+        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[medium], s, 1)
+        if intercept < 0:
+            b = -intercept
+            orig = slope / b
+            cands.append({"rope_type": "llama3", "factor": float(round(factor, 4)),
+                          "low_freq_factor": 1.0, "high_freq_factor": float(round(1 + 1 / b, 4)),
+                          "original_max_position_embeddings": int(round(orig))})
+    return cands
+
+
+def _llama3_scaling_from_freqs(freqs: np.ndarray, cfg: ModelConfig, path: Path,
+                               md: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """GGUF stores Llama-3 rope scaling as a `rope_freqs` tensor (per-frequency divisors);
+    recover parameters that reproduce it (None when every divisor is 1)."""
+    from llamaworks.model import llama3_freq_factors
+
+    freqs = np.asarray(freqs, dtype=np.float32).reshape(-1)
+    if freqs.shape != (cfg.head_dim // 2,):
+        raise CheckpointError(f"{path}: rope_freqs tensor has {freqs.size} values, expected "
+                              f"head_dim/2 = {cfg.head_dim // 2}")
+    if np.allclose(freqs, 1.0, rtol=0, atol=1e-6):
+        return None
+    for cand in _llama3_candidates(freqs, cfg, md or {}):
+        want = llama3_freq_factors(cfg.head_dim, cfg.rope_theta, cand).numpy()
+        if np.allclose(want, freqs, rtol=1e-5, atol=0):
+            return cand
+    raise CheckpointError(f"{path}: rope_freqs tensor does not match any Llama-3 rope scaling "
+                          f"that llamaworks can reproduce (divisors {freqs.tolist()[:8]} ...)")
+
+
+def load_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torch.Tensor],
+                                                     dict[str, Any]]:
+    """(config, HF-named float32 state dict, metadata) from a llama GGUF file."""
+    p = Path(path)
+    f = parse_gguf(p)
+    md = read_metadata(f)
+    try:
+        cfg = ModelConfig.from_gguf_metadata(md, source=str(p))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: invalid llama metadata ({e})") from None
+    tensors = {t.name: t for t in f.tensors}
+    cfg.tie_embeddings = "output.weight" not in tensors
+    # Names, types and shapes are all checked before any tensor is decoded.
+    by_hf: dict[str, TensorInfo] = {}
+    for name, t in tensors.items():
+        hf = None if name == "rope_freqs.weight" else _hf_name(name)
+        if hf is None and name != "rope_freqs.weight":
+            raise CheckpointError(f"{p}: unexpected tensor {name!r} for the llama architecture")
+        if t.type_name not in SUPPORTED_TYPES:
+            raise CheckpointError(f"{p}: tensor {name!r} has type {t.type_name}, which "
+                                  "llamaworks does not support (supported: "
+                                  f"{', '.join(SUPPORTED_TYPES)})")
+        if hf is not None:
+            by_hf[hf] = t
+    missing = sorted(_expected_names(cfg) - set(by_hf))
+    if missing:
+        raise CheckpointError(f"{p}: missing tensors {[gguf_name(m) for m in missing[:5]]} "
+                              f"({len(missing)} in all)")
+    for hf, shape in expected_shapes(cfg).items():
+        if by_hf[hf].shape != shape:
+            raise CheckpointError(f"{p}: tensor {by_hf[hf].name!r} has shape "
+                                  f"{by_hf[hf].shape}, the metadata implies {shape}")
+    if "rope_freqs.weight" in tensors:
+        freqs = _dequantize(f, tensors["rope_freqs.weight"])
+        cfg.rope_scaling = _llama3_scaling_from_freqs(freqs, cfg, p, md)
+    from tqdm import tqdm
+
+    sd: dict[str, torch.Tensor] = {}
+    for hf, t in tqdm(by_hf.items(), desc="loading GGUF", unit="tensor", leave=False,
+                      disable=len(by_hf) < 64 or not _tty()):
+        w = torch.from_numpy(np.array(_dequantize(f, t), dtype=np.float32, order="C"))
+        if hf.endswith("q_proj.weight"):
+            w = unpermute_qk(w, cfg.n_heads)
+        elif hf.endswith("k_proj.weight"):
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        sd[hf] = w
+    return cfg, sd, md
+
+
+def _tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_MAP:
+        return f"model.layers.{int(parts[1])}.{_LAYER_MAP[parts[2]]}.weight"
+    return None
+
+
+def _expected_names(cfg: ModelConfig) -> set[str]:
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names.add("lm_head.weight")
+    for i in range(cfg.n_layers):
+        names.update(f"model.layers.{i}.{v}.weight" for v in _LAYER_MAP.values())
+    return names
+
+
+def gguf_name(hf: str) -> str:
+    """HF name -> llama.cpp name (for export)."""
+    inv = {v: k for k, v in _GLOBAL_MAP.items()}
+    if hf in inv:
+        return inv[hf]
+    parts = hf.split(".")  # model.layers.{i}.<module...>.weight
+    i, module = int(parts[2]), ".".join(parts[3:-1])
+    rev = {v: k for k, v in _LAYER_MAP.items()}
+    if parts[:2] != ["model", "layers"] or module not in rev:
+        raise KeyError(hf)
+    return f"blk.{i}.{rev[module]}.weight"
+
+
+__all__ = ["load_gguf", "read_metadata", "parse_gguf", "unpermute_qk", "permute_qk",
+           "gguf_name", "SUPPORTED_TYPES"]

@@ -1,0 +1,219 @@
+"""Write a llama-architecture GGUF file that llama.cpp and `checkpoint.gguf` both load.
+
+Tensors get llama.cpp's names (`gguf_name`), Q/K rows are permuted into llama.cpp's rotary layout
+(`permute_qk`), 1-D tensors (norms, `rope_freqs`) stay F32, and Llama-3 rope scaling is stored as
+the `rope_freqs` tensor as llama.cpp's converter does. Tensors are converted and written one at a
+time, into a temporary file that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamaworks.atomic import atomic_path
+from llamaworks.checkpoint.gguf import (
+    ROPE_SCALING_KEYS,
+    ROPE_SCALING_PREFIX,
+    gguf_name,
+    permute_qk,
+)
+from llamaworks.checkpoint.shapes import check_state_dict
+from llamaworks.config import ModelConfig
+from llamaworks.errors import CheckpointError
+
+FILE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def _value_type(key: str, value: Any, source: str) -> tuple[Any, Any, Any]:
+    """(value, GGUF type, array element type) for one `tokenizer.*` key, as llama.cpp expects."""
+    from gguf import GGUFValueType as T
+
+    leaf = key.rsplit(".", 1)[-1]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise CheckpointError(f"{source}: tokenizer metadata {key!r} is an empty array")
+        if leaf == "scores":
+            sub = T.FLOAT32
+        elif leaf == "token_type":
+            sub = T.INT32
+        elif leaf == "precompiled_charsmap":
+            sub = T.UINT8
+        elif all(isinstance(v, str) for v in value):
+            sub = T.STRING
+        elif all(isinstance(v, bool) for v in value):
+            sub = T.BOOL
+        elif all(isinstance(v, int) for v in value):
+            sub = T.INT32
+        else:
+            sub = T.FLOAT32
+        if sub == T.FLOAT32:
+            value = [float(v) for v in value]
+        elif sub in (T.INT32, T.UINT8):
+            value = [int(v) for v in value]
+        return list(value), T.ARRAY, sub
+    if isinstance(value, bool):
+        return value, T.BOOL, None
+    if isinstance(value, str):
+        return value, T.STRING, None
+    if isinstance(value, int):
+        return value, (T.UINT32 if leaf.endswith(("_id", "_count")) and value >= 0 else T.INT32
+                       ), None
+    if isinstance(value, float):
+        return value, T.FLOAT32, None
+    raise CheckpointError(f"{source}: tokenizer metadata {key!r} has a value of unsupported "
+                          f"type {type(value).__name__}")
+
+
+def _tokenizer_kv(cfg: ModelConfig, md: dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """The `tokenizer.*` key/values to write: `md`'s, with token arrays padded to the vocabulary
+    (as llama.cpp's converter pads), or `tokenizer.ggml.model = "none"` without a tokenizer."""
+    kv = {k: v for k, v in (md or {}).items() if k.startswith("tokenizer.")}
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        kv.setdefault("tokenizer.ggml.model", "none")
+    else:
+        if len(tokens) > cfg.vocab_size:
+            raise CheckpointError(f"{source}: the tokenizer has {len(tokens)} tokens but the "
+                                  f"model's vocabulary is {cfg.vocab_size}")
+        pad = cfg.vocab_size - len(tokens)
+        if pad:
+            kv["tokenizer.ggml.tokens"] = list(tokens) + [f"[PAD{i}]" for i in
+                                                          range(len(tokens), cfg.vocab_size)]
+            if "tokenizer.ggml.scores" in kv:
+                kv["tokenizer.ggml.scores"] = list(kv["tokenizer.ggml.scores"]) + [0.0] * pad
+            if "tokenizer.ggml.token_type" in kv:
+                kv["tokenizer.ggml.token_type"] = list(kv["tokenizer.ggml.token_type"]) + [5] * pad
+    for key, value in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_ids)):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            kv.setdefault(f"tokenizer.ggml.{key}", int(value))
+    return kv
+
+
+def _llama3(cfg: ModelConfig) -> bool:
+    """Whether `cfg` uses Llama-3 rope scaling (stored as the `rope_freqs` tensor)."""
+    return bool(cfg.rope_scaling) and cfg.rope_scaling.get("rope_type", "llama3") == "llama3"
+
+
+def _tensor_plan(cfg: ModelConfig, sd: dict[str, torch.Tensor]
+                 ) -> list[tuple[str, str | None, tuple[int, ...]]]:
+    """(llama.cpp name, HF name or None for `rope_freqs`, shape) of every tensor to write."""
+    plan: list[tuple[str, str | None, tuple[int, ...]]] = []
+    if _llama3(cfg):
+        plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,)))
+    for hf, t in sd.items():
+        if not (cfg.tie_embeddings and hf == "lm_head.weight"):
+            plan.append((gguf_name(hf), hf, tuple(t.shape)))
+    return plan
+
+
+def _array(cfg: ModelConfig, sd: dict[str, torch.Tensor], hf: str | None) -> np.ndarray:
+    """One tensor as float32 in llama.cpp's layout (Q/K permuted)."""
+    if hf is None:
+        from llamaworks.model import llama3_freq_factors
+
+        return llama3_freq_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).numpy()
+    w = sd[hf].detach().to("cpu", torch.float32)
+    if hf.endswith("q_proj.weight"):
+        w = permute_qk(w, cfg.n_heads)
+    elif hf.endswith("k_proj.weight"):
+        w = permute_qk(w, cfg.n_kv_heads)
+    return np.ascontiguousarray(w.numpy(), dtype=np.float32)
+
+
+def _ggml_type(shape: tuple[int, ...], file_type: str) -> Any:
+    """The stored type: 1-D tensors stay F32; Q8_0 rows that are not a multiple of 32 fall back
+    to F16, as llama.cpp's converter does."""
+    from gguf import GGMLQuantizationType as Q
+
+    kind = "F32" if len(shape) == 1 else file_type
+    if kind == "Q8_0" and shape[-1] % 32:
+        kind = "F16"
+    return Q[kind]
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return math.prod(shape[:-1]) * (shape[-1] // block) * size
+
+
+def export_gguf(path: str | os.PathLike[str], cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+                tokenizer_metadata: dict[str, Any] | None = None, file_type: str = "F32") -> Path:
+    """Write `state_dict` (HF names) as a llama GGUF at `path`; returns the path.
+
+    tokenizer_metadata: `tokenizer.*` key/values as `checkpoint.gguf.read_metadata` returns them
+    (other keys are ignored); None writes a vocabulary-less file (`tokenizer.ggml.model = none`).
+    file_type: "F32", "F16", "BF16" or "Q8_0" for the 2-D weights."""
+    import gguf
+
+    if file_type not in FILE_TYPES:
+        raise ValueError(f"file_type {file_type!r} is not one of {', '.join(FILE_TYPES)}")
+    out = Path(path)
+    source = f"export to {out}"
+    check_state_dict(cfg, state_dict, source)
+    tok_kv = [(k, *_value_type(k, v, source))
+              for k, v in _tokenizer_kv(cfg, tokenizer_metadata, source).items()]
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(tmp, arch="llama")
+        try:
+            _write(w, cfg, state_dict, file_type, tok_kv)
+        finally:
+            w.close()
+    return out
+
+
+def _write(w: Any, cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], file_type: str,
+           tok_kv: list) -> None:
+    import gguf
+
+    w.add_type("model")
+    w.add_name(cfg.name or "llamaworks")
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if _llama3(cfg):  # exact parameters beside rope_freqs, for our loader
+        for key in ROPE_SCALING_KEYS:
+            value = cfg.rope_scaling[key]
+            if key == "original_max_position_embeddings":
+                w.add_uint32(ROPE_SCALING_PREFIX + key, int(value))
+            else:
+                w.add_float64(ROPE_SCALING_PREFIX + key, float(value))
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_file_type(int(getattr(gguf.LlamaFileType, "ALL_F32" if file_type == "F32"
+                                else f"MOSTLY_{file_type}")))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value, vtype, sub in tok_kv:
+        w.add_key_value(key, value, vtype, sub)
+    # Tensor infos first (the header needs every shape and size), then the data, converted
+    # one tensor at a time so memory stays at about one tensor.
+    plan = [(name, hf, shape, _ggml_type(shape, file_type))
+            for name, hf, shape in _tensor_plan(cfg, state_dict)]
+    for name, _, shape, qtype in plan:
+        w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, hf, _, qtype in plan:
+        w.write_tensor_data(gguf.quants.quantize(_array(cfg, state_dict, hf), qtype))
+
+
+__all__ = ["export_gguf", "FILE_TYPES"]

@@ -1,0 +1,130 @@
+"""HF / native directories: `config.json` + `model.safetensors` (or shards with an index).
+
+Our native format *is* this layout, so one reader serves checkpoints from transformers, from
+`llamaworks pretrain`/`finetune`, and from `convert`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llamaworks.config import ModelConfig
+from llamaworks.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+LEGACY_BIN = "pytorch_model.bin"
+# Buffers some older exports carry; they are recomputed, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    try:
+        return ModelConfig.from_hf_dict(read_json(path), source=str(path))
+    except (TypeError, ValueError) as e:  # e.g. a null size, or heads that do not divide
+        raise CheckpointError(f"{path}: invalid model config ({e})") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding the weights (one, or the shards an index names)."""
+    if (directory / INDEX).exists():
+        index = read_json(directory / INDEX)
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{directory / INDEX}: no 'weight_map' in the index")
+        names = list(dict.fromkeys(wm.values()))
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise CheckpointError(f"{directory / INDEX}: shard name {name!r} is not a plain "
+                                      "file name in this directory")
+        files = [directory / f for f in names]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {INDEX} is missing")
+        return files
+    if (directory / SINGLE).exists():
+        return [directory / SINGLE]
+    if (directory / LEGACY_BIN).exists():
+        return [directory / LEGACY_BIN]
+    raise CheckpointError(f"{directory}: no weights found (expected {SINGLE}, {INDEX} with "
+                          f"shards, or {LEGACY_BIN})")
+
+
+def torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """`torch.load(weights_only=True)`: a pickle that carries code is refused, never run."""
+    import pickle
+    import re
+
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # pre-zip (legacy) torch files cannot be memory-mapped
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: the pickle holds more than tensors{what}; "
+                              "llamaworks reads weights with torch.load(weights_only=True) "
+                              "only. Convert the file where you trust it, or use safetensors"
+                              ) from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot read weights: truncated or corrupt torch file "
+                              f"({type(e).__name__}: {first})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return sd
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".bin":
+        return torch_load_tensors(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})"
+                              ) from None
+
+
+def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, HF-named state dict in the stored dtypes)."""
+    d = Path(directory)
+    cfg = read_config(d)
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(d):
+        for k, v in _read_file(f).items():
+            if k.endswith(_IGNORED_SUFFIXES):
+                continue
+            if not k.startswith(("model.", "lm_head.")):
+                k = "model." + k  # a bare LlamaModel export
+            sd[k] = v
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return cfg, sd
