@@ -1,0 +1,263 @@
+"""Chat rendering equals transformers' `apply_chat_template(tokenize=False)`, for the SmolLM2 GGUF's
+own template and for Llama-3 and Llama-2 style templates (test data below), loaded in transformers
+from the files `Tokenizer.save` writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamaworks.errors import TokenizerError
+from llamaworks.tokenizer import Tokenizer
+
+# Llama 3.1-style template: tools as JSON (tojson indent=4), tool calls, ipython role,
+# strftime_now for the date, raise_exception, bos_token.
+LLAMA3_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. " }}
+    {{- "To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, ' }}
+    {{- '"parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools_in_user_message and not tools is none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no "
+                            ~ "first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, ' }}
+    {{- '"parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+        {{- message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+# Llama 2 chat template ([INST] / <<SYS>>), as in Llama-2-chat's tokenizer_config.json.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Température actuelle à un endroit (°C) — “quoted”",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "Ville, e.g. Zürich"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"]},
+    },
+}]
+
+MULTI_TURN = [
+    {"role": "system", "content": "You are terse. Ünïcødé is fine: 日本語 🦙"},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4", "tool_calls": None},
+    {"role": "user", "content": "  And <b>3*3</b>?  \n"},
+]
+USER_FIRST = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Tell me a joke."},
+]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Use tools when needed."},
+    {"role": "user", "content": "Weather in Zürich?"},
+    {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Zürich", "unit": "celsius"}}}]},
+    {"role": "tool", "content": {"temperature": 21.5, "sky": "clear"}},
+    {"role": "assistant", "content": "21.5 °C and clear."},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_gguf):
+    return Tokenizer.from_gguf(smollm_gguf)
+
+
+@pytest.fixture(scope="module")
+def llama3(vocab_dir):
+    return Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-bpe.gguf")
+
+
+@pytest.fixture(scope="module")
+def llama2(vocab_dir):
+    return Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+
+
+def _hf(tok: Tokenizer, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("hf_tok")
+    tok.save(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def smollm_hf(smollm, tmp_path_factory):
+    return _hf(smollm, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama3_hf(llama3, tmp_path_factory):
+    return _hf(llama3, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama2_hf(llama2, tmp_path_factory):
+    return _hf(llama2, tmp_path_factory)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", [MULTI_TURN, USER_FIRST], ids=["system", "no_system"])
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no_tools", "tools"])
+def test_smollm2_gguf_template_renders_like_transformers(smollm, smollm_hf, messages,
+                                                         add_generation_prompt, tools):
+    assert smollm.chat_template and "<|im_start|>" in smollm.chat_template
+    ours = smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                      tools=tools)
+    theirs = smollm_hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                           tools=tools, tokenize=False)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", [MULTI_TURN, USER_FIRST, TOOL_CONVERSATION],
+                         ids=["system", "no_system", "tool_calls"])
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no_tools", "tools"])
+@pytest.mark.parametrize("extra", [{"date_string": "01 Feb 2025"},
+                                   {"date_string": "01 Feb 2025", "tools_in_user_message": False}],
+                         ids=["tools_in_user", "tools_in_system"])
+def test_llama3_template_renders_like_transformers(llama3, llama3_hf, messages,
+                                                   add_generation_prompt, tools, extra):
+    kwargs = dict(add_generation_prompt=add_generation_prompt, tools=tools,
+                  chat_template=LLAMA3_TEMPLATE, **extra)
+    ours = llama3.apply_chat_template(messages, **kwargs)
+    theirs = llama3_hf.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert ours == theirs
+    assert ours.startswith("<|begin_of_text|><|start_header_id|>system")
+
+
+def test_llama3_template_strftime_now_gives_todays_date_like_transformers(llama3, llama3_hf):
+    ours = llama3.apply_chat_template(USER_FIRST, chat_template=LLAMA3_TEMPLATE)
+    theirs = llama3_hf.apply_chat_template(USER_FIRST, chat_template=LLAMA3_TEMPLATE,
+                                           tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", [MULTI_TURN, USER_FIRST], ids=["system", "no_system"])
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no_tools", "tools"])
+def test_llama2_inst_template_renders_like_transformers(llama2, llama2_hf, messages,
+                                                        add_generation_prompt, tools):
+    kwargs = dict(add_generation_prompt=add_generation_prompt, tools=tools,
+                  chat_template=LLAMA2_TEMPLATE)
+    ours = llama2.apply_chat_template(messages, **kwargs)
+    theirs = llama2_hf.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert ours == theirs
+    assert ours.startswith("<s>[INST] ")
+
+
+def test_llama2_template_raise_exception_becomes_tokenizer_error(llama2, llama2_hf):
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(TokenizerError, match="Conversation roles must alternate"):
+        llama2.apply_chat_template(bad, chat_template=LLAMA2_TEMPLATE)
+    with pytest.raises(Exception, match="Conversation roles must alternate"):
+        llama2_hf.apply_chat_template(bad, chat_template=LLAMA2_TEMPLATE, tokenize=False)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ messages | tojson }}",
+    "{{ messages | tojson(indent=2) }}|{{ tools | tojson(separators=(',', ':'), sort_keys=true) }}",
+    "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}"
+    "{{ ns.n }} {{ dict(a=1) | tojson }} {{ bos_token }}{{ eos_token }}{{ pad_token }}",
+    "{% generation %}{{ messages[-1].content }}{% endgeneration %}{{ custom_var }}",
+])
+def test_jinja_environment_features_render_like_transformers(smollm, smollm_hf, template):
+    kwargs = dict(chat_template=template, tools=TOOLS, custom_var="x<y")
+    ours = smollm.apply_chat_template(MULTI_TURN, **kwargs)
+    theirs = smollm_hf.apply_chat_template(MULTI_TURN, tokenize=False, **kwargs)
+    assert ours == theirs
