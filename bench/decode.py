@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 PROMPT = "The history of the printing press begins"
+FLOOR = 0.0  # set by bench_ours
 
 
 def _machine() -> str:
@@ -37,11 +38,31 @@ def _rates(stamps: list[float], start: float) -> tuple[float, float]:
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def matvec_floor(model) -> float:
+    """tok/s if a decode step cost only its weight matvecs (fp32, run back to back): the
+    memory-bandwidth bound this machine puts on any fp32 engine."""
+    import torch
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    with torch.inference_mode():
+        for _ in range(3):
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+    return 10 / (time.perf_counter() - t0)
+
+
 def bench_ours(path: Path, prompt_ids: list[int], n: int) -> tuple[float, float]:
     from llamaworks.checkpoint import load_model
     from llamaworks.infer.generate import generate_tokens
 
     model = load_model(path).model
+    global FLOOR
+    FLOOR = matvec_floor(model)
     list(generate_tokens(model, prompt_ids, 4))  # warm-up
     stamps: list[float] = []
     t0 = time.perf_counter()
@@ -137,6 +158,8 @@ def main() -> None:
     print(f"\n{datetime.date.today()} · {_machine()} · torch {torch.__version__} · "
           f"{a.threads} threads · {path.name} · prompt {len(prompt_ids)} tokens · greedy "
           f"{a.new_tokens} new tokens\n")
+    print(f"fp32 matvec floor (bandwidth bound for fp32 weights): {FLOOR:.1f} tok/s; "
+          f"llamaworks fp32 reaches {100 * ours / FLOOR:.0f}% of it\n")
     print("| engine | decode tok/s | first token ms | ours / this |")
     print("|---|---:|---:|---:|")
     for name, first, rate in rows:

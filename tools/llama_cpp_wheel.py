@@ -32,8 +32,12 @@ def find_sdist(version: str, dirs: list[Path]) -> Path:
     for d in dirs:
         if (d / "sdist" / name).exists():
             return d / "sdist" / name
-    dest = dirs[0] / "sdist"
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = dirs[-1] / "sdist"  # the per-user cache, so fresh clones reuse the download
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        dest = dirs[0] / "sdist"
+        dest.mkdir(parents=True, exist_ok=True)
     print(f"downloading the llama-cpp-python {version} source distribution ...", flush=True)
     _pip("download", "-q", "--no-deps", "--no-binary", ":all:",
          f"llama-cpp-python=={version}", "-d", str(dest))

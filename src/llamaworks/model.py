@@ -120,11 +120,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v, kv_len)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv != self.n_heads:  # grouped-query attention: share each K/V head
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # Grouped-query attention: each K/V head serves n_heads / n_kv query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None and t > 1)
+                                           is_causal=mask is None and t > 1,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
