@@ -8,6 +8,7 @@ directory or a Meta directory, and defaults to the SmolLM2-135M-Instruct GGUF sh
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from llamaworks.errors import LlamaworksError
+
+# Modules with a `register(subparsers)` function adding their stage's verbs.
+EXTRA_VERBS: tuple[str, ...] = ()
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -344,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", choices=["F32", "F16", "BF16", "Q8_0"], default="F16",
                    help="tensor type of a GGUF export")
     p.set_defaults(fn=cmd_convert)
+    for module in EXTRA_VERBS:  # each stage registers its own verbs
+        importlib.import_module(module).register(sub)
     return ap
 
 
