@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -137,103 +136,40 @@ class PieceDecoder:
         return text
 
 
-def _fields(buf: bytes) -> list[tuple[int, int, Any]]:
-    """Decode one protobuf message level: (field number, wire type, value) triples."""
-    out, i, n = [], 0, len(buf)
-
-    def varint() -> int:
-        nonlocal i
-        shift = result = 0
-        while True:
-            if i >= n:
-                raise ValueError("truncated varint")
-            b = buf[i]
-            i += 1
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-
-    while i < n:
-        key = varint()
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            out.append((field, wire, varint()))
-        elif wire == 1:
-            out.append((field, wire, buf[i:i + 8]))
-            i += 8
-        elif wire == 2:
-            size = varint()
-            if i + size > n:
-                raise ValueError("truncated field")
-            out.append((field, wire, buf[i:i + size]))
-            i += size
-        elif wire == 5:
-            out.append((field, wire, buf[i:i + 4]))
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    return out
-
-
-def _int32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 def read_sentencepiece(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Pieces, scores, types and settings of a sentencepiece `tokenizer.model` (the ModelProto is
-    decoded directly, so protobuf is not needed)."""
+    """Pieces, scores, types and settings of a sentencepiece `tokenizer.model`, read with
+    sentencepiece's own `ModelProto`."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
     p = Path(path)
     if not p.is_file():
         raise TokenizerError(f"{p}: no such SentencePiece model file")
-    pieces: list[str] = []
-    scores: list[float] = []
-    types: list[int] = []
-    trainer = {3: 1, 40: 0, 41: 1, 42: 2, 43: -1}  # model_type UNIGRAM, unk/bos/eos/pad ids
-    norm: dict[int, Any] = {1: "", 3: 1, 4: 1}  # name, add_dummy_prefix, remove_extra_whitespaces
+    proto = sentencepiece_model_pb2.ModelProto()
     try:
-        for field, wire, value in _fields(p.read_bytes()):
-            if field == 1 and wire == 2:
-                piece, score, kind = "", 0.0, TYPE_NORMAL
-                for f, w, v in _fields(value):
-                    if f == 1 and w == 2:
-                        piece = v.decode("utf-8")
-                    elif f == 2 and w == 5:
-                        score = struct.unpack("<f", v)[0]
-                    elif f == 3 and w == 0:
-                        kind = v
-                pieces.append(piece)
-                scores.append(score)
-                types.append(kind)
-            elif field == 2 and wire == 2:
-                trainer.update({f: v for f, w, v in _fields(value) if w == 0 and f in trainer})
-            elif field == 3 and wire == 2:
-                for f, w, v in _fields(value):
-                    if f == 1 and w == 2:
-                        norm[1] = v.decode("utf-8")
-                    elif f in (3, 4) and w == 0:
-                        norm[f] = v
-    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        proto.ParseFromString(p.read_bytes())
+    except DecodeError as e:
         raise TokenizerError(f"{p}: not a SentencePiece model ({e})") from None
-    if not pieces:
+    if not proto.pieces:
         raise TokenizerError(f"{p}: not a SentencePiece model (no pieces)")
-    if trainer[3] != 2:  # 1 UNIGRAM, 2 BPE, 3 WORD, 4 CHAR
-        kind = {1: "unigram", 3: "word", 4: "char"}.get(trainer[3], str(trainer[3]))
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != trainer.BPE:
+        kind = trainer.ModelType.Name(trainer.model_type).lower()
         raise TokenizerError(f"{p}: SentencePiece model type {kind!r} is not supported (only BPE "
                              "models, as Llama uses); convert it to a tokenizer.json with "
                              "transformers and load that with Tokenizer.from_file")
-    if norm[1] not in ("identity", "") or norm[4]:
+    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
         raise TokenizerError(
-            f"{p}: SentencePiece normalizer {norm[1]!r} (remove_extra_whitespaces="
-            f"{bool(norm[4])}) is not supported; llamaworks reproduces Llama's identity "
-            "normalizer only. Convert the model to tokenizer.json with transformers and load that "
-            "with Tokenizer.from_file")
+            f"{p}: SentencePiece normalizer {norm.name!r} (remove_extra_whitespaces="
+            f"{norm.remove_extra_whitespaces}) is not supported; llamaworks reproduces Llama's "
+            "identity normalizer only. Convert the model to tokenizer.json with transformers and "
+            "load that with Tokenizer.from_file")
+    n = len(proto.pieces)
 
-    def opt_id(field: int) -> int | None:
-        v = _int32(trainer[field])
-        return v if 0 <= v < len(pieces) else None
+    def opt_id(v: int) -> int | None:
+        return v if 0 <= v < n else None
 
-    return {"pieces": pieces, "scores": scores, "types": types,
-            "add_space_prefix": bool(norm[3]), "unk_id": opt_id(40), "bos_id": opt_id(41),
-            "eos_id": opt_id(42), "pad_id": opt_id(43)}
+    return {"pieces": [x.piece for x in proto.pieces], "scores": [x.score for x in proto.pieces],
+            "types": [x.type for x in proto.pieces], "add_space_prefix": norm.add_dummy_prefix,
+            "unk_id": opt_id(trainer.unk_id), "bos_id": opt_id(trainer.bos_id),
+            "eos_id": opt_id(trainer.eos_id), "pad_id": opt_id(trainer.pad_id)}
