@@ -2,9 +2,13 @@
 
 Greedy decoding of `--new-tokens` tokens (EOS ignored) after the same prompt, `--threads` CPU
 threads each. Decode tok/s counts tokens after the first (prefill excluded); the first token's
-latency is reported separately. Prints a markdown table with ratios for BENCHMARKS.md.
+latency is reported separately. Ours runs in each weight format (fp32, bf16, int8, int4; compiled
+too for the formats in --compile). The bandwidth bound of a row is the rate the fp32 weight
+matvecs reach (bytes/s, measured first) over that row's weight bytes per token. Then prefill
+tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints markdown tables for BENCHMARKS.md.
 
     .venv/bin/python bench/decode.py [--model PATH.gguf] [--new-tokens 128] [--threads 2]
+        [--quants fp32,bf16,int8,int4] [--compile int4] [--batches 1,4,16] [--skip hf,...]
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import time
 from pathlib import Path
 
 PROMPT = "The history of the printing press begins"
-FLOOR = 0.0  # set by bench_ours
 
 
 def _machine() -> str:
@@ -56,19 +59,44 @@ def matvec_floor(model) -> float:
     return 10 / (time.perf_counter() - t0)
 
 
-def bench_ours(path: Path, prompt_ids: list[int], n: int) -> tuple[float, float]:
-    from llamaworks.checkpoint import load_model
+def bench_ours(loaded, prompt_ids: list[int], n: int, quant: str | None = None,
+               compile: bool = False) -> dict:
+    """Decode rate (batch 1), first-token latency, weight bytes, and the LLM for further runs."""
+    from llamaworks import LLM
     from llamaworks.infer.generate import generate_tokens
+    from llamaworks.infer.quantize import weight_bytes
 
-    model = load_model(path).model
-    global FLOOR
-    FLOOR = matvec_floor(model)
-    list(generate_tokens(model, prompt_ids, 4))  # warm-up
+    llm = LLM(loaded, quant=quant, compile=compile)
+    list(generate_tokens(llm.model, prompt_ids, 4, step=llm.step))  # warm-up (and compile)
     stamps: list[float] = []
     t0 = time.perf_counter()
-    for _ in generate_tokens(model, prompt_ids, n):  # no stop ids: always n tokens
+    for _ in generate_tokens(llm.model, prompt_ids, n, step=llm.step):  # no stop ids: n tokens
         stamps.append(time.perf_counter())
-    return _rates(stamps, t0)
+    first, rate = _rates(stamps, t0)
+    return {"first": first, "rate": rate, "bytes": weight_bytes(llm.model), "llm": llm}
+
+
+def bench_prefill(llm, length: int = 512) -> float:
+    """Prompt tokens per second for one `length`-token prompt (one forward pass)."""
+    from llamaworks import SamplingParams
+
+    ids = [(i * 7919) % 1000 + 100 for i in range(length)]
+    llm.generate([ids[:16]], SamplingParams(max_tokens=1))
+    t0 = time.perf_counter()
+    llm.generate([ids], SamplingParams(max_tokens=1))
+    return length / (time.perf_counter() - t0)
+
+
+def bench_batch(llm, prompt_ids: list[int], batch: int, n: int) -> float:
+    """Generated tokens per second over `batch` rows decoding `n` tokens each (prefill included)."""
+    from llamaworks import SamplingParams
+
+    prompts = [prompt_ids[: max(2, len(prompt_ids) - i % 3)] for i in range(batch)]
+    p = SamplingParams(max_tokens=n, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+    t0 = time.perf_counter()
+    llm.generate(prompts, p)
+    return batch * n / (time.perf_counter() - t0)
 
 
 def bench_hf(path: Path, prompt_ids: list[int], n: int) -> tuple[float, float]:
@@ -103,6 +131,33 @@ def bench_hf(path: Path, prompt_ids: list[int], n: int) -> tuple[float, float]:
     return _rates(clock.stamps, t0)
 
 
+def hf_prefill(path: Path, length: int = 512) -> float:
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    x = torch.tensor([[(i * 7919) % 1000 + 100 for i in range(length)]])
+    with torch.inference_mode():
+        hf(x[:, :16])
+        t0 = time.perf_counter()
+        hf(x, logits_to_keep=1)
+    return length / (time.perf_counter() - t0)
+
+
+def llama_cpp_prefill(path: Path, threads: int, length: int = 512) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_batch=512,
+                          n_threads_batch=threads, verbose=False)
+    ids = [(i * 7919) % 1000 + 100 for i in range(length)]
+    llm.eval(ids[:16])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    return length / (time.perf_counter() - t0)
+
+
 def bench_llama_cpp(path: Path, prompt_ids: list[int], n: int, threads: int
                     ) -> tuple[float, float]:
     import llama_cpp
@@ -130,40 +185,87 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: SmolLM2)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma list of: hf,llama.cpp")
+    ap.add_argument("--quants", default="fp32,bf16,int8,int4",
+                    help="comma list of our weight formats to run")
+    ap.add_argument("--compile", default="int4",
+                    help="comma list of our formats also run with the decode step compiled "
+                    "('' = none; compiling takes minutes on 2 cores)")
+    ap.add_argument("--batches", default="1,4,16", help="batch sizes for the throughput table")
+    ap.add_argument("--skip", default="", help="comma list of: hf,llama.cpp,prefill,batch")
     a = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(a.threads)
-    from llamaworks.checkpoint import load_tokenizer
+    from llamaworks.checkpoint import load_model, load_tokenizer
     from llamaworks.checkpoint.discovery import default_model_path
 
     path = a.model or default_model_path()
     prompt_ids = load_tokenizer(path).encode(PROMPT, bos=None)
-    rows: list[tuple[str, float, float]] = []
-    runners = [("llamaworks fp32", lambda: bench_ours(path, prompt_ids, a.new_tokens))]
+    loaded = load_model(path)
+    fp32_bytes = sum(m.weight.numel() * 4 for m in loaded.model.modules()
+                     if isinstance(m, torch.nn.Linear))
+    floor = matvec_floor(loaded.model)
+    bandwidth = floor * fp32_bytes  # bytes/s the fp32 matvecs achieve
+    rows: list[tuple[str, float, float, float]] = []  # name, first s, tok/s, weight bytes
+    ours: dict[str, dict] = {}
+    compiled = [q for q in a.compile.split(",") if q]
+    for q in [q for q in a.quants.split(",") if q]:
+        for comp in (False, True) if q in compiled else (False,):
+            name = f"llamaworks {q}{' compiled' if comp else ''}"
+            r = bench_ours(loaded, prompt_ids, a.new_tokens, None if q == "fp32" else q, comp)
+            ours[name] = r
+            rows.append((name, r["first"], r["rate"], r["bytes"]))
+            print(f"# {name}: {r['rate']:.1f} tok/s decode", flush=True)
+            gc.collect()
     if "hf" not in a.skip:
-        runners.append(("HF transformers fp32", lambda: bench_hf(path, prompt_ids, a.new_tokens)))
-    if "llama.cpp" not in a.skip:
-        runners.append((f"llama.cpp ({path.suffix[1:]} as shipped)",
-                        lambda: bench_llama_cpp(path, prompt_ids, a.new_tokens, a.threads)))
-    for name, fn in runners:
-        first, rate = fn()
-        rows.append((name, first, rate))
-        print(f"# {name}: {rate:.1f} tok/s decode, first token {first * 1000:.0f} ms", flush=True)
+        first, rate = bench_hf(path, prompt_ids, a.new_tokens)
+        rows.append(("HF transformers fp32", first, rate, fp32_bytes))
+        print(f"# HF: {rate:.1f} tok/s", flush=True)
         gc.collect()
+    if "llama.cpp" not in a.skip:
+        first, rate = bench_llama_cpp(path, prompt_ids, a.new_tokens, a.threads)
+        rows.append((f"llama.cpp ({path.suffix[1:]} as shipped)", first, rate,
+                     path.stat().st_size))
+        print(f"# llama.cpp: {rate:.1f} tok/s", flush=True)
 
-    ours = rows[0][2]
     print(f"\n{datetime.date.today()} · {_machine()} · torch {torch.__version__} · "
           f"{a.threads} threads · {path.name} · prompt {len(prompt_ids)} tokens · greedy "
           f"{a.new_tokens} new tokens\n")
-    print(f"fp32 matvec floor (bandwidth bound for fp32 weights): {FLOOR:.1f} tok/s; "
-          f"llamaworks fp32 reaches {100 * ours / FLOOR:.0f}% of it\n")
-    print("| engine | decode tok/s | first token ms | ours / this |")
-    print("|---|---:|---:|---:|")
-    for name, first, rate in rows:
-        print(f"| {name} | {rate:.1f} | {first * 1000:.0f} | {ours / rate:.2f}x |")
+    print(f"fp32 matvec floor: {floor:.1f} tok/s = {bandwidth / 1e9:.1f} GB/s of weights; the "
+          "bandwidth bound of each row is that rate over its weight bytes per token "
+          "(llama.cpp: the file size)\n")
+    ref = {name: rate for name, _, rate, _ in rows}
+    hf = next((v for k, v in ref.items() if k.startswith("HF")), None)
+    cpp = next((v for k, v in ref.items() if k.startswith("llama.cpp")), None)
+    print("| engine | weights MB | decode tok/s | % of bandwidth bound | first token ms "
+          "| / HF fp32 | / llama.cpp |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, first, rate, nbytes in rows:
+        bound = bandwidth / nbytes
+        print(f"| {name} | {nbytes / 1e6:.0f} | {rate:.1f} | {100 * rate / bound:.0f}% | "
+              f"{first * 1000:.0f} | {f'{rate / hf:.2f}x' if hf else '-'} | "
+              f"{f'{rate / cpp:.2f}x' if cpp else '-'} |")
+
+    if "prefill" not in a.skip:
+        print("\n| engine | prefill tok/s (512-token prompt) |\n|---|---:|")
+        for name, r in ours.items():
+            if "compiled" not in name:
+                print(f"| {name} | {bench_prefill(r['llm']):.0f} |", flush=True)
+        if "hf" not in a.skip:
+            print(f"| HF transformers fp32 | {hf_prefill(path):.0f} |", flush=True)
+        if "llama.cpp" not in a.skip:
+            print(f"| llama.cpp | {llama_cpp_prefill(path, a.threads):.0f} |", flush=True)
+
+    if "batch" not in a.skip:
+        sizes = [int(b) for b in a.batches.split(",") if b]
+        print("\n| engine | " + " | ".join(f"batch {b} tok/s" for b in sizes) + " |")
+        print("|---|" + "---:|" * len(sizes))
+        for name, r in ours.items():
+            if "compiled" in name:
+                continue
+            rates = [bench_batch(r["llm"], prompt_ids, b, 32) for b in sizes]
+            print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in rates) + " |", flush=True)
 
 
 if __name__ == "__main__":

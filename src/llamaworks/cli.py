@@ -44,7 +44,19 @@ def _model(args: argparse.Namespace) -> Any:
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load_model(_model_path(args)).model
+    model = load_model(_model_path(args)).model
+    if getattr(args, "quant", None):
+        from llamaworks.infer.quantize import quantize_model
+
+        model = quantize_model(model, args.quant, args.group_size, inplace=True)
+    return model
+
+
+def _decode_step(model: Any, args: argparse.Namespace) -> Any:
+    """The decode step generate/chat reuse: compiled with --compile (eager if that fails)."""
+    from llamaworks.infer.batch import DecodeStep
+
+    return DecodeStep(model, compile=getattr(args, "compile", False))
 
 
 def _read_text(args: argparse.Namespace) -> str:
@@ -155,7 +167,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise LlamaworksError("the prompt is empty and the model adds no BOS token")
     stream = generate_tokens(model, prompt, args.max_new_tokens, _sampling(args),
-                             stop_ids=tok.stop_ids)
+                             stop_ids=tok.stop_ids, step=_decode_step(model, args))
     if args.json:
         ids, text = _stream(tok, stream)
         _print_json({"ids": ids, "text": text})
@@ -178,7 +190,7 @@ def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Names
             break
         del messages[drop:drop + 2]  # forget the oldest exchange to fit the context
     stream = generate_tokens(model, ids, args.max_new_tokens, _sampling(args),
-                             stop_ids=tok.stop_ids)
+                             stop_ids=tok.stop_ids, step=args.step)
     _, text = _stream(tok, stream, out)
     return text.strip()
 
@@ -186,6 +198,7 @@ def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Names
 def cmd_chat(args: argparse.Namespace) -> int:
     tok = _tokenizer(args)
     model = _model(args)
+    args.step = _decode_step(model, args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     if args.prompt is not None:
@@ -284,6 +297,16 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
 
 
+def _add_quant(p: argparse.ArgumentParser, compile: bool = True) -> None:
+    p.add_argument("--quant", choices=["bf16", "int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers (default: none)")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="int4 group size along the input dimension")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step (falls back to eager on failure)")
+
+
 def _add_text(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--text", "-t", help="the text itself")
@@ -316,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text(p)
     p.add_argument("--max-tokens", type=int, default=None,
                    help="score the first N tokens (default: up to the context length)")
+    _add_quant(p, compile=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_score)
 
@@ -323,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--prompt", "-p", required=True)
     _add_sampling(p, temperature=0.0)
+    _add_quant(p)
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."}')
     p.set_defaults(fn=cmd_generate)
 
@@ -331,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", "-s", default=None, help="system prompt")
     p.add_argument("--prompt", "-p", default=None, help="answer this once and exit")
     _add_sampling(p, temperature=0.2)
+    _add_quant(p)
     p.set_defaults(fn=cmd_chat, top_p=0.9)
 
     p = sub.add_parser("info", help="what a model is: format, shapes, tokenizer")

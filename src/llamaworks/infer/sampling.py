@@ -1,44 +1,130 @@
-"""Next-token selection: greedy, temperature, top-k, top-p, each from an explicit generator."""
+"""Next-token selection: penalties, temperature, top-k, top-p, min-p, each row from its own
+explicit generator.
+
+Definitions follow transformers' logits processors (repetition penalty, top-k, top-p, min-p) and
+the OpenAI/vLLM frequency and presence penalties, in this order: repetition -> frequency/presence
+-> temperature -> top-k -> top-p -> min-p -> sample.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+NEG_INF = float("-inf")
+
 
 @dataclass
 class SamplingParams:
-    """temperature 0 = greedy. `seed` makes sampling reproducible (same seed -> same text)."""
+    """How one request is sampled and when it stops (vLLM's field names).
+
+    temperature 0 = greedy (the default here). top_k 0 or -1 = off. `seed` makes sampling
+    reproducible (same seed -> same text). `logprobs`: None = none; k >= 0 = the sampled token's
+    log-probability plus the k most likely alternatives, from the model's raw distribution."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
+    max_tokens: int = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0 (or -1 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+
+def apply_penalties(logits: Tensor, p: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> Tensor:
+    """Penalize one row of logits [vocab]. Repetition (HF/CTRL): every token seen in prompt or
+    output has its logit divided by r if positive, multiplied by r if negative. Frequency and
+    presence (OpenAI): logit -= f * count_in_output + p * (count_in_output > 0)."""
+    if not p.penalized:
+        return logits
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long,
+                            device=logits.device)
+        if seen.numel():
+            s = logits[seen]
+            logits[seen] = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
+    if output_ids and (p.frequency_penalty or p.presence_penalty):
+        out = torch.tensor(list(output_ids), dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def warp(logits: Tensor, p: SamplingParams) -> Tensor:
+    """Temperature, then top-k, top-p and min-p filtering ([..., vocab]; removed = -inf)."""
+    logits = logits.float() / max(p.temperature, 1e-5)
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if p.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above this one
+        drop = before >= p.top_p  # keep the smallest set reaching top_p (at least one token)
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), NEG_INF)
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), NEG_INF)
+    return logits
+
+
+def probs_for(logits: Tensor, p: SamplingParams) -> Tensor:
+    """The distribution a non-greedy request samples from (after warping)."""
+    return warp(logits, p).softmax(-1)
+
+
+def sample_row(logits: Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+               prompt_ids: Sequence[int] = (), output_ids: Sequence[int] = ()) -> int:
+    """One token id from one row of logits [vocab]."""
+    logits = apply_penalties(logits.float(), p, prompt_ids, output_ids)
+    if p.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(probs_for(logits, p), 1, generator=generator))
 
 
 def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """Token ids [B] from logits [B, vocab]."""
-    if p.temperature == 0:
+    """Token ids [B] from logits [B, vocab], all rows with the same params (no penalties)."""
+    if p.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs_for(logits, p), 1, generator=generator).squeeze(-1)

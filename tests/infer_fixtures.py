@@ -1,0 +1,38 @@
+"""Tiny random models and a byte-level tokenizer for the inference tests (no checkpoint needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from llamaworks.config import get_preset
+from llamaworks.model import Llama
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (id = byte + 3); 0 pad, 1 BOS, 2 EOS."""
+
+    bos_id, eos_id, stop_ids, vocab_size = 1, 2, [2], 259
+
+    def encode(self, text: str, bos: bool | None = False, **_: Any) -> list[int]:
+        return ([1] if bos else []) + [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        data = bytes(i - 3 for i in ids if i >= 3)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            add_generation_prompt: bool = False) -> str:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def tiny_model(seed: int = 0, std: float = 0.3, **overrides: Any) -> Llama:
+    """A 2-layer GQA model over the byte vocabulary with sharp (large-std) random weights."""
+    cfg = get_preset("tiny", **{"vocab_size": 259, "eos_token_id": 2, **overrides})
+    m = Llama(cfg, device="meta")
+    m.to_empty(device="cpu")
+    m.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
+    return m.eval()
