@@ -19,7 +19,7 @@ from typing import Any
 from llamaworks.errors import LlamaworksError
 
 # Modules with a `register(subparsers)` function adding their stage's verbs.
-EXTRA_VERBS: tuple[str, ...] = ()
+EXTRA_VERBS: tuple[str, ...] = ("llamaworks.data.cli", "llamaworks.train.cli")
 
 
 # -- shared helpers ----------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Training speed, side by side: llamaworks (our model + our AdamW setup) vs HF transformers'
+`LlamaForCausalLM` + `torch.optim.AdamW`, same shapes, same fp32 numerics, one run each.
+
+A step = forward, cross-entropy, backward, optimizer step. Tok/s = B*T / median step time over
+`--steps` steps after `--warmup`. On CUDA both run under bf16 autocast and MFU is printed.
+
+    .venv/bin/python bench/train.py [--shapes smollm2-135m,tiny] [--steps 5] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llamaworks.config import get_preset
+from llamaworks.model import Llama
+from llamaworks.train.config import TrainConfig
+from llamaworks.train.metrics import flops_per_token, peak_flops
+from llamaworks.train.optim import build_optimizer
+
+SHAPES = {"smollm2-135m": (4, 256), "tiny": (16, 128), "llama3.2-1b": (4, 2048)}
+
+
+def _time(step, n: int, warmup: int, dev: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    ts = []
+    for _ in range(n):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_ours(name: str, b: int, t: int, args, dev: torch.device) -> float:
+    cfg = get_preset(name)
+    model = Llama(cfg, device="meta")
+    model.to_empty(device=dev)
+    model.init_weights(generator=torch.Generator(dev).manual_seed(0))
+    opt = build_optimizer(model, TrainConfig())
+    fwd = torch.compile(model) if args.compile else model
+    x = torch.randint(0, cfg.vocab_size, (b, t + 1), device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = fwd(x[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time(step, args.steps, args.warmup, dev)
+
+
+def bench_hf(name: str, b: int, t: int, args, dev: torch.device) -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = get_preset(name)
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+                            if k not in ("architectures", "model_type")})
+    hf_cfg.use_cache = False
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf_cfg).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.randint(0, cfg.vocab_size, (b, t + 1), device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(input_ids=x[:, :-1]).logits
+        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time(step, args.steps, args.warmup, dev)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="smollm2-135m,tiny")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| shape | B x T | ours tok/s | HF tok/s | ratio | ours MFU |")
+    print("|---|---|---|---|---|---|")
+    for name in args.shapes.split(","):
+        b, t = SHAPES.get(name, (4, 256))
+        ours = bench_ours(name, b, t, args, dev)
+        hf = bench_hf(name, b, t, args, dev)
+        mfu = flops_per_token(get_preset(name), t) * b * t / ours / peak_flops(dev)
+        print(f"| {name} | {b} x {t} | {b * t / ours:,.0f} | {b * t / hf:,.0f} | "
+              f"{hf / ours:.2f}x | {mfu:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Public-data pipeline: bundled corpus, readers, cleaning, quality filters, dedup, mixture
+recipes, tokenization to memmap shards, and the packing loader."""

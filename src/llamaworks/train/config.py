@@ -1,0 +1,50 @@
+"""`TrainConfig`: every trainer knob, with the LLaMA paper's defaults; filled from a recipe's
+[train] section and then from CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4                 # peak; the paper: 3e-4 (7B/13B), 1.5e-4 (33B/65B)
+    min_lr_ratio: float = 0.1        # cosine decays to 10% of peak
+    warmup_steps: int | None = None  # None: the paper's 2000, scaled to max_steps // 20 if fewer
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1        # matrices only; norms and embeddings excluded
+    grad_clip: float = 1.0
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    stop_at: int | None = None       # exit (with a checkpoint) after this step; schedule unchanged
+    eval_every: int = 100
+    eval_rows: int = 64
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+    seed: int = 0
+    init_std: float = 0.02
+    compile: bool = False
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None  # for MFU; None = a guess from the device
+    progress: bool = True
+
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(2000, max(1, self.max_steps // 20))
+
+    def updated(self, d: dict[str, Any], where: str = "[train]") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{where}: unknown training option(s) {sorted(unknown)}; known: "
+                             f"{', '.join(sorted(names))}")
+        return dataclasses.replace(self, **d)

@@ -1,0 +1,119 @@
+"""Training metrics: bits per byte, a unigram baseline, FLOPs/MFU, metrics.jsonl and loss.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamaworks.atomic import atomic_path, atomic_write_text
+from llamaworks.config import ModelConfig
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode (the byte-level BPE alphabet)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def token_byte_lengths(tok: Any) -> np.ndarray:
+    """UTF-8 bytes each token id stands for; special tokens (BOS/EOS/chat markers) count 0."""
+    dec = _byte_decoder()
+    special = {t.content for t in tok.backend.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(tok.vocab_size, dtype=np.int64)
+    for i in range(tok.vocab_size):
+        s = tok.id_to_token(i)
+        if s is None or s in special:
+            continue
+        if all(c in dec for c in s):
+            out[i] = len(s)
+        else:
+            out[i] = len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def unigram_bpb(train: Sequence[np.ndarray], targets: torch.Tensor, byte_len: np.ndarray
+                ) -> float:
+    """Bits per byte of a unigram model (add-one smoothed counts of the train tokens) on
+    `targets`, the same positions the model's val_bpb is measured on."""
+    counts = np.ones(len(byte_len), dtype=np.float64)
+    for s in train:
+        counts += np.bincount(np.asarray(s), minlength=len(byte_len))[:len(byte_len)]
+    logp = np.log2(counts / counts.sum())
+    t = targets.reshape(-1).numpy()
+    return float(-logp[t].sum() / max(1, byte_len[t].sum()))
+
+
+def nats_to_bpb(nll_sum: float, n_bytes: int) -> float:
+    return nll_sum / math.log(2) / max(1, n_bytes)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + attention (PaLM appendix B)."""
+    n = cfg.num_params(include_embeddings=False)
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense peak FLOP/s for MFU: bf16 tensor-core peak on known GPUs, else an AVX-512 FP32
+    estimate (threads x 2.5 GHz x 64 FLOP/cycle)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125)):
+            if key in name:
+                return tf * 1e12
+        return 312e12
+    return torch.get_num_threads() * 2.5e9 * 64
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to `metrics.jsonl`; on resume, lines after the
+    resumed step are dropped so the file reads like one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and path.exists():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines())
+                         if r["step"] <= resume_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        tr = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        if tr:
+            ax.plot(*zip(*tr, strict=True), label="train loss", lw=1)
+        if va:
+            ax.plot(*zip(*va, strict=True), "o-", label="val loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)

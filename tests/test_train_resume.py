@@ -1,0 +1,113 @@
+"""Exact resume on CPU: stopped at step 20 (cleanly, by SIGTERM, or by kill -9) and resumed to
+40, a run logs bit-identical losses to an uninterrupted 40-step run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from train_fixtures import prepare_small, read_metrics, small_train_config
+
+from llamaworks.checkpoint import load_state_dict
+from llamaworks.config import get_preset
+from llamaworks.train.checkpoints import latest
+from llamaworks.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_small(tmp_path_factory.mktemp("resume"))
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(get_preset("tiny"), small_train_config(), data, out)
+    return out
+
+
+def _losses(out, steps):
+    m = read_metrics(out)
+    return [m[s]["loss"] for s in steps]
+
+
+def test_stop_at_20_then_resume_to_40_reproduces_every_loss_and_the_weights(data, straight,
+                                                                           tmp_path):
+    s = train(get_preset("tiny"), small_train_config(stop_at=20), data, tmp_path)
+    assert s["step"] == 20 and latest(tmp_path)[0] == 20
+    assert not (tmp_path / "model.safetensors").exists()  # not finished: no final export
+    s = train(get_preset("tiny"), small_train_config(), data, tmp_path, resume=True)
+    assert s["start_step"] == 20 and s["step"] == 40
+    steps = range(1, 41)
+    assert _losses(tmp_path, steps) == _losses(straight, steps)
+    assert read_metrics(tmp_path)[40]["val_loss"] == read_metrics(straight)[40]["val_loss"]
+    _, a, _ = load_state_dict(tmp_path)
+    _, b, _ = load_state_dict(straight)
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_the_loss_goes_down_and_metrics_have_the_documented_fields(straight):
+    m = read_metrics(straight)
+    assert m[40]["loss"] < m[1]["loss"] - 0.5
+    for key in ("step", "loss", "lr", "tok_per_s", "mfu", "grad_norm"):
+        assert key in m[1]
+    assert {"val_loss", "val_bpb"} <= set(m[20]) and "val_loss" not in m[19]
+    assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_the_last_k_checkpoints_are_kept(straight):
+    dirs = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert dirs == ["step_000030", "step_000040"]
+
+
+def _spawn(data, out, *extra):
+    cmd = [sys.executable, "-m", "llamaworks.cli", "pretrain", "--preset", "tiny",
+           "--data", str(data), "--out", str(out), "--lr", "3e-3", "--micro-batch", "4",
+           "--seq-len", "32", "--max-steps", "40", "--eval-every", "20", "--eval-rows", "8",
+           "--log-every", "1", "--save-every", "5", "--keep-last", "2", "--no-progress",
+           "--device", "cpu", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, out, step, timeout=120):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        found = latest(out)
+        if found and found[0] >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited early:\n{proc.stdout.read()}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+@pytest.mark.parametrize("how", ["kill-9", "sigterm"])
+def test_a_killed_run_resumes_from_its_last_checkpoint_bit_exactly(data, straight, tmp_path,
+                                                                     how):
+    proc = _spawn(data, tmp_path)
+    _wait_for_checkpoint(proc, tmp_path, 5)
+    os.kill(proc.pid, signal.SIGKILL if how == "kill-9" else signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    if how == "sigterm":
+        assert proc.returncode == 0, output
+        assert "stopped by signal" in output
+        stopped = latest(tmp_path)[0]
+        assert stopped >= 5 and stopped == max(read_metrics(tmp_path))  # saved where it stopped
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    s = train(get_preset("tiny"), small_train_config(), data, tmp_path, resume=True)
+    assert s["step"] == 40
+    assert _losses(tmp_path, range(1, 41)) == _losses(straight, range(1, 41))
+
+
+def test_activation_checkpointing_changes_memory_not_the_losses(data, straight, tmp_path):
+    train(get_preset("tiny"), small_train_config(activation_checkpointing=True, stop_at=5),
+          data, tmp_path)
+    a, b = read_metrics(tmp_path), read_metrics(straight)
+    for s in range(1, 6):
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 * b[s]["loss"]
