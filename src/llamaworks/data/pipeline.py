@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,17 +39,19 @@ def is_val(doc_id: str, source: str, fraction: float, seed: int) -> bool:
 def _clean_sources(recipe: Recipe, out: Path, progress: bool) -> dict[str, dict[str, Any]]:
     clean_dir = out / "clean"
     clean_dir.mkdir(parents=True, exist_ok=True)
-    state_path = clean_dir / "dedup.pkl"
-    if state_path.exists():
-        exact, near = pickle.loads(state_path.read_bytes())
-    else:
-        exact = ExactDedup() if recipe.exact_dedup else None
-        near = NearDedup(recipe.near_threshold) if recipe.near_dedup else None
+    exact = ExactDedup() if recipe.exact_dedup else None
+    near = NearDedup(recipe.near_threshold) if recipe.near_dedup else None
     stats: dict[str, dict[str, Any]] = {}
     for src in recipe.sources:
         stats_path = clean_dir / f"{src.name}.stats.json"
         if stats_path.exists():
+            # Finished before a restart: rebuild the dedup state from its kept texts (the near
+            # index holds exactly those; nothing is unpickled from the output directory).
             stats[src.name] = json.loads(stats_path.read_text())
+            for text in _docs(out, src.name):
+                for d in (exact, near):
+                    if d is not None:
+                        d.seen(text)
             continue
         dropped: Counter[str] = Counter()
         kept = 0
@@ -73,7 +74,6 @@ def _clean_sources(recipe: Recipe, out: Path, progress: bool) -> dict[str, dict[
                                     ensure_ascii=False) + "\n")
         stats[src.name] = {"kept": kept, "dropped": dict(sorted(dropped.items())),
                            "read": kept + sum(dropped.values())}
-        atomic_write_bytes(state_path, pickle.dumps((exact, near)))
         atomic_write_json(stats_path, stats[src.name])
     return stats
 
