@@ -114,11 +114,7 @@ def load_tokenizer(path: str | Path) -> Any:
     """The model's own tokenizer: GGUF vocabulary, tokenizer.json or tokenizer.model."""
     from llamaworks.tokenizer import Tokenizer
 
-    fmt = detect_format(path)
-    p = _resolve(path, fmt)
-    if fmt == "gguf":
-        return Tokenizer.from_gguf(p)
-    return Tokenizer.from_dir(p)
+    return Tokenizer.load(_resolve(path, detect_format(path)))
 
 
 __all__ = ["detect_format", "load_state_dict", "build_model", "load_model", "load_tokenizer",
