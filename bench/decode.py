@@ -3,12 +3,17 @@
 Greedy decoding of `--new-tokens` tokens (EOS ignored) after the same prompt, `--threads` CPU
 threads each. Decode tok/s counts tokens after the first (prefill excluded); the first token's
 latency is reported separately. Ours runs in each weight format (fp32, bf16, int8, int4; compiled
-too for the formats in --compile). The bandwidth bound of a row is the rate the fp32 weight
-matvecs reach (bytes/s, measured first) over that row's weight bytes per token. Then prefill
-tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints markdown tables for BENCHMARKS.md.
+too for the formats in --compile); int8/int4 use our C++ Q8_0/Q4_1 kernels, and the formats in
+--torch-kernels run once more on PyTorch's packed kernels for comparison. Then `--rounds` rounds
+alternate our int4 decode with llama.cpp's, back to back, for a ratio that load on a shared
+machine skews least (the median of the per-round ratios). The bandwidth bound of a row is the
+rate the fp32 weight matvecs reach (bytes/s, measured first) over that row's weight bytes per
+token. Then prefill tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints markdown
+tables for BENCHMARKS.md.
 
     .venv/bin/python bench/decode.py [--model PATH.gguf] [--new-tokens 128] [--threads 2]
-        [--quants fp32,bf16,int8,int4] [--compile int4] [--batches 1,4,16] [--skip hf,...]
+        [--quants fp32,bf16,int8,int4] [--compile int4] [--torch-kernels int4] [--rounds 5]
+        [--batches 1,4,16] [--skip hf,...]
 """
 
 from __future__ import annotations
@@ -60,20 +65,31 @@ def matvec_floor(model) -> float:
 
 
 def bench_ours(loaded, prompt_ids: list[int], n: int, quant: str | None = None,
-               compile: bool = False) -> dict:
-    """Decode rate (batch 1), first-token latency, weight bytes, and the LLM for further runs."""
+               compile: bool = False, our_kernels: bool = True) -> dict:
+    """Decode rate (batch 1), first-token latency, weight bytes, and the LLM for further runs.
+    our_kernels=False builds int8/int4 layers on PyTorch's packed kernels instead of ours."""
+    import contextlib
+
     from llamaworks import LLM
-    from llamaworks.infer.generate import generate_tokens
+    from llamaworks.infer import kernels
     from llamaworks.infer.quantize import weight_bytes
 
-    llm = LLM(loaded, quant=quant, compile=compile)
+    with contextlib.nullcontext() if our_kernels else kernels.disabled():
+        llm = LLM(loaded, quant=quant, compile=compile)
+    first, rate = decode_rate(llm, prompt_ids, n)
+    return {"first": first, "rate": rate, "bytes": weight_bytes(llm.model), "llm": llm}
+
+
+def decode_rate(llm, prompt_ids: list[int], n: int) -> tuple[float, float]:
+    """(first-token latency s, decode tok/s) of one greedy run of `n` tokens, after a warm-up."""
+    from llamaworks.infer.generate import generate_tokens
+
     list(generate_tokens(llm.model, prompt_ids, 4, step=llm.step))  # warm-up (and compile)
     stamps: list[float] = []
     t0 = time.perf_counter()
     for _ in generate_tokens(llm.model, prompt_ids, n, step=llm.step):  # no stop ids: n tokens
         stamps.append(time.perf_counter())
-    first, rate = _rates(stamps, t0)
-    return {"first": first, "rate": rate, "bytes": weight_bytes(llm.model), "llm": llm}
+    return _rates(stamps, t0)
 
 
 def bench_prefill(llm, length: int = 512) -> float:
@@ -158,12 +174,13 @@ def llama_cpp_prefill(path: Path, threads: int, length: int = 512) -> float:
     return length / (time.perf_counter() - t0)
 
 
-def bench_llama_cpp(path: Path, prompt_ids: list[int], n: int, threads: int
+def bench_llama_cpp(path: Path, prompt_ids: list[int], n: int, threads: int, llm=None
                     ) -> tuple[float, float]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    if llm is None:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
 
     def run(k: int) -> tuple[list[float], float]:
         llm.reset()
@@ -180,6 +197,33 @@ def bench_llama_cpp(path: Path, prompt_ids: list[int], n: int, threads: int
     return _rates(stamps, t0)
 
 
+def interleaved(ours: dict[str, dict], path: Path, prompt_ids: list[int], n: int, threads: int,
+                rounds: int) -> None:
+    """Alternate each of `ours` (name -> bench_ours result) with llama.cpp, `rounds` times, and
+    print every round's rates and the median ratio per engine."""
+    import statistics
+
+    import llama_cpp
+
+    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    ratios: dict[str, list[float]] = {name: [] for name in ours}
+    print(f"\n{rounds} interleaved rounds (decode tok/s; each of ours right before llama.cpp):\n")
+    print("| round | " + " | ".join(ours) + " | llama.cpp | " +
+          " | ".join(f"{k} / llama.cpp" for k in ours) + " |")
+    print("|---:|" + "---:|" * (2 * len(ours) + 1))
+    for i in range(rounds):
+        rates = {name: decode_rate(r["llm"], prompt_ids, n)[1] for name, r in ours.items()}
+        ref = bench_llama_cpp(path, prompt_ids, n, threads, cpp)[1]
+        for name, rate in rates.items():
+            ratios[name].append(rate / ref)
+        print(f"| {i + 1} | " + " | ".join(f"{v:.1f}" for v in rates.values()) + f" | {ref:.1f} | "
+              + " | ".join(f"{v / ref:.2f}x" for v in rates.values()) + " |", flush=True)
+    for name, rs in ratios.items():
+        print(f"\nmedian {name} / llama.cpp: {statistics.median(rs):.2f}x", end="")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: SmolLM2)")
@@ -190,6 +234,10 @@ def main() -> None:
     ap.add_argument("--compile", default="int4",
                     help="comma list of our formats also run with the decode step compiled "
                     "('' = none; compiling takes minutes on 2 cores)")
+    ap.add_argument("--torch-kernels", default="int4",
+                    help="comma list of int8/int4 also run on PyTorch's packed kernels")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved int4-vs-llama.cpp rounds (0 = none)")
     ap.add_argument("--batches", default="1,4,16", help="batch sizes for the throughput table")
     ap.add_argument("--skip", default="", help="comma list of: hf,llama.cpp,prefill,batch")
     a = ap.parse_args()
@@ -218,6 +266,13 @@ def main() -> None:
             rows.append((name, r["first"], r["rate"], r["bytes"]))
             print(f"# {name}: {r['rate']:.1f} tok/s decode", flush=True)
             gc.collect()
+        if q in a.torch_kernels.split(","):
+            name = f"llamaworks {q} (PyTorch kernels)"
+            r = bench_ours(loaded, prompt_ids, a.new_tokens, q, our_kernels=False)
+            rows.append((name, r["first"], r["rate"], r["bytes"]))
+            print(f"# {name}: {r['rate']:.1f} tok/s decode", flush=True)
+            del r
+            gc.collect()
     if "hf" not in a.skip:
         first, rate = bench_hf(path, prompt_ids, a.new_tokens)
         rows.append(("HF transformers fp32", first, rate, fp32_bytes))
@@ -228,6 +283,9 @@ def main() -> None:
         rows.append((f"llama.cpp ({path.suffix[1:]} as shipped)", first, rate,
                      path.stat().st_size))
         print(f"# llama.cpp: {rate:.1f} tok/s", flush=True)
+    int4 = {k: v for k, v in ours.items() if k.startswith("llamaworks int4")}
+    if "llama.cpp" not in a.skip and a.rounds and int4:
+        interleaved(int4, path, prompt_ids, a.new_tokens, a.threads, a.rounds)
 
     print(f"\n{datetime.date.today()} · {_machine()} · torch {torch.__version__} · "
           f"{a.threads} threads · {path.name} · prompt {len(prompt_ids)} tokens · greedy "

@@ -1,11 +1,16 @@
 """Weight-only quantization applied from outside the model by swapping `nn.Linear` modules.
 
-Modes: "bf16" (weights cast to bfloat16), "int8" (symmetric per-output-channel scales, PyTorch's
-`_weight_int8pack_mm`) and "int4" (asymmetric groups of 32/64/128 along the input dimension,
-PyTorch's packed `_weight_int4pack_mm_for_cpu` on CPU, tinygemm `_weight_int4pack_mm` on CUDA).
-Activations stay in the model's dtype; each quantized linear runs its matmul in bfloat16 (on this
-CPU kind the packed kernels are fast only with bf16 activations: measured 10-20x faster than with
-fp32 activations) and casts the result back.
+Modes: "bf16" (weights cast to bfloat16), "int8" and "int4".
+
+On CPU, when our C++ kernels build (`llamaworks.infer.kernels`), int8 is llama.cpp's Q8_0 (symmetric
+blocks of 32, fp16 scales) and int4 with groups of 32 is Q4_1 (asymmetric blocks of 32, fp16 scale
+and min), run by fused dequantize-matvec kernels on int8-quantized activations, as llama.cpp does:
+measured 2-3x faster than fp32 matvecs here, and weights that came from a Q4_1/Q8_0 GGUF are
+re-packed into exactly their original blocks. Otherwise (CUDA, other group sizes, no compiler):
+int8 has symmetric per-output-channel scales (PyTorch's `_weight_int8pack_mm`) and int4 asymmetric
+groups of 32/64/128 (PyTorch's `_weight_int4pack_mm_for_cpu`, tinygemm `_weight_int4pack_mm` on
+CUDA), run in bfloat16 (the packed CPU kernels are fast only with bf16 activations).
+Activations stay in the model's dtype; results are cast back to it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llamaworks.infer import kernels
 
 QUANT_MODES = ("bf16", "int8", "int4")
 
@@ -34,12 +41,23 @@ class BF16Linear(nn.Module):
         return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
 
 
+def _kernel_ok(linear: nn.Linear) -> bool:
+    """Whether our block kernels can take this layer: CPU weights, input size a multiple of 32."""
+    w = linear.weight
+    return w.device.type == "cpu" and w.shape[1] % kernels.QK == 0 and kernels.load()
+
+
 class Int8Linear(nn.Module):
-    """Symmetric int8 weights, one float scale per output channel."""
+    """Symmetric int8 weights: Q8_0 blocks of 32 for our CPU kernel, else one float scale per
+    output channel for PyTorch's kernel."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("blocks", None)
+        if _kernel_ok(linear):
+            self.register_buffer("blocks", kernels.pack_q8_0(linear.weight))
+            return
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -47,12 +65,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(torch.bfloat16))
 
     def dequantize(self) -> Tensor:
+        if self.blocks is not None:
+            return kernels.unpack_q8_0(self.blocks)
         return self.weight.float() * self.scales.float()[:, None]
 
     def rows(self, idx: Tensor) -> Tensor:
+        if self.blocks is not None:
+            return kernels.unpack_q8_0(self.blocks, idx)
         return self.weight[idx].float() * self.scales[idx].float()[..., None]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.blocks is not None:
+            fused = getattr(self, "fused", None)
+            if fused is not None and not torch.compiler.is_compiling():
+                return fused(x)[..., self.fused_span]
+            return kernels.q8_0_linear(x, self.blocks)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -68,12 +95,17 @@ def int4_group_size(in_features: int, group_size: int) -> int:
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric 4-bit weights in groups along the input dim: w = (q - 8) * scale + zero."""
+    """Asymmetric 4-bit weights in groups along the input dim: Q4_1 blocks (w = d * q + m) for our
+    CPU kernel with groups of 32, else w = (q - 8) * scale + zero for PyTorch's packed kernels."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         g = self.group_size = int4_group_size(linear.in_features, group_size)
+        self.register_buffer("blocks", None)
+        if g == kernels.QK and _kernel_ok(linear):
+            self.register_buffer("blocks", kernels.pack_q4_1(linear.weight))
+            return
         w = linear.weight.detach().float()
         o, i = w.shape
         wg = w.reshape(o, i // g, g)
@@ -93,18 +125,27 @@ class Int4Linear(nn.Module):
         self.register_buffer("_q", q.to(torch.uint8), persistent=False)  # for dequantize()
 
     def dequantize(self) -> Tensor:
+        if self.blocks is not None:
+            return kernels.unpack_q4_1(self.blocks)
         sz = self.scales_and_zeros.float().transpose(0, 1)  # [out, groups, 2]
         o, i, g = self.out_features, self.in_features, self.group_size
         q = self._q.float().reshape(o, i // g, g)
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(o, i)
 
     def rows(self, idx: Tensor) -> Tensor:
+        if self.blocks is not None:
+            return kernels.unpack_q4_1(self.blocks, idx)
         g = self.group_size
         sz = self.scales_and_zeros.float().transpose(0, 1)[idx]  # [..., groups, 2]
         q = self._q[idx].float().unflatten(-1, (-1, g))
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.blocks is not None:
+            fused = getattr(self, "fused", None)
+            if fused is not None and not torch.compiler.is_compiling():
+                return fused(x)[..., self.fused_span]
+            return kernels.q4_1_linear(x, self.blocks)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if x2.is_cuda:
@@ -119,7 +160,8 @@ class Int4Linear(nn.Module):
 class RefinedHead(nn.Module):
     """The output head: logits from the quantized kernel (bf16 precision, ~3 significant digits),
     then the `k` largest recomputed in float32 from the dequantized rows, so near-ties among the
-    likely tokens (which decide greedy and top-k/top-p sampling) are resolved exactly."""
+    likely tokens (which decide greedy and top-k/top-p sampling) are resolved exactly. Our block
+    kernels (int16 activations) are already within ~1e-5 of float32: their logits pass through."""
 
     def __init__(self, inner: BF16Linear | Int8Linear | Int4Linear, k: int = 32):
         super().__init__()
@@ -129,19 +171,73 @@ class RefinedHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.inner(x).float()
         top = y.topk(min(self.k, y.shape[-1]), dim=-1).indices
-        exact = torch.einsum("...i,...ki->...k", x.float(), self.inner.rows(top))
+        blocks = getattr(self.inner, "blocks", None)
+        if blocks is not None:
+            exact = kernels.rows_dot(x, blocks, top, 4 if isinstance(self.inner, Int4Linear) else 8)
+        else:
+            exact = torch.einsum("...i,...ki->...k", x.float(), self.inner.rows(top))
         return y.scatter(-1, top, exact).to(x.dtype)
 
 
+class FusedRows:
+    """Several kernel-backed linears that read the same input (q/k/v, gate/up) as one matmul: their
+    packed rows are views into one tensor; the first member called on an input computes every
+    member's output in one kernel call, the others slice that result (matched by the input
+    tensor's identity, so a different input is always recomputed). Under torch.compile each
+    member runs its own rows instead (the kernel call is opaque there, the saving is per-op
+    Python overhead in eager mode)."""
+
+    def __init__(self, members: list[Int4Linear] | list[Int8Linear]):
+        self.linear = kernels.q4_1_linear if isinstance(members[0], Int4Linear) \
+            else kernels.q8_0_linear
+        self.blocks = torch.cat([m.blocks for m in members])
+        start = 0
+        for m in members:
+            end = start + m.out_features
+            m.blocks, m.fused, m.fused_span = self.blocks[start:end], self, slice(start, end)
+            start = end
+        self._last: tuple[Tensor, Tensor] | None = None  # (input, output), swapped atomically
+
+    def __call__(self, x: Tensor) -> Tensor:
+        last = self._last  # one read: safe against another thread replacing it meanwhile
+        if last is None or last[0] is not x:
+            last = self._last = (x, self.linear(x, self.blocks))
+        return last[1]
+
+    def __deepcopy__(self, memo: dict) -> FusedRows:
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.blocks = copy.deepcopy(self.blocks, memo)
+        new._last = None
+        return new
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Group q/k/v and gate/up projections that read the same input into `FusedRows` where they
+    are kernel-backed and of one kind; returns the number of groups."""
+    groups = 0
+    for mod in list(model.modules()):
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            members = [getattr(mod, n, None) for n in names]
+            kinds = {type(m) for m in members}
+            if len(kinds) == 1 and kinds <= {Int4Linear, Int8Linear} and all(
+                    m.blocks is not None and getattr(m, "fused", None) is None for m in members):
+                FusedRows(members)
+                groups += 1
+    return groups
+
+
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32,
-                   inplace: bool = False, head_int8: bool = True) -> nn.Module:
+                   inplace: bool = False, head_int8: bool = True, fuse: bool = True
+                   ) -> nn.Module:
     """Swap every `nn.Linear` for its `mode` counterpart.
 
     Returns a quantized copy unless `inplace`. Embeddings and norms keep their dtype; a tied
     lm_head gets its own quantized weight (the embedding table stays full precision). With int4,
     `lm_head` is int8 unless `head_int8=False` (as llama.cpp's Q4 files keep the output matrix in
     Q8_0: the logits are the most quantization-sensitive matmul); layers the packed int4 kernel
-    cannot take (input size not a multiple of 32, output size not a multiple of 16) get int8."""
+    cannot take (input size not a multiple of 32, output size not a multiple of 16) get int8.
+    With `fuse`, projections that share an input run as one kernel call (`fuse_projections`)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     if not inplace:
@@ -150,13 +246,16 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32,
             "int4": lambda lin: Int4Linear(lin, group_size)}[mode]
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, lin in targets:
-        unpackable = lin.in_features % 32 or lin.out_features % 16
+        # our block kernels take any output size; PyTorch's packed int4 needs multiples of 16
+        unpackable = lin.in_features % 32 or lin.out_features % 16 and not _kernel_ok(lin)
         int8_instead = head_int8 and name == "lm_head" or unpackable
         build = Int8Linear if mode == "int4" and int8_instead else make
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         new = build(lin)
         setattr(parent, child, RefinedHead(new) if name == "lm_head" else new)
+    if fuse:
+        fuse_projections(model)
     return model
 
 
