@@ -82,20 +82,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Preallocated keys/values for every layer: [batch, n_kv_heads, max_seq_len, head_dim].
 
-    `update` writes the new positions in place and returns the first `kv_len` positions."""
+    `update` writes the new positions in place and returns the first `kv_len` positions.
+    per_row: each batch row is written at its own positions (`input_pos` [B, T], as continuous
+    batching needs); the model then takes those positions as given and needs `attn_mask` and
+    `kv_len`. Otherwise all rows share one set of write positions."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 per_row: bool = False):
         super().__init__()
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_seq_len = max_seq_len
+        self.per_row = per_row
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int
                ) -> tuple[Tensor, Tensor]:
-        self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+        """Write k/v [B, n_kv, T, hd] at `input_pos` ([T], or [B, T] per row)."""
+        if input_pos.dim() == 1:
+            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)
+            self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+            self.v[layer].scatter_(2, index, v.to(self.v.dtype))
         return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
 
@@ -224,7 +235,8 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, x.dtype)
         mask = attn_mask
-        write_pos = input_pos if input_pos.dim() == 1 else input_pos[0]
+        per_row = cache is not None and cache.per_row
+        write_pos = input_pos if input_pos.dim() == 1 or per_row else input_pos[0]
         if cache is not None:
             if kv_len is None:
                 kv_len = int(write_pos[-1]) + 1

@@ -1,0 +1,281 @@
+"""One chat completion or completion request, from the validated body to the OpenAI answer.
+
+A job turns the body into prompt ids and `SamplingParams` (checking the context and the tool
+choice), then consumes the engine's events: `on_event` returns the SSE chunks to send (when
+streaming) and keeps what the final `response()` needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamaworks.errors import LlamaworksError
+from llamaworks.infer.continuous import ContinuousEngine, Event
+from llamaworks.infer.engine import RequestOutput
+from llamaworks.infer.sampling import SamplingParams
+from llamaworks.serve import responses as R
+from llamaworks.serve.schemas import APIError, ChatRequest, CompletionRequest, NamedToolChoice
+from llamaworks.tools.formats import detect_format, render
+from llamaworks.tools.parse import ParseResult, ToolCall, ToolCallStreamer, new_call_id
+
+
+def _context_error(n_prompt: int, max_tokens: int | None, ctx: int, param: str) -> APIError:
+    asked = f", and {max_tokens} for the completion" if max_tokens else ""
+    return APIError(400, f"this model's context is {ctx} tokens; the request has {n_prompt} "
+                    f"in the prompt{asked}: shorten the prompt or lower max_tokens", param=param,
+                    code="context_length_exceeded")
+
+
+def _check_n(n: int, engine: ContinuousEngine) -> None:
+    if n > engine.max_batch:
+        raise APIError(400, f"n={n} is more than this server decodes at once "
+                       f"({engine.max_batch}, --max-batch)", param="n", code="invalid_value")
+
+
+def _budget(n_prompt: int, asked: int | None, default: int, ctx: int, param: str) -> int:
+    """max_tokens for a prompt of n_prompt tokens; 400 when the context cannot hold it."""
+    if n_prompt >= ctx:
+        raise _context_error(n_prompt, None, ctx, param)
+    if asked is None:
+        return min(default, ctx - n_prompt)
+    if asked > ctx - n_prompt:
+        raise _context_error(n_prompt, asked, ctx, "max_tokens")
+    return asked
+
+
+class ChatJob:
+    """A /v1/chat/completions request."""
+
+    def __init__(self, engine: ContinuousEngine, body: ChatRequest, model: str,
+                 default_max_tokens: int):
+        _check_n(body.n, engine)
+        tok = engine.tokenizer
+        self.tok, self.body, self.model = tok, body, model
+        self.fmt = detect_format(tok)
+        self.stream = body.stream
+        self.id, self.created = R.new_id("chatcmpl"), R.now()
+        choice = body.tool_choice
+        tools = body.tools if body.tools and choice != "none" else None
+        names = [t.function.name for t in tools or []]
+        self.prefix, self.args_head, self.forced = "", "", None
+        if choice == "required" and len(names) == 1:  # the only tool it may call
+            choice = NamedToolChoice(type="function", function={"name": names[0]})
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not "
+                               "among the request's tools", param="tool_choice")
+            self.forced = choice.function.name
+            fn = next(t.function for t in tools or [] if t.function.name == self.forced)
+            self.args_head = R.arguments_head(fn.parameters)
+            self.prefix = R.forced_call_prefix(self.fmt, self.forced) + self.args_head
+        elif choice == "required":
+            if not tools:
+                raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+            self.prefix = R.forced_call_prefix(self.fmt, None)
+        self.tools_on = tools is not None
+        schemas = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        try:
+            text = render(tok, [m.to_render() for m in body.messages], schemas,
+                          add_generation_prompt=True)
+        except (LlamaworksError, ValueError, TypeError, LookupError) as e:
+            raise APIError(400, f"cannot render these messages with the model's chat "
+                           f"template: {e}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - jinja2's TemplateError and raise_exception
+            raise APIError(400, f"the chat template rejected these messages: {e}",
+                           param="messages") from None
+        ids = tok.encode(text + self.prefix, bos=False)
+        self.prompts = [ids]
+        asked = body.max_completion_tokens or body.max_tokens
+        stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+        if self.prefix:
+            stop = stop + R.forced_call_stop(self.fmt)
+        self.top = body.top_logprobs or 0
+        self.params = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
+            max_tokens=_budget(len(ids), asked, default_max_tokens, engine.context, "messages"),
+            stop=stop, logprobs=self.top if body.logprobs else None,
+            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+        self.streamers = [self._streamer() for _ in range(body.n)]
+        self.texts = [""] * body.n
+        self.result: RequestOutput | None = None
+        self.error: str | None = None
+
+    def _streamer(self) -> ToolCallStreamer | None:
+        if not self.tools_on:
+            return None
+        s = ToolCallStreamer(self.fmt)
+        s.feed(self.prefix)
+        return s
+
+    def _parse(self, text: str) -> ParseResult | None:
+        """Tool calls in a choice's generated text (after the forced prefix, if any)."""
+        if not self.tools_on:
+            return None
+        if self.forced:
+            args = R.forced_arguments(self.args_head + text)
+            if args is not None:
+                return ParseResult("", [ToolCall(new_call_id(), self.forced, args)])
+        return R.parse_calls(self.prefix + text, self.fmt)
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None = None,
+               logprobs: Any = None) -> dict[str, Any]:
+        return R.chunk(self.id, self.model, self.created,
+                       [{"index": index, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish}])
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk(i, {"role": "assistant", "content": ""})
+                for i in range(self.body.n)]
+
+    def on_event(self, _: int, ev: Event) -> list[dict[str, Any]]:
+        if ev.done:
+            self.result, self.error = ev.result, ev.error
+            return [{"error": APIError(500, ev.error, "server_error").body()["error"]}] \
+                if ev.error and self.stream else []
+        if not self.stream:
+            return []
+        out = []
+        streamer = self.streamers[ev.index]
+        self.texts[ev.index] += ev.text
+        text = streamer.feed(ev.text) if streamer else ev.text
+        lps = None
+        if self.body.logprobs and ev.logprobs:
+            lps = {"content": R.chat_logprobs(self.tok, ev.token_ids, ev.logprobs, self.top)}
+        if text or lps:
+            out.append(self._chunk(ev.index, {"content": text}, logprobs=lps))
+        if ev.finish_reason:
+            finish = ev.finish_reason
+            if streamer:
+                res = self._parse(self.texts[ev.index])
+                assert res is not None
+                rest = streamer.remaining_content(res)
+                if rest and not res.calls:
+                    out.append(self._chunk(ev.index, {"content": rest}))
+                if res.calls:
+                    finish = "tool_calls"
+                    out.append(self._chunk(ev.index, {"tool_calls": R.tool_call_deltas(res)}))
+            out.append(self._chunk(ev.index, {}, finish))
+        return out
+
+    def _usage(self) -> dict[str, int]:
+        assert self.result is not None
+        return R.usage(len(self.result.prompt_token_ids),
+                       sum(len(o.token_ids) for o in self.result.outputs))
+
+    def last_chunks(self) -> list[dict[str, Any]]:
+        opts = self.body.stream_options
+        if self.result is None or not (opts and opts.include_usage):
+            return []
+        return [R.chunk(self.id, self.model, self.created, [], usage=self._usage())]
+
+    def response(self) -> dict[str, Any]:
+        if self.error or self.result is None:
+            raise APIError(500, self.error or "no result", "server_error")
+        choices = []
+        for o in self.result.outputs:
+            parsed = self._parse(o.text)
+            message, called = R.chat_message(o.text, parsed)
+            lps = None
+            if self.body.logprobs:
+                lps = {"content": R.chat_logprobs(self.tok, o.token_ids, o.logprobs or [],
+                                                  self.top)}
+            choices.append({"index": o.index, "message": message, "logprobs": lps,
+                            "finish_reason": "tool_calls" if called else o.finish_reason})
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model, "system_fingerprint": None, "choices": choices,
+                "usage": self._usage()}
+
+
+class CompletionJob:
+    """A /v1/completions request (one or several prompts, text or token ids)."""
+
+    def __init__(self, engine: ContinuousEngine, body: CompletionRequest, model: str):
+        _check_n(body.n, engine)
+        self.tok, self.body, self.model = engine.tokenizer, body, model
+        self.stream = body.stream
+        self.id, self.created = R.new_id("cmpl"), R.now()
+        p = body.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        vocab = engine.model.config.vocab_size
+        self.prompts = []
+        for q in prompts:
+            if not isinstance(q, str) and any(not 0 <= t < vocab for t in q):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            try:
+                self.prompts.append(engine.encode(q))
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt",
+                               code="context_length_exceeded") from None
+        longest = max(len(q) for q in self.prompts)
+        budget = _budget(longest, body.max_tokens, 16, engine.context, "prompt")
+        self.top = body.logprobs
+        self.params = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
+            max_tokens=budget, stop=body.stop, logprobs=body.logprobs,
+            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+        self.texts = [self.tok.decode(q) if body.echo else "" for q in self.prompts]
+        self.results: dict[int, RequestOutput] = {}
+        self.error: str | None = None
+        self.offsets: dict[int, int] = {}
+
+    def _choice(self, j: int, i: int, text: str, finish: str | None, lps: Any) -> dict[str, Any]:
+        return {"index": j * self.body.n + i, "text": text, "logprobs": lps,
+                "finish_reason": finish}
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return R.chunk(self.id, self.model, self.created, choices, "text_completion", **extra)
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk([self._choice(j, i, t, None, None) for i in range(self.body.n)])
+                for j, t in enumerate(self.texts) if t]
+
+    def on_event(self, j: int, ev: Event) -> list[dict[str, Any]]:
+        if ev.done:
+            if ev.error:
+                self.error = ev.error
+                return [{"error": APIError(500, ev.error, "server_error").body()["error"]}] \
+                    if self.stream else []
+            self.results[j] = ev.result
+            return []
+        if not self.stream:
+            return []
+        lps = None
+        if self.top is not None and ev.logprobs:
+            key = j * self.body.n + ev.index
+            off = self.offsets.get(key, 0)
+            lps = R.completion_logprobs(self.tok, ev.token_ids, ev.logprobs, self.top, off)
+            self.offsets[key] = off + sum(len(t) for t in lps["tokens"])
+        if not (ev.text or lps or ev.finish_reason):
+            return []
+        return [self._chunk([self._choice(j, ev.index, ev.text, ev.finish_reason, lps)])]
+
+    def _usage(self) -> dict[str, int]:
+        rs = self.results.values()
+        return R.usage(sum(len(r.prompt_token_ids) for r in rs),
+                       sum(len(o.token_ids) for r in rs for o in r.outputs))
+
+    def last_chunks(self) -> list[dict[str, Any]]:
+        opts = self.body.stream_options
+        if self.error or not (opts and opts.include_usage):
+            return []
+        return [self._chunk([], usage=self._usage())]
+
+    def response(self) -> dict[str, Any]:
+        if self.error:
+            raise APIError(500, self.error, "server_error")
+        choices = []
+        for j in range(len(self.prompts)):
+            for o in self.results[j].outputs:
+                lps = None
+                if self.top is not None:
+                    lps = R.completion_logprobs(self.tok, o.token_ids, o.logprobs or [],
+                                                self.top, len(self.texts[j]))
+                choices.append(self._choice(j, o.index, self.texts[j] + o.text,
+                                            o.finish_reason, lps))
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "system_fingerprint": None, "choices": choices,
+                "usage": self._usage()}
