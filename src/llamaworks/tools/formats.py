@@ -1,0 +1,352 @@
+"""Chat formats with tools: ChatML (Hermes/Qwen2.5 tool calls), Llama-3.1 JSON calls, Llama-2.
+
+`render` turns OpenAI-format messages (roles system/user/assistant/tool; assistant `tool_calls`;
+tool `tool_call_id` + `content`) into the prompt text a model expects:
+
+- When the model's own jinja template handles tools (it references `tools` or `tool_calls`), that
+  template renders everything (through `Tokenizer.apply_chat_template`, which matches
+  transformers exactly). Tool-call `arguments` given as JSON strings (OpenAI wire format) are
+  parsed into dicts first, because public templates (Qwen2.5, Llama-3.1) `tojson` them.
+- Otherwise (e.g. SmolLM2: plain ChatML) the tool parts are rewritten into plain messages in the
+  format's canonical convention and the model's own template renders the result, so a conversation
+  without tools renders byte-identical to the model's template:
+  * chatml: Qwen2.5's convention. Tool schemas go into the system message inside
+    `<tools></tools>`; assistant calls become `<tool_call>\\n{"name": ..., "arguments": {...}}\\n
+    </tool_call>`; consecutive tool results merge into one user turn of `<tool_response>` blocks.
+    The system text is the conversation's system message, else the template's default system
+    prompt (SmolLM2's "You are a helpful AI assistant named SmolLM..."), exactly where Qwen2.5
+    puts "You are Qwen...".
+  * llama3: Llama-3.1's JSON calls. Tool schemas go into the first user message (Llama-3.1's
+    default `tools_in_user_message`); a call is `{"name": ..., "parameters": {...}}` as the whole
+    assistant turn; results are `ipython` turns holding the JSON-encoded result.
+  * llama2: no official convention exists, so Hermes tags inside `[INST]`: schemas appended to the
+    `<<SYS>>` system prompt, calls as `<tool_call>` blocks, results as a user turn of
+    `<tool_response>` blocks.
+- A tokenizer without a template uses the format's canonical template (`CANONICAL_TEMPLATES`).
+
+`assistant_spans` gives the character spans the assistant produces (for assistant-only SFT loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from llamaworks.errors import LlamaworksError
+
+FORMATS = ("chatml", "llama3", "llama2")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# Meta's Llama-2 chat template (as shipped in meta-llama/Llama-2-7b-chat-hf).
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+# Llama-3 header format without tool support (Meta-Llama-3-8B-Instruct's template).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+
+CANONICAL_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE,
+                       "llama2": LLAMA2_TEMPLATE}
+
+# End-of-turn markers an assistant span ends with (the model generates them; loss includes them).
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "</s>", "<|end_of_text|>",
+               "<|endoftext|>")
+
+QWEN_TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+QWEN_TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\n</tool_call>")
+LLAMA31_TOOLS_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call with its "
+    "proper arguments that best answers the given prompt.\n\nRespond in the format {\"name\": "
+    "function name, \"parameters\": dictionary of argument name and its value}.Do not use "
+    "variables.\n\n")
+
+_SENTINEL = "\u2063llamaworks-sentinel\u2063"
+
+
+class ChatFormatError(LlamaworksError):
+    """Messages that cannot be rendered in the requested chat format."""
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _tojson(x: Any, indent: int | None = None) -> str:
+    """transformers' `tojson` filter (ensure_ascii=False, default separators)."""
+    return json.dumps(x, ensure_ascii=False, indent=indent)
+
+
+def tool_schemas(tools: Any) -> list[dict] | None:
+    """Normalize `tools` (None, a list of OpenAI tool dicts, or anything with `.schemas()` such as
+    a ToolRegistry) to a list of OpenAI tool dicts, or None when there are none."""
+    if tools is None:
+        return None
+    if hasattr(tools, "schemas"):
+        tools = tools.schemas()
+    out = [dict(t) for t in tools]
+    for t in out:
+        if not isinstance(t, Mapping):
+            raise ChatFormatError(f"tools must be OpenAI tool dicts, got {type(t).__name__}")
+    return out or None
+
+
+def template_handles_tools(template: str | None) -> bool:
+    """True when a jinja chat template references `tools` or `tool_calls`."""
+    return bool(template) and re.search(r"\btools\b|\btool_calls\b", template) is not None
+
+
+def detect_format(tokenizer: Any) -> str:
+    """"chatml", "llama3" or "llama2", from the chat template text, else the special tokens."""
+    t = getattr(tokenizer, "chat_template", None) or ""
+    if "<|start_header_id|>" in t or "<|eot_id|>" in t:
+        return "llama3"
+    if "<|im_start|>" in t:
+        return "chatml"
+    if "[INST]" in t:
+        return "llama2"
+    to_id = getattr(tokenizer, "token_to_id", None)
+    if to_id is not None:
+        if to_id("<|start_header_id|>") is not None:
+            return "llama3"
+        if to_id("<|im_start|>") is not None:
+            return "chatml"
+        bos_id = getattr(tokenizer, "bos_id", None)
+        if bos_id is not None and tokenizer.id_to_token(bos_id) == "<s>":
+            return "llama2"
+    return "chatml"
+
+
+def _arguments_dict(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def _normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Deep-copied messages with tool-call arguments as dicts (what public templates expect)."""
+    out = []
+    for m in messages:
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise ChatFormatError(f"chat messages must be dicts with a 'role', got {m!r}")
+        m = copy.deepcopy(dict(m))
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                c = dict(c)
+                if "function" in c:
+                    c["function"] = dict(c["function"])
+                    c["function"]["arguments"] = _arguments_dict(c["function"].get("arguments"))
+                calls.append(c)
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def _uses_tools(messages: list[dict], tools: list[dict] | None) -> bool:
+    return bool(tools) or any(m.get("tool_calls") or m["role"] in ("tool", "ipython")
+                              for m in messages)
+
+
+def _call_parts(call: Mapping[str, Any]) -> tuple[str, Any]:
+    fn = call.get("function", call)
+    name = fn.get("name")
+    if not isinstance(name, str):
+        raise ChatFormatError(f"a tool call has no function name: {call!r}")
+    args = fn.get("arguments")
+    return name, {} if args is None else args
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text"
+                                         for p in content):
+        return "".join(p.get("text", "") for p in content)
+    return _tojson(content)
+
+
+def hermes_call_text(name: str, arguments: Any) -> str:
+    """One Hermes/Qwen2.5 tool call: `<tool_call>` + JSON name/arguments + `</tool_call>`."""
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {_tojson(arguments)}}}\n</tool_call>'
+
+
+def llama3_call_text(name: str, arguments: Any) -> str:
+    """One Llama-3.1 JSON tool call: `{"name": ..., "parameters": {...}}`."""
+    return f'{{"name": "{name}", "parameters": {_tojson(arguments)}}}'
+
+
+def _default_system(tokenizer: Any, template: str) -> str:
+    """The system prompt a ChatML template inserts when the conversation has none ("" if none)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}],
+                                         add_generation_prompt=False, chat_template=template)
+    head = text.split(_SENTINEL, 1)[0]
+    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", head, re.S)
+    return m.group(1) if m else ""
+
+
+# -- composition into plain messages -------------------------------------------------------------
+def _hermes_assistant(m: dict) -> dict:
+    calls = "".join("\n" + hermes_call_text(*_call_parts(c)) for c in m["tool_calls"])
+    content = _content_text(m.get("content"))
+    return {"role": "assistant", "content": content + calls if content else calls[1:]}
+
+
+def _merge_tool_results(messages: list[dict], role: str) -> list[dict]:
+    """Consecutive tool messages -> one `role` turn of `<tool_response>` blocks (Qwen2.5)."""
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] in ("tool", "ipython"):
+            block = "\n<tool_response>\n" + _content_text(m.get("content")) + "\n</tool_response>"
+            if out and out[-1].get("_tool_turn"):
+                out[-1]["content"] += block
+            else:
+                out.append({"role": role, "content": block, "_tool_turn": True})
+        else:
+            out.append(m)
+    for m in out:
+        if m.pop("_tool_turn", False):
+            m["content"] = m["content"][1:]  # the template's own "\n" after the role
+    return out
+
+
+def _compose_chatml(messages: list[dict], tools: list[dict] | None, default_system: str
+                    ) -> list[dict]:
+    msgs = [_hermes_assistant(m) if m["role"] == "assistant" and m.get("tool_calls")
+            else m for m in messages]
+    msgs = _merge_tool_results(msgs, "user")
+    if tools:
+        block = QWEN_TOOLS_PREAMBLE + "".join("\n" + _tojson(t) for t in tools) + \
+            QWEN_TOOLS_POSTAMBLE
+        if msgs and msgs[0]["role"] == "system":
+            system = _content_text(msgs[0].get("content"))
+            msgs = msgs[1:]
+        else:
+            system = default_system
+        msgs = [{"role": "system", "content": f"{system}\n\n{block}" if system else block}] + msgs
+    return msgs
+
+
+def _compose_llama2(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    msgs = _compose_chatml(messages, None, "")
+    if tools:
+        block = QWEN_TOOLS_PREAMBLE + "".join("\n" + _tojson(t) for t in tools) + \
+            QWEN_TOOLS_POSTAMBLE
+        if msgs and msgs[0]["role"] == "system":
+            system = _content_text(msgs[0].get("content"))
+            msgs = [{"role": "system", "content": f"{system}\n\n{block}" if system else block}] \
+                + msgs[1:]
+        else:
+            msgs = [{"role": "system", "content": block}] + msgs
+    return msgs
+
+
+def _compose_llama3(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    msgs: list[dict] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [llama3_call_text(*_call_parts(c)) for c in m["tool_calls"]]
+            msgs.append({"role": "assistant", "content": "\n".join(calls)})
+        elif m["role"] in ("tool", "ipython"):
+            content = m.get("content")
+            msgs.append({"role": "ipython", "content": _tojson(content)})
+        else:
+            msgs.append(m)
+    if tools:
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if first >= len(msgs) or msgs[first]["role"] != "user":
+            raise ChatFormatError("Llama-3.1 puts tool schemas in the first user message, and "
+                                  "this conversation has none: start it with a user message")
+        schemas = "".join(_tojson(t, indent=4) + "\n\n" for t in tools)
+        user = _content_text(msgs[first].get("content")).strip()
+        msgs[first] = {**msgs[first], "content": LLAMA31_TOOLS_PREAMBLE + schemas + user}
+    return msgs
+
+
+# -- public API ---------------------------------------------------------------------------------
+def _template_for(tokenizer: Any, fmt: str | None) -> tuple[str, str]:
+    detected = detect_format(tokenizer)
+    fmt = fmt or detected
+    if fmt not in FORMATS:
+        raise ChatFormatError(f"unknown chat format {fmt!r}; use one of {', '.join(FORMATS)}")
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or fmt != detected:
+        template = CANONICAL_TEMPLATES[fmt]
+    return fmt, template
+
+
+def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = None,
+           add_generation_prompt: bool = False, fmt: str | None = None) -> str:
+    """Render OpenAI-format `messages` (and OpenAI `tools` schemas) to prompt text: with the
+    model's own template when it handles tools, else in `fmt`'s canonical tool convention on top
+    of the model's template (see the module docstring). `fmt` defaults to `detect_format`."""
+    fmt, template = _template_for(tokenizer, fmt)
+    schemas = tool_schemas(tools)
+    msgs = _normalize(messages)
+    if not _uses_tools(msgs, schemas) or template_handles_tools(template):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
+                                             tools=schemas, chat_template=template)
+    if fmt == "chatml":
+        plain = _compose_chatml(msgs, schemas, _default_system(tokenizer, template))
+    elif fmt == "llama3":
+        plain = _compose_llama3(msgs, schemas)
+    else:
+        plain = _compose_llama2(msgs, schemas)
+    return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
+
+
+def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = None,
+                    fmt: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the [start, end) character spans of every assistant turn's
+    generated part: its content, its tool calls and its end-of-turn marker (e.g. `<|im_end|>`),
+    not the role header and not the newline after the marker. For assistant-only SFT loss."""
+    messages = list(messages)
+    full = render(tokenizer, messages, tools, add_generation_prompt=False, fmt=fmt)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        if i == 0:
+            raise ChatFormatError("the conversation starts with an assistant message; start it "
+                                  "with a system or user message")
+        prefix = render(tokenizer, messages[:i], tools, add_generation_prompt=True, fmt=fmt)
+        upto = render(tokenizer, messages[:i + 1], tools, add_generation_prompt=False, fmt=fmt)
+        if not (upto.startswith(prefix) and full.startswith(upto)):
+            raise ChatFormatError(
+                "this chat template renders earlier turns differently as the conversation grows, "
+                "so assistant spans cannot be located by prefix; use a template without "
+                "history-dependent rewriting")
+        piece = upto[len(prefix):]
+        ends = [piece.rfind(e) + len(e) for e in END_MARKERS if e in piece]
+        end = max(ends) if ends else len(piece.rstrip())
+        spans.append((len(prefix), len(prefix) + end))
+    return full, spans

@@ -1,0 +1,123 @@
+"""Tool-call parsing from generated text: multiple, malformed, partial calls; streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types.chat import ChatCompletionMessageToolCall
+
+from llamaworks.tools.parse import ToolCall, ToolCallStreamer, parse_tool_calls
+
+CALC = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17*23"}}\n</tool_call>'
+WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>'
+
+
+def _calls(res):
+    return [(c.name, c.arguments) for c in res.calls]
+
+
+def test_text_without_calls_is_all_content():
+    res = parse_tool_calls("  The answer is 4.\n")
+    assert (res.content, res.calls, res.errors) == ("The answer is 4.", [], [])
+
+
+def test_multiple_calls_and_surrounding_content():
+    res = parse_tool_calls("Let me check.\n" + CALC + "\n" + WEATHER)
+    assert res.content == "Let me check."
+    assert _calls(res) == [("calculator", {"expression": "17*23"}),
+                           ("get_weather", {"city": "Zürich"})]
+    assert res.errors == []
+    assert len({c.id for c in res.calls}) == 2
+
+
+def test_malformed_json_is_reported_and_other_calls_survive():
+    bad = '<tool_call>\n{"name": "calculator", "arguments": {expression: 2}}\n</tool_call>'
+    res = parse_tool_calls(bad + CALC)
+    assert _calls(res) == [("calculator", {"expression": "17*23"})]
+    assert len(res.errors) == 1 and "not valid JSON" in res.errors[0]
+
+
+@pytest.mark.parametrize("body,why", [
+    ('{"arguments": {"x": 1}}', "no \"name\""),
+    ('{"name": "f", "arguments": [1, 2]}', "must be a JSON object"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"name": "f", "arguments": "{not json"}', "not JSON"),
+])
+def test_calls_of_the_wrong_shape_are_errors(body, why):
+    res = parse_tool_calls(f"<tool_call>{body}</tool_call>")
+    assert res.calls == [] and len(res.errors) == 1 and why in res.errors[0]
+
+
+def test_arguments_as_json_string_and_parameters_key_are_accepted():
+    res = parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+                           '<tool_call>{"name": "g", "parameters": {"b": 2}}</tool_call>')
+    assert _calls(res) == [("f", {"a": 1}), ("g", {"b": 2})] and res.errors == []
+
+
+def test_partial_call_at_end_of_truncated_generation_is_an_error():
+    res = parse_tool_calls("Sure. " + CALC + '\n<tool_call>\n{"name": "get_weather", "argu')
+    assert _calls(res) == [("calculator", {"expression": "17*23"})]
+    assert res.content == "Sure."
+    assert len(res.errors) == 1 and "unterminated" in res.errors[0]
+
+
+def test_unclosed_call_with_complete_json_is_kept_with_an_error():
+    res = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {}}\n')
+    assert _calls(res) == [("f", {})]
+    assert len(res.errors) == 1 and "not closed" in res.errors[0]
+
+
+def test_to_openai_is_a_valid_openai_tool_call():
+    call = ToolCall("call_1", "calculator", {"expression": "√2 ≈ 1.41"})
+    wire = ChatCompletionMessageToolCall.model_validate(call.to_openai())
+    assert wire.function.name == "calculator"
+    assert json.loads(wire.function.arguments) == {"expression": "√2 ≈ 1.41"}
+
+
+@pytest.mark.parametrize("text,calls,content", [
+    ('{"name": "calculator", "parameters": {"expression": "1+1"}}',
+     [("calculator", {"expression": "1+1"})], ""),
+    ('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"x": 1}}',
+     [("f", {}), ("g", {"x": 1})], ""),
+    ("The answer is 2.", [], "The answer is 2."),
+    ('{"answer": 2}', [], '{"answer": 2}'),
+])
+def test_llama3_json_calls(text, calls, content):
+    res = parse_tool_calls(text, "llama3")
+    assert (_calls(res), res.content, res.errors) == (calls, content, [])
+
+
+def test_llama3_truncated_call_is_an_error():
+    res = parse_tool_calls('{"name": "calculator", "parameters": {"expr', "llama3")
+    assert res.calls == [] and "unterminated" in res.errors[0]
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama3"])
+def test_streamer_char_by_char_never_leaks_a_call(fmt):
+    text = "I will compute it. " + CALC + " done"
+    s = ToolCallStreamer(fmt)
+    shown = "".join(s.feed(ch) for ch in text)
+    assert shown == "I will compute it. "
+    res = s.finish()
+    assert _calls(res) == [("calculator", {"expression": "17*23"})]
+    assert shown.strip() + s.remaining_content(res) == res.content == "I will compute it.  done"
+
+
+def test_streamer_holds_back_only_a_possible_tag_prefix():
+    s = ToolCallStreamer()
+    assert s.feed("a < b and <tool") == "a < b and "
+    assert s.feed("box> is not a call") == "<toolbox> is not a call"
+    res = s.finish()
+    assert res.calls == [] and s.remaining_content(res) == ""
+
+
+def test_llama3_streamer_holds_a_json_reply():
+    s = ToolCallStreamer("llama3")
+    assert s.feed("  ") == ""
+    assert s.feed('{"name": "f", ') == ""
+    assert s.feed('"parameters": {}}') == ""
+    res = s.finish()
+    assert _calls(res) == [("f", {})] and s.remaining_content(res) == ""
+    plain = ToolCallStreamer("llama3")
+    assert plain.feed("Hello") == "Hello"
