@@ -35,6 +35,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # vocabulary-only GGUFs that llama.cpp ships in its source distribution.
 $(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done pyproject.toml
 	$(PIP) install -e '.[test]'
+	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
+	  sudo apt-get install -y -q chromium >/dev/null
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --install
 	touch $@
 
@@ -47,6 +50,9 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/decode.py
+	$(PY) bench/train.py
+	$(PY) bench/serve.py
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf $(VENV) $(CACHE)

@@ -19,7 +19,9 @@ from typing import Any
 from llamaworks.errors import LlamaworksError
 
 # Modules with a `register(subparsers)` function adding their stage's verbs.
-EXTRA_VERBS: tuple[str, ...] = ("llamaworks.data.cli", "llamaworks.train.cli")
+EXTRA_VERBS: tuple[str, ...] = ("llamaworks.data.cli", "llamaworks.train.cli",
+                                "llamaworks.serve.cli", "llamaworks.posttrain.cli",
+                                "llamaworks.eval.cli")
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -111,20 +113,12 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def score_ids(model: Any, ids: list[int], chunk: int = 512) -> list[float]:
-    """Negative log-likelihood (nats) of tokens 1..n-1, each given the tokens before it."""
-    import torch
+def score_ids(model: Any, ids: list[int]) -> list[float]:
+    """Negative log-likelihood (nats) of tokens 1..n-1, each given the tokens before it (the
+    one scorer lives in `eval.loglik`)."""
+    from llamaworks.eval.loglik import rolling_nll
 
-    with torch.inference_mode():
-        x = torch.tensor([ids])
-        hidden = model(x, hidden_only=True)[0, :-1]
-        target = x[0, 1:]
-        nll: list[float] = []
-        for s in range(0, hidden.shape[0], chunk):
-            logits = model.lm_head(hidden[s:s + chunk]).float()
-            nll += torch.nn.functional.cross_entropy(logits, target[s:s + chunk],
-                                                     reduction="none").tolist()
-    return nll
+    return rolling_nll(model, ids)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -196,15 +190,22 @@ def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Names
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from llamaworks.tools.chat import load_chat_model, run_tool_chat
+
     tok = _tokenizer(args)
-    model = _model(args)
+    model = load_chat_model(args, _model)  # merges --adapter (or the shipped tool adapter)
+    if args.tools:
+        return run_tool_chat(args, model, tok)
     args.step = _decode_step(model, args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     if args.prompt is not None:
         history.append({"role": "user", "content": args.prompt})
-        _chat_reply(model, tok, history, args, sys.stdout)
-        sys.stdout.write("\n")
+        reply = _chat_reply(model, tok, history, args, None if args.json else sys.stdout)
+        if args.json:
+            _print_json({"answer": reply, "steps": []})
+        else:
+            sys.stdout.write("\n")
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
@@ -355,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--system", "-s", default=None, help="system prompt")
     p.add_argument("--prompt", "-p", default=None, help="answer this once and exit")
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="let the model call tools, e.g. calculator,python (agent loop)")
+    p.add_argument("--max-steps", type=int, default=5,
+                   help="with --tools: most model turns per question")
+    p.add_argument("--json", action="store_true",
+                   help='with -p: print {"answer": ..., "steps": [{"tool", "arguments", '
+                   '"result"}, ...]}')
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="merge this LoRA adapter first ('none': not even the shipped tool "
+                   "adapter that --tools uses by default)")
     _add_sampling(p, temperature=0.2)
     _add_quant(p)
     p.set_defaults(fn=cmd_chat, top_p=0.9)

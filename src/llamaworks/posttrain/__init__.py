@@ -1,0 +1,1 @@
+"""Post-training: SFT with assistant-only loss, LoRA (+ merge), GRPO with verifiable rewards."""

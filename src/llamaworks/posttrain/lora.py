@@ -1,0 +1,221 @@
+"""LoRA (Hu et al., 2021) applied from outside the model, saved in PEFT's adapter format.
+
+`apply_lora` swaps the target `nn.Linear`s for `LoRALinear` (frozen base + trainable low-rank
+update B·A scaled by alpha/r); `merge_lora` folds the update back into plain `nn.Linear`s.
+Adapters are written as PEFT writes them (`adapter_config.json` + `adapter_model.safetensors`
+with `base_model.model.<module>.lora_A.weight` names), so `peft.PeftModel.from_pretrained` on
+the transformers model opens what we save, and `load_adapter` opens PEFT's adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from llamaworks.atomic import atomic_path, atomic_write_json
+from llamaworks.errors import CheckpointError
+
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraConfig:
+    """Rank, scaling (alpha / r), dropout on the LoRA input, and which linears get adapters
+    (module names as in HF's Llama: q_proj ... down_proj; lm_head is never adapted)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Sequence[str] = field(default_factory=lambda: ALL_LINEARS)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = set(self.target_modules) - set(ALL_LINEARS)
+        if unknown:
+            raise ValueError(f"unknown LoRA target modules {sorted(unknown)}; "
+                             f"choose from {', '.join(ALL_LINEARS)}")
+        self.target_modules = tuple(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (dropout(x) A^T B^T) * scaling, with A Kaiming-uniform and B zero (so a
+    fresh adapter changes nothing). The base weight stays frozen."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.r, self.scaling = r, alpha / r
+        # fp32 even over a bf16 base: the optimizer updates stay exact, the matmuls are tiny.
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    @property
+    def weight(self) -> Tensor:  # code that reads `.weight` (dtype/device probes) still works
+        return self.base.weight
+
+    def delta(self) -> Tensor:
+        """The dense update scaling * B @ A, shaped like the base weight."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        return y + ((self.dropout(x) @ a.t() @ b.t()) * self.scaling).to(y.dtype)
+
+
+def lora_modules(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Swap every target linear for a LoRALinear (in place); freeze everything else."""
+    model.requires_grad_(False)
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in cfg.target_modules]
+    if not targets:
+        raise ValueError(f"no linear layer named {cfg.target_modules} in the model")
+    for name, lin in targets:
+        parent, child = _parent(model, name)
+        new = LoRALinear(lin, cfg.r, cfg.alpha, cfg.dropout).train(lin.training)
+        setattr(parent, child, new)
+    return model
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter on or off (off = the base model, e.g. GRPO's frozen reference)."""
+    for _, m in lora_modules(model):
+        m.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold each adapter into its base weight and put the plain nn.Linear back."""
+    for name, m in list(lora_modules(model)):
+        m.base.weight += m.delta().to(m.base.weight.dtype)
+        parent, child = _parent(model, name)
+        setattr(parent, child, m.base)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter weights under PEFT's names."""
+    out = {}
+    for name, m in lora_modules(model):
+        out[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+        out[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, cfg: LoraConfig, path: str | Path,
+                 base_model: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (atomic) into `path`; bf16
+    halves the file (the update B·A is merged in fp32 either way)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype).cpu() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no LoRA layers to save")
+    with atomic_path(path / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(path / CONFIG_NAME, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.target_modules), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    })
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, Tensor], str | None]:
+    """The config, tensors (PEFT names) and recorded base model of an adapter directory."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file() or not weights.is_file():
+        raise CheckpointError(f"{path}: not a LoRA adapter (needs {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME}; create one with `llamaworks finetune --lora`)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora") or raw.get("use_rslora"):
+        raise CheckpointError(f"{cfg_file}: only plain LoRA adapters are supported "
+                              f"(peft_type LORA, no DoRA/rsLoRA)")
+    targets = raw.get("target_modules") or ALL_LINEARS
+    if isinstance(targets, str):  # PEFT allows a regex or "all-linear"
+        targets = ALL_LINEARS
+    cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
+                     dropout=float(raw.get("lora_dropout", 0.0)),
+                     target_modules=[t for t in targets if t in ALL_LINEARS])
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from e
+    return cfg, tensors, raw.get("base_model_name_or_path")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.Module:
+    """Attach the adapter in `path` to `model` (in place): merged into the weights (the fast
+    path for inference) or as trainable LoRALinear layers (`merge=False`)."""
+    cfg, tensors, _ = read_adapter(path)
+    # Every rank/shape must fit before anything changes, so a bad adapter leaves the model intact.
+    modules = dict(model.named_modules())
+    pairs: dict[str, tuple[Tensor, Tensor]] = {}
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[:-len(".lora_A.weight")].removeprefix(_PREFIX)
+        lin = modules.get(name)
+        a, b = tensors[key], tensors.get(key.replace("lora_A", "lora_B"))
+        base = lin.base if isinstance(lin, LoRALinear) else lin
+        if not isinstance(base, nn.Linear) or b is None or a.shape[0] != b.shape[1] \
+                or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            raise CheckpointError(f"{path}: adapter tensor {key} does not fit this model "
+                                  f"(module {name!r}, shapes {tuple(a.shape)}/"
+                                  f"{None if b is None else tuple(b.shape)})")
+        pairs[name] = (a, b)
+    if not pairs:
+        raise CheckpointError(f"{path}: the adapter holds no lora_A/lora_B tensors")
+    for name, (a, b) in pairs.items():
+        parent, child = _parent(model, name)
+        lin = getattr(parent, child)
+        base = lin.base if isinstance(lin, LoRALinear) else lin
+        w = base.weight
+        if merge:
+            w += ((b.to(torch.float32) @ a.to(torch.float32)) * cfg.scaling).to(w.dtype)
+            continue
+        new = LoRALinear(base, a.shape[0], cfg.alpha * a.shape[0] / cfg.r, cfg.dropout)
+        new.train(base.training)
+        new.lora_A.copy_(a)
+        new.lora_B.copy_(b)
+        setattr(parent, child, new)
+    return model
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child

@@ -1,0 +1,371 @@
+"""Supervised fine-tuning on chat conversations with the loss on assistant tokens only.
+
+Data: JSONL, one `{"messages": [...OpenAI format...], "tools": [...optional schemas...]}` per
+line. Each conversation is rendered with the model's chat format (`tools.formats`), and the
+assistant's spans (content, tool calls, end-of-turn marker) become the loss mask. Segments are
+tokenized one by one, so the ids are exactly what inference sees: a prompt encoded up to the
+assistant header, then the tokens the model itself emits.
+
+Two ways to batch, both exact in the forward pass:
+- shared prefix (the default when every conversation starts with the same >= 32 tokens, e.g. a
+  system prompt listing the tools): the prefix's keys/values are computed once per step without
+  gradient and every row attends to them, so only the varying part is trained on. The gradient
+  through the prefix's keys/values is dropped (they are treated as constants for the step);
+- packing: conversations are concatenated into rows of `max_len` tokens with per-document
+  positions and a block-diagonal causal mask, so no token attends across documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamaworks.errors import LlamaworksError
+from llamaworks.model import Llama
+from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter
+from llamaworks.posttrain.prefix import common_prefix_len, prefix_kv, prefixed_hidden
+
+IGNORE = -100
+
+
+class DataError(LlamaworksError):
+    """A fine-tuning data file that cannot be used (names the line and the problem)."""
+
+
+@dataclass
+class SFTConfig:
+    """Fine-tuning hyperparameters. lora=None means full fine-tuning."""
+
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_len: int = 1024
+    pack: bool = False
+    min_shared_prefix: int = 32
+    eval_fraction: float = 0.05
+    eval_every: int = 50
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast for the matmuls (fast on CPUs with AVX-512 BF16 / AMX)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_len < 8 or self.lr <= 0:
+            raise ValueError("batch_size must be >= 1, max_len >= 8 and lr > 0")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a JSONL file of conversations."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    convs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+            raise DataError(f'{path}:{n}: expected {{"messages": [{{"role": ..., "content": ...}}'
+                            f', ...]}}')
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{path}:{n}: no assistant message, so nothing to learn from")
+        convs.append({"messages": msgs, "tools": obj.get("tools")})
+    if not convs:
+        raise DataError(f"{path}: no conversations")
+    return convs
+
+
+def encode_conversation(tokenizer: Any, conv: dict[str, Any], fmt: str | None = None
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 mask (1 = assistant-generated token) of one conversation."""
+    from llamaworks.tools.formats import assistant_spans
+
+    text, spans = assistant_spans(tokenizer, conv["messages"], conv.get("tools"), fmt=fmt)
+    ids: list[int] = []
+    mask: list[int] = []
+    pos = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, m in ((text[pos:start], 0), (text[start:end], 1)):
+            if piece:
+                tok = tokenizer.encode(piece, bos=False)
+                ids += tok
+                mask += [m] * len(tok)
+        pos = end
+    return ids, mask
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]
+
+
+def encode_all(tokenizer: Any, convs: Sequence[dict[str, Any]], max_len: int,
+               fmt: str | None = None) -> list[Example]:
+    out = []
+    for c in convs:
+        ids, mask = encode_conversation(tokenizer, c, fmt)
+        if len(ids) > max_len:  # keep the start; a cut assistant turn still teaches its prefix
+            ids, mask = ids[:max_len], mask[:max_len]
+        if any(mask[1:]):
+            out.append(Example(ids, mask))
+    return out
+
+
+def shared_prefix_len(examples: Sequence[Example]) -> int:
+    """Length of the token prefix every example shares and none is trained on."""
+    n = common_prefix_len([e.ids for e in examples])
+    while n > 0 and any(e.mask[n] for e in examples):  # the first trained token is predicted
+        n -= 1  # from the position before it, which must stay outside the prefix
+    return n
+
+
+# -- batching ------------------------------------------------------------------------------------
+def _labels(ids: list[int], mask: list[int]) -> list[int]:
+    """Next-token targets: ids[t+1] where token t+1 is assistant-generated, else IGNORE."""
+    return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+
+
+def prefixed_loss(model: Llama, prefix: list[int], batch: Sequence[Example]
+                  ) -> tuple[Tensor, int]:
+    """Summed assistant-token NLL of `batch` (all sharing `prefix`) and the token count."""
+    p = len(prefix)
+    kv = prefix_kv(model, prefix)
+    rows = [e.ids[p:] for e in batch]
+    labels = [_labels(e.ids, e.mask)[p:] for e in batch]
+    t = max(map(len, rows))
+    tokens = torch.tensor([r + [0] * (t - len(r)) for r in rows])
+    target = torch.tensor([lab + [IGNORE] * (t - len(lab)) for lab in labels])
+    return _head_nll(model, prefixed_hidden(model, kv, tokens), target)
+
+
+def pack(examples: Sequence[Example], max_len: int) -> list[list[Example]]:
+    """Greedy first-fit packing of examples into rows of at most `max_len` tokens."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.ids)):
+        for i, r in enumerate(room):
+            if len(e.ids) <= r:
+                rows[i].append(e)
+                room[i] -= len(e.ids)
+                break
+        else:
+            rows.append([e])
+            room.append(max_len - len(e.ids))
+    return rows
+
+
+def packed_loss(model: Llama, rows: Sequence[Sequence[Example]], max_len: int
+                ) -> tuple[Tensor, int]:
+    """Summed assistant-token NLL of packed rows: per-document positions, block-diagonal mask."""
+    t = min(max_len, max(sum(len(e.ids) for e in r) for r in rows))
+    tokens = torch.zeros(len(rows), t, dtype=torch.long)
+    target = torch.full((len(rows), t), IGNORE)
+    pos = torch.zeros(len(rows), t, dtype=torch.long)
+    doc = torch.full((len(rows), t), -1)
+    for b, row in enumerate(rows):
+        o = 0
+        for d, e in enumerate(row):
+            n = len(e.ids)
+            tokens[b, o:o + n] = torch.tensor(e.ids)
+            target[b, o:o + n] = torch.tensor(_labels(e.ids, e.mask))
+            pos[b, o:o + n] = torch.arange(n)
+            doc[b, o:o + n] = d
+            o += n
+    q = torch.arange(t)
+    causal = q[None, :] <= q[:, None]
+    same = doc[:, :, None] == doc[:, None, :]
+    mask = (same & causal) | torch.eye(t, dtype=torch.bool)  # padding sees itself only
+    h = model(tokens, pos, attn_mask=mask[:, None], hidden_only=True)
+    return _head_nll(model, h, target)
+
+
+def _head_nll(model: Llama, h: Tensor, target: Tensor) -> tuple[Tensor, int]:
+    sel = target != IGNORE  # the vocabulary projection runs only where there is a target
+    logits = model.lm_head(h[sel]).float()
+    return F.cross_entropy(logits, target[sel], reduction="sum"), int(sel.sum())
+
+
+# -- training ------------------------------------------------------------------------------------
+class SFTTrainer:
+    """Fine-tunes `model` (LoRA or full) on encoded examples; see `finetune` for the driver."""
+
+    def __init__(self, model: Llama, train: list[Example], evals: list[Example], cfg: SFTConfig):
+        self.model, self.train_set, self.eval_set, self.cfg = model, train, evals, cfg
+        if cfg.lora is not None:
+            apply_lora(model, cfg.lora)
+        else:
+            model.requires_grad_(True)
+        everything = train + evals
+        n = 0 if cfg.pack else shared_prefix_len(everything)
+        self.prefix = everything[0].ids[:n] if n >= cfg.min_shared_prefix else None
+        if self.prefix is None:
+            self.rows = pack(train, cfg.max_len)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
+                                     weight_decay=cfg.weight_decay)
+        units = len(self.rows) if self.prefix is None else len(train)
+        per_epoch = max(1, math.ceil(units / cfg.batch_size))
+        self.total = cfg.max_steps or max(1, round(per_epoch * cfg.epochs))
+        self.rng = random.Random(cfg.seed)
+        self.order: list[int] = []
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        warm = max(1, int(self.total * c.warmup_frac))
+        if step < warm:
+            return c.lr * (step + 1) / warm
+        prog = min(1.0, (step - warm) / max(1, self.total - warm))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    def _next_batch(self) -> list:
+        units = self.rows if self.prefix is None else self.train_set
+        if len(self.order) < self.cfg.batch_size:
+            idx = list(range(len(units)))
+            self.rng.shuffle(idx)
+            self.order += idx
+        take, self.order = self.order[:self.cfg.batch_size], self.order[self.cfg.batch_size:]
+        return [units[i] for i in take]
+
+    def loss(self, batch: Sequence) -> tuple[Tensor, int]:
+        device = self.model.lm_head.weight.device.type
+        with torch.autocast(device, torch.bfloat16, enabled=self.cfg.bf16):
+            if self.prefix is None:
+                return packed_loss(self.model, batch, self.cfg.max_len)
+            return prefixed_loss(self.model, self.prefix, batch)
+
+    def step(self, step: int) -> float:
+        self.model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(step)
+        total, n = self.loss(self._next_batch())
+        loss = total / max(n, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                       self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean assistant-token NLL on the eval split."""
+        if not self.eval_set:
+            return None
+        self.model.eval()
+        tot, n = 0.0, 0
+        for s in range(0, len(self.eval_set), self.cfg.batch_size):
+            chunk = self.eval_set[s:s + self.cfg.batch_size]
+            batch = [[e] for e in chunk] if self.prefix is None else chunk
+            lsum, k = self.loss(batch)
+            tot, n = tot + float(lsum), n + k
+        return tot / max(n, 1)
+
+
+def split_eval(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    idx = list(range(len(convs)))
+    random.Random(seed).shuffle(idx)
+    k = int(round(len(convs) * fraction)) if len(convs) > 1 else 0
+    return [convs[i] for i in idx[k:]], [convs[i] for i in idx[:k]]
+
+
+def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, out: str | Path,
+             base_model: str | None = None, fmt: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Fine-tune and save into `out`: a LoRA adapter (adapter_config.json +
+    adapter_model.safetensors) or, for full fine-tuning, a native checkpoint. Also writes
+    metrics.jsonl, loss.png and sft_config.json. Returns a summary."""
+    from tqdm import tqdm
+
+    from llamaworks.checkpoint import save_native
+    from llamaworks.train.metrics import MetricsLog
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_c, eval_c = split_eval(convs, cfg.eval_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tr = SFTTrainer(model, encode_all(tokenizer, train_c, cfg.max_len, fmt),
+                    encode_all(tokenizer, eval_c, cfg.max_len, fmt), cfg)
+    log = MetricsLog(out / "metrics.jsonl")
+    first_eval = tr.evaluate()
+    if first_eval is not None:
+        log.log({"step": 0, "val_loss": first_eval})
+    bar = tqdm(range(tr.total), desc="finetune", disable=not progress)
+    t0, last_eval, done = time.time(), first_eval, 0
+    with _interrupt_saves():
+        try:
+            for s in bar:
+                loss = tr.step(s)
+                done = s + 1
+                row: dict[str, Any] = {"step": s + 1, "loss": loss, "lr": tr.lr_at(s),
+                                       "elapsed_s": round(time.time() - t0, 2)}
+                if (s + 1) % cfg.eval_every == 0 or s + 1 == tr.total:
+                    last_eval = tr.evaluate()
+                    if last_eval is not None:
+                        row["val_loss"] = last_eval
+                log.log(row)
+                bar.set_postfix(loss=f"{loss:.3f}",
+                                val=f"{last_eval:.3f}" if last_eval else "-")
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep what was learned so far
+            print(f"interrupted after step {done}: saving", file=sys.stderr)
+    log.plot(out / "loss.png")
+    model.eval()
+    if cfg.lora is not None:
+        save_adapter(model, cfg.lora, out, base_model=base_model)
+    else:
+        save_native(out, model.config, model.state_dict(), tokenizer)
+    from llamaworks.atomic import atomic_write_json
+
+    summary = {"steps": done, "planned_steps": tr.total, "train_examples": len(tr.train_set),
+               "eval_examples": len(tr.eval_set), "shared_prefix_tokens": len(tr.prefix or []),
+               "first_val_loss": first_eval, "final_val_loss": last_eval,
+               "minutes": round((time.time() - t0) / 60, 2)}
+    cfg_dict = asdict(cfg)
+    atomic_write_json(out / "sft_config.json", {"config": cfg_dict, "summary": summary,
+                                                "base_model": base_model})
+    return summary
+
+
+@contextlib.contextmanager
+def _interrupt_saves() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt for the duration, so both end training cleanly."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is \
+        threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
