@@ -83,3 +83,8 @@ def test_rl_cli_runs_grpo_steps_on_smollm_and_writes_adapter_metrics_and_plot(tm
     assert (out / "reward.png").stat().st_size > 1000
     assert (out / "adapter_model.safetensors").exists()
     assert "adapter written" in capsys.readouterr().out
+    # --resume continues from the saved state: step 3 is appended, steps 1-2 are kept
+    assert main(["rl", "--out", str(out), "--steps", "3", "--group-size", "2", "--resume",
+                 "--prompts-per-step", "1", "--max-new", "40", "--problems", "20"]) == 0
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3] and again[:2] == rows

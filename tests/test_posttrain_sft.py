@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from infer_fixtures import ByteTokenizer, tiny_model
 
-from llamaworks.posttrain.lora import load_adapter
+from llamaworks.posttrain.lora import LoraConfig, load_adapter
 from llamaworks.posttrain.sft import (
     IGNORE,
     DataError,
@@ -144,3 +144,37 @@ def test_lora_run_lowers_heldout_loss_and_saves_a_loadable_adapter(tmp_path, mon
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
     assert sft.trainable_parameters(model) > 0
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path,
+                                                                          monkeypatch):
+    def spans(tok, messages, tools=None, fmt=None):
+        text, out = "<system>You add numbers.\n", []
+        for m in messages:
+            head = f"<{m['role']}>"
+            if m["role"] == "assistant":
+                out.append((len(text) + len(head), len(text) + len(head) + len(m["content"]) + 1))
+            text += head + m["content"] + "\n"
+        return text, out
+
+    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", spans)
+    convs = [{"messages": [{"role": "user", "content": f"{a}*{b}"},
+                           {"role": "assistant", "content": f"{a * b}"}]}
+             for a in range(6) for b in range(6)]
+    cfg = SFTConfig(lr=3e-3, batch_size=4, max_steps=8, eval_fraction=0.1, eval_every=2,
+                    min_shared_prefix=8, lora=LoraConfig(r=4, alpha=8, dropout=0.1))
+    whole = tiny_model(std=0.1)
+    finetune(whole, _ChatBytes(), convs, cfg, tmp_path / "whole", progress=False)
+    part = tiny_model(std=0.1)
+    finetune(part, _ChatBytes(), convs, cfg, tmp_path / "part", progress=False, stop_after=4)
+    resumed = tiny_model(std=0.1)
+    summary = finetune(resumed, _ChatBytes(), convs, cfg, tmp_path / "part", progress=False,
+                       resume=True)
+    assert summary["steps"] == 8
+    a = {n: p for n, p in whole.named_parameters() if "lora" in n}
+    b = {n: p for n, p in resumed.named_parameters() if "lora" in n}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    assert [r.get("loss") for r in rows] == [r.get("loss") for r in ref]

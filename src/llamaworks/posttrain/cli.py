@@ -58,7 +58,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
         load_adapter(model, args.adapter)
     summary = finetune(model, load_tokenizer(path), convs, cfg, args.out,
-                       base_model=str(path.resolve()), fmt=args.format)
+                       base_model=str(path.resolve()), fmt=args.format, resume=args.resume,
+                       stop_after=args.stop_after)
     print(json.dumps(summary, indent=2))
     kind = "adapter" if cfg.lora else "checkpoint"
     print(f"{kind} written to {args.out}")
@@ -119,8 +120,6 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    import tempfile
-
     from llamaworks.posttrain.grpo import GRPOConfig, stack_adapters, train_grpo
     from llamaworks.posttrain.lora import LoraConfig
     from llamaworks.posttrain.tasks import problems
@@ -137,14 +136,17 @@ def cmd_rl(args: argparse.Namespace) -> int:
         raise LlamaworksError(str(e)) from None
     train_set = problems(args.problems, "train", args.seed + 1)
     out = Path(args.out)
+    base = str(path.resolve())
     if not args.adapter:
-        summary = train_grpo(model, tok, train_set, cfg, out, base_model=str(path.resolve()))
-    else:  # the policy starts from the merged adapter(s); ship one adapter relative to the base
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = train_grpo(model, tok, train_set, cfg, tmp, base_model=str(path.resolve()))
-            stack_adapters(args.adapter[-1], tmp, out, base_model=str(path.resolve()))
-            for name in ("metrics.jsonl", "reward.png", "grpo_summary.json"):
-                (out / name).write_bytes((Path(tmp) / name).read_bytes())
+        summary = train_grpo(model, tok, train_set, cfg, out, base_model=base,
+                             resume=args.resume)
+    else:  # the policy starts from the merged adapter; OUT gets one adapter stacking both,
+        # OUT/policy the GRPO adapter alone (and the state to resume from)
+        summary = train_grpo(model, tok, train_set, cfg, out / "policy", base_model=base,
+                             resume=args.resume)
+        stack_adapters(args.adapter[-1], out / "policy", out, base_model=base)
+        for name in ("metrics.jsonl", "reward.png", "grpo_summary.json"):
+            (out / name).write_bytes((out / "policy" / name).read_bytes())
     summary.pop("config", None)
     print(json.dumps(summary, indent=2))
     print(f"adapter written to {out}")
@@ -174,6 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (GPU, or a CPU with AVX-512 BF16/AMX: ~3x faster matmuls)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/sft_state.pt (saved at every eval), bit-exactly on CPU")
+    p.add_argument("--stop-after", type=int, help="stop after this step, schedule unchanged")
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into a native checkpoint")
@@ -222,4 +227,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="frozen base weights in bf16 (the adapter stays fp32): ~3x faster on "
                         "CPUs with AVX-512 BF16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the state saved every 5 steps in OUT (OUT/policy)")
     p.set_defaults(fn=cmd_rl)

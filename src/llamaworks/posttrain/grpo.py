@@ -102,6 +102,7 @@ class GRPOTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.rng = random.Random(cfg.seed)
+        self.order: list[int] = []  # (no data order to keep; sft.save_state expects it)
 
     def step(self, step: int) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
@@ -188,29 +189,36 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
 
 
 def train_grpo(model: Llama, tokenizer: Any, problems: list[Problem], cfg: GRPOConfig,
-               out: str | Path, base_model: str | None = None, progress: bool = True
-               ) -> dict[str, Any]:
-    """Run GRPO and write the LoRA adapter, metrics.jsonl and reward.png into `out`."""
+               out: str | Path, base_model: str | None = None, progress: bool = True,
+               resume: bool = False) -> dict[str, Any]:
+    """Run GRPO and write the LoRA adapter, metrics.jsonl and reward.png into `out`; every 5
+    steps also `grpo_state.pt`, from which `resume=True` continues."""
     from tqdm import tqdm
 
+    from llamaworks.posttrain.sft import load_state, save_state
     from llamaworks.train.metrics import MetricsLog
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tr = GRPOTrainer(model, tokenizer, problems, cfg)
-    log = MetricsLog(out / "metrics.jsonl")
+    state = out / "grpo_state.pt"
+    start = load_state(tr, state) if resume and state.exists() else 0
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="grpo", disable=not progress)
+    bar = tqdm(range(start, cfg.steps), desc="grpo", disable=not progress, initial=start,
+               total=cfg.steps)
     for s in bar:
         row = tr.step(s) | {"elapsed_s": round(time.time() - t0, 1)}
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
                         kl=f"{row['kl']:.3f}")
-        if (s + 1) % 5 == 0 or s + 1 == cfg.steps:
+        out_of_time = cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60
+        if (s + 1) % 5 == 0 or s + 1 == cfg.steps or out_of_time:
             plot_rewards(log.rows, out / "reward.png")
             save_adapter(model, cfg.lora, out, base_model=base_model)
-        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+            save_state(tr, s + 1, state)
+        if out_of_time:
             break
     plot_rewards(log.rows, out / "reward.png")
     model.eval()

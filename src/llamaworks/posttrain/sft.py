@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llamaworks.atomic import atomic_path
 from llamaworks.errors import LlamaworksError
 from llamaworks.model import Llama
 from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter
@@ -295,12 +296,45 @@ def split_eval(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict
     return [convs[i] for i in idx[k:]], [convs[i] for i in idx[:k]]
 
 
+STATE_NAME = "sft_state.pt"
+
+
+def save_state(tr: SFTTrainer, step: int, path: Path) -> None:
+    """Everything a bit-exact resume needs: trainable weights, optimizer, RNGs, data order."""
+    state = {"step": step, "order": list(tr.order), "py_rng": tr.rng.getstate(),
+             "torch_rng": torch.get_rng_state(), "optim": tr.opt.state_dict(),
+             "trainable": {n: p.detach().clone() for n, p in tr.model.named_parameters()
+                           if p.requires_grad}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(tr: SFTTrainer, path: Path) -> int:
+    """Restore `save_state`'s snapshot (weights_only: no code runs); returns the step."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        raise DataError(f"{path}: cannot resume from it ({e}); delete it to start over") from e
+    params = dict(tr.model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            params[n].copy_(t)
+    tr.opt.load_state_dict(state["optim"])
+    tr.order = list(state["order"])
+    v, internal, gauss = state["py_rng"]
+    tr.rng.setstate((v, tuple(internal), gauss))
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
 def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, out: str | Path,
-             base_model: str | None = None, fmt: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             base_model: str | None = None, fmt: str | None = None, progress: bool = True,
+             resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune and save into `out`: a LoRA adapter (adapter_config.json +
     adapter_model.safetensors) or, for full fine-tuning, a native checkpoint. Also writes
-    metrics.jsonl, loss.png and sft_config.json. Returns a summary."""
+    metrics.jsonl, loss.png, sft_config.json and, at every eval, `sft_state.pt`, from which
+    `resume=True` continues bit-exactly (on CPU). `stop_after` ends early with the schedule
+    unchanged. Returns a summary."""
     from tqdm import tqdm
 
     from llamaworks.checkpoint import save_native
@@ -312,12 +346,21 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     torch.manual_seed(cfg.seed)
     tr = SFTTrainer(model, encode_all(tokenizer, train_c, cfg.max_len, fmt),
                     encode_all(tokenizer, eval_c, cfg.max_len, fmt), cfg)
-    log = MetricsLog(out / "metrics.jsonl")
-    first_eval = tr.evaluate()
-    if first_eval is not None:
-        log.log({"step": 0, "val_loss": first_eval})
-    bar = tqdm(range(tr.total), desc="finetune", disable=not progress)
-    t0, last_eval, done = time.time(), first_eval, 0
+    start = 0
+    if resume and (out / STATE_NAME).exists():
+        start = load_state(tr, out / STATE_NAME)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
+    if start:
+        first_eval = next((r.get("val_loss") for r in log.rows if r["step"] == 0), None)
+        last_eval = next((r["val_loss"] for r in reversed(log.rows) if "val_loss" in r), None)
+    else:
+        first_eval = last_eval = tr.evaluate()
+        if first_eval is not None:
+            log.log({"step": 0, "val_loss": first_eval})
+    end = min(tr.total, stop_after) if stop_after else tr.total
+    bar = tqdm(range(start, end), desc="finetune", disable=not progress, initial=start,
+               total=tr.total)
+    t0, done = time.time(), start
     with _interrupt_saves():
         try:
             for s in bar:
@@ -325,10 +368,11 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
                 done = s + 1
                 row: dict[str, Any] = {"step": s + 1, "loss": loss, "lr": tr.lr_at(s),
                                        "elapsed_s": round(time.time() - t0, 2)}
-                if (s + 1) % cfg.eval_every == 0 or s + 1 == tr.total:
+                if (s + 1) % cfg.eval_every == 0 or s + 1 in (tr.total, end):
                     last_eval = tr.evaluate()
                     if last_eval is not None:
                         row["val_loss"] = last_eval
+                    save_state(tr, s + 1, out / STATE_NAME)
                 log.log(row)
                 bar.set_postfix(loss=f"{loss:.3f}",
                                 val=f"{last_eval:.3f}" if last_eval else "-")
