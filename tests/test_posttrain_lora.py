@@ -103,3 +103,21 @@ def test_peft_loads_our_adapter_on_transformers_with_equal_logits(tmp_path):
         ref = peft(TOKENS).logits
         ours = model(TOKENS)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_merge_cli_folds_the_adapter_into_a_native_checkpoint(tmp_path, capsys):
+    from llamaworks.checkpoint import load_model
+    from llamaworks.cli import main
+
+    base = tiny_model(std=0.1)
+    save_native(tmp_path / "base", base.config, base.state_dict())
+    cfg = LoraConfig(r=4, alpha=8)
+    model = apply_lora(tiny_model(std=0.1), cfg).eval()
+    _randomize(model, seed=3)
+    save_adapter(model, cfg, tmp_path / "ad")
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert "merged" in capsys.readouterr().out
+    merged = load_model(tmp_path / "merged").model
+    with torch.no_grad():
+        torch.testing.assert_close(merged(TOKENS), model(TOKENS), atol=1e-5, rtol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from llamaworks.errors import LlamaworksError
@@ -73,7 +74,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path = _model_arg(args)
     model = load_model(path).model
     load_adapter(model, args.adapter)
-    save_native(args.out, model.config, model.state_dict(), load_tokenizer(path))
+    try:
+        tok = load_tokenizer(path)
+    except LlamaworksError as e:  # weights alone are still worth merging
+        print(f"warning: writing no tokenizer ({e})", file=sys.stderr)
+        tok = None
+    save_native(args.out, model.config, model.state_dict(), tok)
     print(f"merged {args.adapter} into {path.name}: {args.out}")
     return 0
 
