@@ -29,3 +29,46 @@ def test_chat_tools_solves_heldout_problems_with_the_shipped_adapter(capsys):
         assert out["steps"] and out["steps"][0]["tool"] == "calculator"
         solved += is_correct(out["answer"], p.answer)
     assert solved >= 2
+
+
+@pytest.mark.slow
+def test_server_with_the_adapter_calls_the_calculator_on_its_own_and_answers(tmp_path):
+    """tool_choice "auto" through the official openai client: the adapter-tuned model asks for
+    the calculator, the client runs it, the model answers with the exact result."""
+    import argparse
+
+    import openai
+
+    from llamaworks.posttrain.tasks import calculator_schemas
+    from llamaworks.serve.app import create_app
+    from llamaworks.serve.background import BackgroundServer
+    from llamaworks.serve.cli import build_engine
+    from llamaworks.tools.registry import default_registry
+
+    args = argparse.Namespace(model=None, adapter=str(DEFAULT_TOOL_ADAPTER), quant=None,
+                              group_size=32, threads=None, max_batch=2, max_queue=4,
+                              context=1024, model_name="tools")
+    engine, name = build_engine(args)
+    p = problems(1, "test", seed=11)[0]
+    try:
+        with BackgroundServer(create_app(engine, name)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                   timeout=300)
+            messages = [{"role": "user", "content": p.question}]
+            first = client.chat.completions.create(model=name, messages=messages,
+                                                   tools=calculator_schemas(), max_tokens=64,
+                                                   temperature=0)
+            choice = first.choices[0]
+            assert choice.finish_reason == "tool_calls"
+            call = choice.message.tool_calls[0]
+            assert call.function.name == "calculator"
+            result = default_registry(["calculator"]).call("calculator",
+                                                           json.loads(call.function.arguments))
+            messages += [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": result}]
+            final = client.chat.completions.create(model=name, messages=messages,
+                                                   tools=calculator_schemas(), max_tokens=32,
+                                                   temperature=0)
+            assert is_correct(final.choices[0].message.content, p.answer)
+    finally:
+        engine.shutdown()
