@@ -113,20 +113,21 @@ class _ChatBytes(ByteTokenizer):
     chat_template = None
 
 
+def _byte_chat_spans(tok, messages, tools=None, fmt=None):
+    """A byte-level stand-in for the chat renderer: "<user>...\n<assistant>...\n" spans."""
+    text, out = "<system>You add numbers.\n", []
+    for m in messages:
+        head = f"<{m['role']}>"
+        if m["role"] == "assistant":
+            out.append((len(text) + len(head), len(text) + len(head) + len(m["content"]) + 1))
+        text += head + m["content"] + "\n"
+    return text, out
+
+
 def test_lora_run_lowers_heldout_loss_and_saves_a_loadable_adapter(tmp_path, monkeypatch):
     import llamaworks.posttrain.sft as sft
 
-    # A byte-level stand-in for the chat renderer: "<user>...\n<assistant>...\n" spans.
-    def spans(tok, messages, tools=None, fmt=None):
-        text, out = "<system>You add numbers.\n", []
-        for m in messages:
-            head = f"<{m['role']}>"
-            if m["role"] == "assistant":
-                out.append((len(text) + len(head), len(text) + len(head) + len(m["content"]) + 1))
-            text += head + m["content"] + "\n"
-        return text, out
-
-    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", spans)
+    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
     convs = [{"messages": [{"role": "user", "content": f"{a}+{b}"},
                            {"role": "assistant", "content": f"{a + b}"}]}
              for a in range(10) for b in range(10)]
@@ -148,16 +149,7 @@ def test_lora_run_lowers_heldout_loss_and_saves_a_loadable_adapter(tmp_path, mon
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path,
                                                                           monkeypatch):
-    def spans(tok, messages, tools=None, fmt=None):
-        text, out = "<system>You add numbers.\n", []
-        for m in messages:
-            head = f"<{m['role']}>"
-            if m["role"] == "assistant":
-                out.append((len(text) + len(head), len(text) + len(head) + len(m["content"]) + 1))
-            text += head + m["content"] + "\n"
-        return text, out
-
-    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", spans)
+    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
     convs = [{"messages": [{"role": "user", "content": f"{a}*{b}"},
                            {"role": "assistant", "content": f"{a * b}"}]}
              for a in range(6) for b in range(6)]
@@ -178,3 +170,19 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_pa
     ref = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in ref]
+
+
+def test_shared_prefix_stops_before_the_first_trained_token_even_inside_a_common_turn():
+    # Both conversations share 12 tokens; tokens 5-6 of that shared run are trained (an
+    # identical first assistant turn), 7-11 are not (a tool result): the prefix must end at the
+    # predictor of token 5, not at the last untrained shared token.
+    common = list(range(10, 22))
+    ex = [Example(common + [40, 41, 42], [0] * 5 + [1] * 2 + [0] * 5 + [1] * 3),
+          Example(common + [50, 51], [0] * 5 + [1] * 2 + [0] * 5 + [1] * 2)]
+    assert shared_prefix_len(ex) == 4
+    model = tiny_model(std=0.1)
+    with torch.no_grad():
+        got, n = prefixed_loss(model, ex[0].ids[:4], ex)
+        want, m = _one_at_a_time(model, ex)
+    assert n == m
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

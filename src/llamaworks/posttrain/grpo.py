@@ -22,9 +22,9 @@ from torch import Tensor
 
 from llamaworks.atomic import atomic_path, atomic_write_json
 from llamaworks.model import Llama
-from llamaworks.posttrain.evaluate import prompt_ids, solve
+from llamaworks.posttrain.evaluate import solve
 from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter, set_lora_enabled
-from llamaworks.posttrain.prefix import common_prefix_len, prefix_kv, prefixed_hidden
+from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
 from llamaworks.posttrain.tasks import Problem, is_correct
 
 
@@ -73,8 +73,7 @@ def sequence_logprobs(model: Llama, seqs: Sequence[Sequence[int]], masks: Sequen
                       ) -> list[Tensor]:
     """Log-probability of every masked (generated) token of each sequence, under `model`.
     The shared prompt prefix is computed once without gradient."""
-    first = min((m.index(1) for m in masks if 1 in m), default=len(seqs[0]))
-    p = min(common_prefix_len(seqs), first - 1)  # a scored token's predictor is not in it
+    p = trainable_prefix_len(seqs, masks)
     kv = prefix_kv(model, seqs[0][:p])
     t = max(len(s) for s in seqs) - p
     tokens = torch.tensor([list(s[p:]) + [0] * (t - len(s) + p) for s in seqs])
@@ -115,8 +114,8 @@ class GRPOTrainer:
         rewards = [reward(r.final_text, p.answer, r.tool_calls, r.finished, cfg.format_reward)
                    for p, r in zip(batch, outs, strict=True)]
         adv = group_advantages(rewards, cfg.group_size)
-        seqs = [prompt_ids(self.tok, p, True) + r.ids for p, r in zip(batch, outs, strict=True)]
-        masks = [[0] * (len(s) - len(r.ids)) + r.mask for s, r in zip(seqs, outs, strict=True)]
+        seqs = [r.prompt_ids + r.ids for r in outs]
+        masks = [[0] * len(r.prompt_ids) + r.mask for r in outs]
         row = {"step": step + 1, "reward": sum(rewards) / len(rewards),
                "accuracy": sum(is_correct(r.final_text, p.answer)
                                for p, r in zip(batch, outs, strict=True)) / len(batch),

@@ -70,3 +70,11 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
             i += 1
         n = i
     return max(n, 0)
+
+
+def trainable_prefix_len(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]]) -> int:
+    """The longest shared prefix that can be computed once without gradient: every scored token
+    (mask 1) must be predicted from a position after it, so it stops before the first one's
+    predictor."""
+    first = min((list(m).index(1) for m in masks if 1 in m), default=len(seqs[0]))
+    return max(0, min(common_prefix_len(seqs), first - 1))

@@ -38,7 +38,7 @@ from llamaworks.atomic import atomic_path
 from llamaworks.errors import LlamaworksError
 from llamaworks.model import Llama
 from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter
-from llamaworks.posttrain.prefix import common_prefix_len, prefix_kv, prefixed_hidden
+from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
 
 IGNORE = -100
 
@@ -141,13 +141,9 @@ def encode_all(tokenizer: Any, convs: Sequence[dict[str, Any]], max_len: int,
 
 def shared_prefix_len(examples: Sequence[Example]) -> int:
     """Length of the token prefix every example shares and none is trained on."""
-    n = common_prefix_len([e.ids for e in examples])
-    while n > 0 and any(e.mask[n] for e in examples):  # the first trained token is predicted
-        n -= 1  # from the position before it, which must stay outside the prefix
-    return n
+    return trainable_prefix_len([e.ids for e in examples], [e.mask for e in examples])
 
 
-# -- batching ------------------------------------------------------------------------------------
 def _labels(ids: list[int], mask: list[int]) -> list[int]:
     """Next-token targets: ids[t+1] where token t+1 is assistant-generated, else IGNORE."""
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
