@@ -8,15 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from llamaworks.cli import _model_path
 from llamaworks.errors import LlamaworksError
-
-
-def _model_arg(args: argparse.Namespace) -> Path:
-    if args.model:
-        return Path(args.model)
-    from llamaworks.checkpoint.discovery import default_model_path
-
-    return default_model_path()
 
 
 def _lora_flags(p: argparse.ArgumentParser) -> None:
@@ -43,7 +36,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from llamaworks.checkpoint import load_model, load_tokenizer
     from llamaworks.posttrain.sft import SFTConfig, finetune, load_conversations
 
-    path = _model_arg(args)
+    path = _model_path(args)
     convs = load_conversations(args.data)
     try:
         cfg = SFTConfig(lora=None if args.full else _lora_config(args), lr=args.lr,
@@ -71,7 +64,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from llamaworks.checkpoint import load_model, load_tokenizer, save_native
     from llamaworks.posttrain.lora import load_adapter
 
-    path = _model_arg(args)
+    path = _model_path(args)
     model = load_model(path).model
     load_adapter(model, args.adapter)
     try:
@@ -101,7 +94,7 @@ def _load(args: argparse.Namespace):
     from llamaworks.checkpoint import load_model, load_tokenizer
     from llamaworks.posttrain.lora import load_adapter
 
-    path = _model_arg(args)
+    path = _model_path(args)
     model = load_model(path).model
     for adapter in args.adapter or []:
         load_adapter(model, adapter)
