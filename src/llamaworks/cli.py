@@ -12,7 +12,7 @@ import importlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +207,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write("\n")
         return 0
+    def turn(line: str) -> None:
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _chat_reply(model, tok, history, args, sys.stdout)
+        except KeyboardInterrupt:
+            reply = ""
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+    def reset() -> None:
+        history[:] = system
+
+    chat_repl(f"llamaworks chat · {_model_path(args).name} · /reset clears the history, "
+              "/exit quits", turn, reset)
+    return 0
+
+
+def chat_repl(banner: str, turn: Callable[[str], None], reset: Callable[[], None]) -> None:
+    """The chat REPL: read lines until EOF, Ctrl-C or /exit; /reset calls `reset`, any other
+    non-empty line `turn`. The banner and prompt appear only on a terminal."""
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"llamaworks chat · {_model_path(args).name} · /reset clears the history, "
-              "/exit quits", file=sys.stderr)
+        print(banner, file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -225,17 +244,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if cmd in ("/exit", "/quit"):
             break
         if cmd == "/reset":
-            history = list(system)
+            reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        try:
-            reply = _chat_reply(model, tok, history, args, sys.stdout)
-        except KeyboardInterrupt:
-            reply = ""
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
-    return 0
+        turn(line)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -106,25 +106,12 @@ def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any) -> int:
         else:
             sys.stdout.write("\n")
         return 0
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"llamaworks chat · tools: {', '.join(registry.names())} · /reset clears the "
-              "history, /exit quits", file=sys.stderr)
+    from llamaworks.cli import chat_repl
+
     start = list(history)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
-            break
-        cmd = line.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit"):
-            break
-        if cmd == "/reset":
-            history = list(start)
-            print("(history cleared)", file=sys.stderr)
-            continue
+
+    def turn(line: str) -> None:
+        nonlocal history
         res = run_agent(llm, history + [{"role": "user", "content": line}], registry,
                         max_steps=args.max_steps, params=params, on_event=show)
         if args.json:
@@ -132,4 +119,11 @@ def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any) -> int:
         else:
             sys.stdout.write("\n")
         history = res.messages
+
+    def reset() -> None:
+        nonlocal history
+        history = list(start)
+
+    chat_repl(f"llamaworks chat · tools: {', '.join(registry.names())} · /reset clears the "
+              "history, /exit quits", turn, reset)
     return 0
