@@ -2,18 +2,20 @@
 
 Greedy decoding of `--new-tokens` tokens (EOS ignored) after the same prompt, `--threads` CPU
 threads each. Decode tok/s counts tokens after the first (prefill excluded); the first token's
-latency is reported separately. Ours runs in each weight format (fp32, bf16, int8, int4; compiled
-too for the formats in --compile); int8/int4 use our C++ Q8_0/Q4_1 kernels, and the formats in
---torch-kernels run once more on PyTorch's packed kernels for comparison. Then `--rounds` rounds
-alternate our int4 decode with llama.cpp's, back to back, for a ratio that load on a shared
-machine skews least (the median of the per-round ratios). The bandwidth bound of a row is the
-rate the fp32 weight matvecs reach (bytes/s, measured first) over that row's weight bytes per
-token. Then prefill tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints markdown
-tables for BENCHMARKS.md.
+latency is reported separately. Ours runs in each weight format (fp32, bf16, int8, int4) with
+the fused C++ decode step (`infer.fused`, the default); the formats in --eager once more with
+the per-op PyTorch forward, those in --compile with the decode step compiled; int8/int4 use our
+C++ Q8_0/Q4_1 kernels, and the formats in --torch-kernels run once more on PyTorch's packed
+kernels. Then `--rounds` rounds alternate our int4 decode with llama.cpp's, back to back, for a
+ratio that load on a shared machine skews least (the median of the per-round ratios). The
+bandwidth bound of a row is the machine's weight-reading rate (bytes/s, measured first: the
+faster of summing the fp32 weights and running their matvecs back to back) over that row's weight
+bytes per token. Then prefill tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints
+markdown tables for BENCHMARKS.md.
 
     .venv/bin/python bench/decode.py [--model PATH.gguf] [--new-tokens 128] [--threads 2]
-        [--quants fp32,bf16,int8,int4] [--compile int4] [--torch-kernels int4] [--rounds 5]
-        [--batches 1,4,16] [--skip hf,...]
+        [--quants fp32,bf16,int8,int4] [--eager fp32,int4] [--compile int4]
+        [--torch-kernels int4] [--rounds 5] [--batches 1,4,16] [--skip hf,...]
 """
 
 from __future__ import annotations
@@ -46,28 +48,34 @@ def _rates(stamps: list[float], start: float) -> tuple[float, float]:
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def matvec_floor(model) -> float:
-    """tok/s if a decode step cost only its weight matvecs (fp32, run back to back): the
-    memory-bandwidth bound this machine puts on any fp32 engine."""
+def read_bandwidth(model) -> float:
+    """Bytes/s at which this machine reads the fp32 linear weights: the faster of `sum()` over
+    each weight (a pure streaming read) and their matvecs run back to back. Divided by an engine's
+    weight bytes per token, it bounds that engine's decode rate."""
     import torch
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() * 4 for w in weights)
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    best = 0.0
     with torch.inference_mode():
-        for _ in range(3):
-            for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
-    return 10 / (time.perf_counter() - t0)
+        for op in (lambda w: w.sum(), lambda w: torch.nn.functional.linear(xs[w.shape[1]], w)):
+            for _ in range(3):
+                for w in weights:
+                    op(w)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                for w in weights:
+                    op(w)
+            best = max(best, 10 * total / (time.perf_counter() - t0))
+    return best
 
 
 def bench_ours(loaded, prompt_ids: list[int], n: int, quant: str | None = None,
-               compile: bool = False, our_kernels: bool = True) -> dict:
+               compile: bool = False, our_kernels: bool = True, fused: bool = True) -> dict:
     """Decode rate (batch 1), first-token latency, weight bytes, and the LLM for further runs.
-    our_kernels=False builds int8/int4 layers on PyTorch's packed kernels instead of ours."""
+    our_kernels=False builds int8/int4 layers on PyTorch's packed kernels instead of ours;
+    fused=False decodes with the model's per-op forward instead of the fused C++ step."""
     import contextlib
 
     from llamaworks import LLM
@@ -76,6 +84,8 @@ def bench_ours(loaded, prompt_ids: list[int], n: int, quant: str | None = None,
 
     with contextlib.nullcontext() if our_kernels else kernels.disabled():
         llm = LLM(loaded, quant=quant, compile=compile)
+    if not fused:
+        llm.step.fused = None
     first, rate = decode_rate(llm, prompt_ids, n)
     return {"first": first, "rate": rate, "bytes": weight_bytes(llm.model), "llm": llm}
 
@@ -231,6 +241,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quants", default="fp32,bf16,int8,int4",
                     help="comma list of our weight formats to run")
+    ap.add_argument("--eager", default="fp32,int4",
+                    help="comma list of our formats also run without the fused decode step")
     ap.add_argument("--compile", default="int4",
                     help="comma list of our formats also run with the decode step compiled "
                     "('' = none; compiling takes minutes on 2 cores)")
@@ -253,15 +265,18 @@ def main() -> None:
     loaded = load_model(path)
     fp32_bytes = sum(m.weight.numel() * 4 for m in loaded.model.modules()
                      if isinstance(m, torch.nn.Linear))
-    floor = matvec_floor(loaded.model)
-    bandwidth = floor * fp32_bytes  # bytes/s the fp32 matvecs achieve
+    bandwidth = read_bandwidth(loaded.model)
+    floor = bandwidth / fp32_bytes
     rows: list[tuple[str, float, float, float]] = []  # name, first s, tok/s, weight bytes
     ours: dict[str, dict] = {}
     compiled = [q for q in a.compile.split(",") if q]
+    eager = [q for q in a.eager.split(",") if q]
     for q in [q for q in a.quants.split(",") if q]:
-        for comp in (False, True) if q in compiled else (False,):
-            name = f"llamaworks {q}{' compiled' if comp else ''}"
-            r = bench_ours(loaded, prompt_ids, a.new_tokens, None if q == "fp32" else q, comp)
+        variants = [("", {})] + [(" (eager ops)", {"fused": False})] * (q in eager) \
+            + [(" compiled", {"compile": True})] * (q in compiled)
+        for suffix, kw in variants:
+            name = f"llamaworks {q}{suffix}"
+            r = bench_ours(loaded, prompt_ids, a.new_tokens, None if q == "fp32" else q, **kw)
             ours[name] = r
             rows.append((name, r["first"], r["rate"], r["bytes"]))
             print(f"# {name}: {r['rate']:.1f} tok/s decode", flush=True)
@@ -283,14 +298,14 @@ def main() -> None:
         rows.append((f"llama.cpp ({path.suffix[1:]} as shipped)", first, rate,
                      path.stat().st_size))
         print(f"# llama.cpp: {rate:.1f} tok/s", flush=True)
-    int4 = {k: v for k, v in ours.items() if k.startswith("llamaworks int4")}
+    int4 = {k: v for k, v in ours.items() if k in ("llamaworks int4", "llamaworks int4 compiled")}
     if "llama.cpp" not in a.skip and a.rounds and int4:
         interleaved(int4, path, prompt_ids, a.new_tokens, a.threads, a.rounds)
 
     print(f"\n{datetime.date.today()} · {_machine()} · torch {torch.__version__} · "
           f"{a.threads} threads · {path.name} · prompt {len(prompt_ids)} tokens · greedy "
           f"{a.new_tokens} new tokens\n")
-    print(f"fp32 matvec floor: {floor:.1f} tok/s = {bandwidth / 1e9:.1f} GB/s of weights; the "
+    print(f"weight reading rate: {bandwidth / 1e9:.1f} GB/s (fp32 bound {floor:.1f} tok/s); the "
           "bandwidth bound of each row is that rate over its weight bytes per token "
           "(llama.cpp: the file size)\n")
     ref = {name: rate for name, _, rate, _ in rows}

@@ -27,12 +27,16 @@ def forward_last(model: Llama, tokens: Tensor, positions: Tensor, cache: KVCache
 
 
 class DecodeStep:
-    """The one-token decode step, eager or compiled; falls back to eager (with a warning) if
-    compilation fails."""
+    """The one-token decode step: compiled (`compile=True`; falls back to eager with a warning if
+    compilation fails), else the fused C++ step (`infer.fused`) where the model allows it, else
+    the model's eager forward."""
 
     def __init__(self, model: Llama, compile: bool = False):
+        from llamaworks.infer.fused import FusedDecoder
+
         self.model = model
         self.compiled: StepFn | None = None
+        self.fused = None if compile else FusedDecoder.build(model)
         self._caches: dict[tuple[int, int], KVCache] = {}
         if compile:
             cuda = model.model.embed_tokens.weight.is_cuda
@@ -58,6 +62,12 @@ class DecodeStep:
         return self._caches.setdefault(key, c)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
+        """Logits [B, vocab] for tokens [B, 1] at positions [B, 1]; mask [B, 1, slots]."""
+        if self.fused is not None and cache.k.dtype == torch.float32:
+            pos = positions[:, 0]
+            # a shared cache is written at row 0's position, as the model does
+            write = pos if cache.per_row else pos[:1].expand_as(pos)
+            return self.fused(tokens[:, 0], pos, write, cache.k, cache.v, mask[:, 0])
         if self.compiled is not None:
             try:
                 return self.compiled(tokens, positions, cache, mask).clone()

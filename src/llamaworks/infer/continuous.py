@@ -280,7 +280,12 @@ class ContinuousEngine:
         pos = torch.tensor([[self._pos[s] if self._slots[s] is not None else 0] for s in range(hi)],
                            device=device)
         mask = (torch.arange(kv_len, device=device)[None, :] <= pos)[:, None, None]
-        logits = self.model(tokens, pos, _RowSlice(self._pool, 0, hi), mask, kv_len)[:, -1]
+        rows = _RowSlice(self._pool, 0, hi)
+        fused = self.llm.step.fused
+        if fused is not None and rows.k.dtype == torch.float32:
+            logits = fused(tokens[:, 0], pos[:, 0], pos[:, 0], rows.k, rows.v, mask[:, 0, 0])
+        else:
+            logits = self.model(tokens, pos, rows, mask, kv_len)[:, -1]
         self.stats.steps += 1
         self.stats.batch_size = len(busy)
         for s in busy:

@@ -1,11 +1,13 @@
-"""Our C++ CPU kernels: fused dequantize + matvec for GGUF-layout Q4_1 and Q8_0 weight blocks.
+"""Our C++ CPU kernels: fused dequantize + matvec for GGUF-layout Q4_1 and Q8_0 weight blocks
+(qmatmul.cpp, on blocks.h), and the fused decode step that runs every layer for one new token per
+row in one call (decode.cpp; driven by `llamaworks.infer.fused`).
 
 Built on first use with `torch.utils.cpp_extension.load` (gcc, `-O3 -march=native`: AVX-512BW code,
 with VNNI where the CPU has it, else portable scalar code; `isa()` says which) into a cache folder
 keyed by the source, the CPU flags and the torch version, so a cached build never runs on a CPU it
 was not built for. Registered as torch custom ops (`torch.ops.llamaworks.q4_1_linear`,
-`q8_0_linear`, `rows_dot`) with fake (shape-only) implementations, so `torch.compile` treats them
-as opaque calls.
+`q8_0_linear`, `rows_dot`, `decode_layers`); the linear ones have fake (shape-only)
+implementations, so `torch.compile` treats them as opaque calls.
 
 `load()` returns False (with one warning) when the build fails; callers then use PyTorch's kernels.
 Set LLAMAWORKS_NO_KERNELS=1 to skip building them.
@@ -24,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "qmatmul.cpp", HERE / "decode.cpp"]
+HEADERS = [HERE / "blocks.h"]
 QK = 32  # weights per block
 Q4_1_BYTES = 20  # per block: 16 bytes of nibbles, fp16 d, fp16 m
 Q8_0_BYTES = 34  # per block: 32 int8, fp16 d
@@ -47,7 +51,8 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     """Cache folder of the build for this source, CPU and torch version."""
     key = hashlib.sha256(
-        SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + _cpu_flags().encode()
+        + torch.__version__.encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("LLAMAWORKS_CACHE", Path.home() / ".cache" / "llamaworks"))
     return root / "kernels" / key
@@ -59,7 +64,7 @@ def _build() -> None:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name="llamaworks_qmatmul", sources=[str(SOURCE)], build_directory=str(folder),
+        name="llamaworks_qmatmul", sources=[str(p) for p in SOURCES], build_directory=str(folder),
         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         is_python_module=False, verbose=False)
 

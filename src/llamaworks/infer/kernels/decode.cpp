@@ -1,0 +1,384 @@
+// The fused decode step: all transformer layers of a Llama model for one new token per row, in
+// one call, with no PyTorch op between them.
+//
+// Eager PyTorch spends ~20 ops per layer per token (norms, projections, rotary, cache writes,
+// attention, activation, residuals), and at batch 1 their dispatch costs more than the weight
+// matvecs themselves. Here one op runs, per layer: RMSNorm -> q/k/v matvecs (one parallel region)
+// -> rotary (HF's half-split pairs) -> cache write -> grouped-query attention over the masked
+// cache slots -> o matvec + residual -> RMSNorm -> gate/up matvecs -> SiLU(gate) * up -> down
+// matvec + residual, with the same math as model.py (float32 activations, float32 cache).
+//
+// Weights may be float32 or bfloat16 [out, in] matrices, or llama.cpp Q4_1 / Q8_0 block rows
+// (blocks.h); each matrix says its kind. Matrices that read the same input (q/k/v, gate/up) are
+// split across threads as one range of rows. Batch rows each have their own rotary position,
+// cache write slot and key mask, so padded batches and per-row (continuous batching) caches work.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "blocks.h"
+
+namespace {
+
+enum Kind : int64_t { F32 = 0, BF16 = 1, KQ4_1 = 4, KQ8_0 = 8 };
+
+struct Mat {
+  const uint8_t* data;
+  int64_t rows, row_bytes, kind;
+};
+
+// Dot products of x [k] with 4 consecutive float32 / bfloat16 rows (stride ld elements).
+inline void dot4_f32(const float* w, int64_t ld, const float* x, int64_t k, float* out) {
+  int64_t i = 0;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef LW_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + ld + i), xv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * ld + i), xv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * ld + i), xv, a3);
+  }
+  s[0] = _mm512_reduce_add_ps(a0);
+  s[1] = _mm512_reduce_add_ps(a1);
+  s[2] = _mm512_reduce_add_ps(a2);
+  s[3] = _mm512_reduce_add_ps(a3);
+#endif
+  for (; i < k; ++i) {
+    for (int r = 0; r < 4; ++r) s[r] += w[r * ld + i] * x[i];
+  }
+  for (int r = 0; r < 4; ++r) out[r] = s[r];
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline void dot4_bf16(const uint16_t* w, int64_t ld, const float* x, int64_t k, float* out) {
+  int64_t i = 0;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef LW_AVX512
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < 4; ++r) {
+      const __m512i h = _mm512_cvtepu16_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + i)));
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) s[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+  for (; i < k; ++i) {
+    for (int r = 0; r < 4; ++r) s[r] += bf16_to_f32(w[r * ld + i]) * x[i];
+  }
+  for (int r = 0; r < 4; ++r) out[r] = s[r];
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef LW_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// The activation rows x [B, K] in every form the weight kinds need.
+struct Input {
+  const float* x = nullptr;
+  int64_t B = 0, K = 0;
+  std::vector<int16_t> q4, q8;     // int16 blocks (Q4_1 in pair order, Q8_0 plain)
+  std::vector<float> d4, s4, d8, s8;
+
+  void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8) {
+    x = x_, B = B_, K = K_;
+    const int64_t nb = K / QK;
+    if (need4) {
+      q4.resize(B * K), d4.resize(B * nb), s4.resize(B * nb);
+      for (int64_t b = 0; b < B; ++b)
+        quantize_row(x + b * K, K, true, &q4[b * K], &d4[b * nb], &s4[b * nb]);
+    }
+    if (need8) {
+      q8.resize(B * K), d8.resize(B * nb), s8.resize(B * nb);
+      for (int64_t b = 0; b < B; ++b)
+        quantize_row(x + b * K, K, false, &q8[b * K], &d8[b * nb], &s8[b * nb]);
+    }
+  }
+  QuantRow row4(int64_t b) const { return {&q4[b * K], &d4[b * (K / QK)], &s4[b * (K / QK)]}; }
+  QuantRow row8(int64_t b) const { return {&q8[b * K], &d8[b * (K / QK)], &s8[b * (K / QK)]}; }
+};
+
+// y[b, :] = concatenated outputs of `mats` for input row b (y row stride ldy). Output rows are
+// split across threads; each weight row is read once for all batch rows.
+void matvec(Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy) {
+  bool need4 = false, need8 = false;
+  int64_t total = 0;
+  for (const Mat& m : mats) {
+    need4 |= m.kind == KQ4_1;
+    need8 |= m.kind == KQ8_0;
+    total += m.rows;
+  }
+  const float* x = in.x;
+  in.prepare(x, in.B, in.K, need4, need8);
+  const int64_t B = in.B, K = in.K, nb = K / QK;
+  at::parallel_for(0, total, 16, [&](int64_t n0, int64_t n1) {
+    int64_t base = 0;
+    for (const Mat& m : mats) {
+      const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
+      int64_t i = lo;
+      float four[4];
+      for (; i + 4 <= hi; i += 4) {
+        const uint8_t* w = m.data + (i - base) * m.row_bytes;
+        for (int64_t b = 0; b < B; ++b) {
+          switch (m.kind) {
+            case F32:
+              dot4_f32(reinterpret_cast<const float*>(w), K, x + b * K, K, four);
+              break;
+            case BF16:
+              dot4_bf16(reinterpret_cast<const uint16_t*>(w), K, x + b * K, K, four);
+              break;
+            case KQ4_1:
+#ifdef LW_AVX512
+              dot4_q4_1(w, m.row_bytes, in.row4(b), nb, four);
+#else
+              for (int r = 0; r < 4; ++r) four[r] = dot_q4_1(w + r * m.row_bytes, in.row4(b), nb);
+#endif
+              break;
+            default:
+              for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);
+          }
+          for (int r = 0; r < 4; ++r) y[b * ldy + i + r] = four[r];
+        }
+      }
+      for (; i < hi; ++i) {  // the last rows of a range, one at a time
+        const uint8_t* w = m.data + (i - base) * m.row_bytes;
+        for (int64_t b = 0; b < B; ++b) {
+          float v = 0.f;
+          if (m.kind == F32 || m.kind == BF16) {
+            for (int64_t j = 0; j < K; ++j) {
+              const float wj = m.kind == F32 ? reinterpret_cast<const float*>(w)[j]
+                                             : bf16_to_f32(reinterpret_cast<const uint16_t*>(w)[j]);
+              v += wj * x[b * K + j];
+            }
+          } else if (m.kind == KQ4_1) {
+            v = dot_q4_1(w, in.row4(b), nb);
+          } else {
+            v = dot_q8_0(w, in.row8(b), nb);
+          }
+          y[b * ldy + i] = v;
+        }
+      }
+      base += m.rows;
+    }
+  });
+}
+
+// out = x / rms(x) * weight, per row (model.RMSNorm in float32).
+void rms_norm(const float* x, const float* w, int64_t B, int64_t D, double eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * D;
+    const float ss = dot_f32(xr, xr, D);
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t i = 0; i < D; ++i) out[b * D + i] = w[i] * (xr[i] * r);
+  }
+}
+
+// Rotate one head in place: pairs (i, i + half), as model.apply_rope.
+inline void rope(float* h, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = h[i], b = h[i + half];
+    h[i] = a * cos[i] - b * sin[i];
+    h[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+Mat as_mat(const at::Tensor& w, int64_t kind, int64_t k, const char* what) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), what,
+              ": weights must be a contiguous 2-D CPU tensor");
+  int64_t bytes = 0;
+  switch (kind) {
+    case F32:
+      TORCH_CHECK(w.scalar_type() == at::kFloat, what, ": kind 0 needs float32 weights");
+      bytes = k * 4;
+      break;
+    case BF16:
+      TORCH_CHECK(w.scalar_type() == at::kBFloat16, what, ": kind 1 needs bfloat16 weights");
+      bytes = k * 2;
+      break;
+    case KQ4_1:
+    case KQ8_0:
+      TORCH_CHECK(w.scalar_type() == at::kByte && k % QK == 0, what,
+                  ": block kinds need uint8 rows and an input size divisible by 32");
+      bytes = k / QK * (kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+      break;
+    default:
+      TORCH_CHECK(false, what, ": unknown weight kind ", kind);
+  }
+  TORCH_CHECK(w.size(1) * w.element_size() == bytes, what, ": weight rows of ",
+              w.size(1) * w.element_size(), " bytes do not match an input size of ", k);
+  return {static_cast<const uint8_t*>(w.data_ptr()), w.size(0), bytes, kind};
+}
+
+// x [B, D] float32: the residual stream after the embeddings. weights: per layer, in order,
+// input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down; kinds: per layer the 7
+// matrices' kinds. k_cache/v_cache [L, B, n_kv, S, head_dim] float32 (any strides on the first
+// three dims), written at write_pos [B]; rope_pos [B] rotary positions; mask [B, kv_len] bool:
+// the cache slots each row attends to. Returns the residual stream after the last layer.
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef kinds,
+                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& write_pos,
+                         const at::Tensor& rope_pos, const at::Tensor& inv_freq,
+                         const at::Tensor& mask, int64_t n_heads, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "x must be a float32 [batch, dim] CPU tensor");
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  const int64_t L = static_cast<int64_t>(weights.size()) / 9;
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 9 * L &&
+                  static_cast<int64_t>(kinds.size()) == 7 * L,
+              "need 9 weight tensors and 7 kinds per layer");
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                  k_cache.size(0) == L && k_cache.size(1) == B,
+              "caches must be float32 [layers, batch, n_kv, slots, head_dim]");
+  const int64_t n_kv = k_cache.size(2), S = k_cache.size(3), hd = k_cache.size(4);
+  TORCH_CHECK(k_cache.stride(4) == 1 && k_cache.stride(3) == hd && v_cache.stride(4) == 1 &&
+                  v_cache.stride(3) == hd,
+              "each cache head must be a contiguous [slots, head_dim] block");
+  TORCH_CHECK(n_heads % n_kv == 0 && hd % 2 == 0, "n_heads must be a multiple of n_kv");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) <= S &&
+                  mask.scalar_type() == at::kBool,
+              "mask must be bool [batch, kv_len <= slots]");
+  TORCH_CHECK(inv_freq.numel() == hd / 2 && inv_freq.scalar_type() == at::kFloat,
+              "inv_freq must be float32 [head_dim / 2]");
+  const int64_t kv_len = mask.size(1), half = hd / 2, group = n_heads / n_kv;
+  const int64_t nq = n_heads * hd, nk = n_kv * hd;
+  const at::Tensor wp = write_pos.to(at::kLong).contiguous(), rp = rope_pos.to(at::kLong).contiguous();
+  const at::Tensor mk = mask.contiguous(), fr = inv_freq.contiguous();
+  TORCH_CHECK(wp.numel() == B && rp.numel() == B, "write_pos and rope_pos need one entry per row");
+  const int64_t* wpos = wp.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(wpos[b] >= 0 && wpos[b] < S, "cache write position ", wpos[b], " out of range");
+
+  // cos/sin of every row's position, shared by all layers (float32, as model.rope_cos_sin)
+  std::vector<float> cosv(B * half), sinv(B * half);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float f = static_cast<float>(rp.data_ptr<int64_t>()[b]) * fr.data_ptr<float>()[i];
+      cosv[b * half + i] = std::cos(f);
+      sinv[b * half + i] = std::sin(f);
+    }
+  }
+
+  at::Tensor x = x_in.contiguous().clone();
+  float* xp = x.data_ptr<float>();
+  const int64_t H = weights[6].size(0);  // hidden size of the MLP (gate rows)
+  std::vector<float> h(B * std::max(D, nq)), qkv(B * (nq + 2 * nk)), att(B * nq), out(B * D);
+  std::vector<float> gu(B * 2 * H), act(B * H), scores(B * n_heads * kv_len);
+  const bool* mp = mk.data_ptr<bool>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t kl = k_cache.stride(0), kb = k_cache.stride(1), kh = k_cache.stride(2);
+  const int64_t vl = v_cache.stride(0), vb = v_cache.stride(1), vh = v_cache.stride(2);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  Input in;
+
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + 9 * l;
+    const int64_t* kd = kinds.data() + 7 * l;
+    TORCH_CHECK(w[0].numel() == D && w[5].numel() == D && w[0].scalar_type() == at::kFloat &&
+                    w[5].scalar_type() == at::kFloat && w[0].is_contiguous() && w[5].is_contiguous(),
+                "norm weights must be contiguous float32 [dim]");
+    const std::vector<Mat> qkv_m = {as_mat(w[1], kd[0], D, "q_proj"), as_mat(w[2], kd[1], D, "k_proj"),
+                                    as_mat(w[3], kd[2], D, "v_proj")};
+    TORCH_CHECK(qkv_m[0].rows == nq && qkv_m[1].rows == nk && qkv_m[2].rows == nk,
+                "q/k/v sizes do not match the heads");
+    const std::vector<Mat> o_m = {as_mat(w[4], kd[3], nq, "o_proj")};
+    const std::vector<Mat> gu_m = {as_mat(w[6], kd[4], D, "gate_proj"), as_mat(w[7], kd[5], D, "up_proj")};
+    const std::vector<Mat> d_m = {as_mat(w[8], kd[6], H, "down_proj")};
+    TORCH_CHECK(o_m[0].rows == D && gu_m[0].rows == H && gu_m[1].rows == H && d_m[0].rows == D,
+                "projection sizes do not match the model's dims");
+
+    // attention block
+    rms_norm(xp, w[0].data_ptr<float>(), B, D, eps, h.data());
+    in.x = h.data(), in.B = B, in.K = D;
+    matvec(in, qkv_m, qkv.data(), nq + 2 * nk);
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qkv.data() + b * (nq + 2 * nk);
+      for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)  // q heads, then k heads
+        rope(row + hh * hd, &cosv[b * half], &sinv[b * half], half);
+      for (int64_t g = 0; g < n_kv; ++g) {
+        std::memcpy(kc + l * kl + b * kb + g * kh + wpos[b] * hd, row + nq + g * hd, hd * 4);
+        std::memcpy(vc + l * vl + b * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd, hd * 4);
+      }
+    }
+    at::parallel_for(0, B * n_heads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / n_heads, hh = t % n_heads, g = hh / group;
+        const float* q = qkv.data() + b * (nq + 2 * nk) + hh * hd;
+        const float* keys = kc + l * kl + b * kb + g * kh;
+        const float* vals = vc + l * vl + b * vb + g * vh;
+        const bool* m = mp + b * kv_len;
+        float* sc = scores.data() + t * kv_len;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < kv_len; ++s) {
+          if (!m[s]) continue;
+          sc[s] = dot_f32(q, keys + s * hd, hd) * scale;
+          mx = std::max(mx, sc[s]);
+        }
+        float* o = att.data() + b * nq + hh * hd;
+        std::fill(o, o + hd, 0.f);
+        if (mx == -std::numeric_limits<float>::infinity()) continue;  // no visible slot
+        float denom = 0.f;
+        for (int64_t s = 0; s < kv_len; ++s) {
+          if (!m[s]) continue;
+          const float p = std::exp(sc[s] - mx);
+          denom += p;
+          for (int64_t i = 0; i < hd; ++i) o[i] += p * vals[s * hd + i];
+        }
+        const float inv = 1.f / denom;
+        for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+      }
+    });
+    in.x = att.data(), in.K = nq;
+    matvec(in, o_m, out.data(), D);
+    for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+
+    // MLP block
+    rms_norm(xp, w[5].data_ptr<float>(), B, D, eps, h.data());
+    in.x = h.data(), in.K = D;
+    matvec(in, gu_m, gu.data(), 2 * H);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < H; ++j) {
+        const float g = gu[b * 2 * H + j], u = gu[b * 2 * H + H + j];
+        act[b * H + j] = g / (1.f + std::exp(-g)) * u;
+      }
+    }
+    in.x = act.data(), in.K = H;
+    matvec(in, d_m, out.data(), D);
+    for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+  }
+  return x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llamaworks, m) {
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor write_pos, Tensor rope_pos, Tensor inv_freq, Tensor mask, "
+        "int n_heads, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
+  m.impl("decode_layers", &decode_layers);
+}
