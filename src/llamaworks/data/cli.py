@@ -15,7 +15,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from llamaworks.data.recipe import load_recipe
 
     paths = dict(p.split("=", 1) for p in args.path or [])
-    m = prepare(load_recipe(args.config, paths), args.out, progress=not args.no_progress)
+    m = prepare(load_recipe(args.config, paths), args.out, progress=not args.no_progress,
+                workers=args.workers, checkpoint_docs=args.checkpoint_docs)
     print(format_report(m))
     print(f"wrote {args.out}/manifest.json")
     return 0
@@ -67,6 +68,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from llamaworks.data.resume import CHECKPOINT_DOCS
+
     p = sub.add_parser("data", help="prepare token shards from a mixture recipe")
     dsub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     q = dsub.add_parser("prepare", help="read, clean, filter, dedup, tokenize, mix, shard")
@@ -74,6 +77,12 @@ def register(sub: Any) -> None:
     q.add_argument("--out", required=True, help="output folder (resumes if it exists)")
     q.add_argument("--path", action="append", metavar="NAME=PATH",
                    help="override a source's path, e.g. --path wikipedia=/data/enwiki.xml.bz2")
+    q.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for cleaning, filters, dedup keys and tokenizing (default: "
+                        "usable CPUs, at most 8; 1 = in-process); outputs are identical for any N")
+    q.add_argument("--checkpoint-docs", type=int, default=CHECKPOINT_DOCS, metavar="N",
+                   help="documents between progress records inside a source (the most work an "
+                        f"interruption loses; default {CHECKPOINT_DOCS})")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(fn=cmd_prepare)
     q = dsub.add_parser("report", help="documents kept/dropped per rule, tokens per source")
