@@ -9,7 +9,7 @@ C++ Q8_0/Q4_1 kernels, and the formats in --torch-kernels run once more on PyTor
 kernels. Then `--rounds` rounds alternate our int4 decode with llama.cpp's, back to back, for a
 ratio that load on a shared machine skews least (the median of the per-round ratios). The
 bandwidth bound of a row is the machine's weight-reading rate (bytes/s, measured first: the
-faster of summing the fp32 weights and running their matvecs back to back) over that row's weight
+faster of `amax()` over the fp32 weights and their matvecs run back to back) over that row's weight
 bytes per token. Then prefill tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints
 markdown tables for BENCHMARKS.md.
 
@@ -49,9 +49,9 @@ def _rates(stamps: list[float], start: float) -> tuple[float, float]:
 
 
 def read_bandwidth(model) -> float:
-    """Bytes/s at which this machine reads the fp32 linear weights: the faster of `sum()` over
-    each weight (a pure streaming read) and their matvecs run back to back. Divided by an engine's
-    weight bytes per token, it bounds that engine's decode rate."""
+    """Bytes/s at which this machine reads the fp32 linear weights: the best of 3 passes of
+    `amax()` over each weight (a pure streaming read on all threads) and of their matvecs run back
+    to back. Divided by an engine's weight bytes per token, it bounds that engine's decode rate."""
     import torch
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -59,15 +59,14 @@ def read_bandwidth(model) -> float:
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
     best = 0.0
     with torch.inference_mode():
-        for op in (lambda w: w.sum(), lambda w: torch.nn.functional.linear(xs[w.shape[1]], w)):
+        for op in (lambda w: w.amax(), lambda w: torch.nn.functional.linear(xs[w.shape[1]], w)):
+            for w in weights:
+                op(w)
             for _ in range(3):
+                t0 = time.perf_counter()
                 for w in weights:
                     op(w)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                for w in weights:
-                    op(w)
-            best = max(best, 10 * total / (time.perf_counter() - t0))
+                best = max(best, total / (time.perf_counter() - t0))
     return best
 
 

@@ -34,8 +34,9 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n,k", [(96, 576), (48, 32), (40, 96), (17, 1536)],
-                         ids=["even-blocks", "one-block", "odd-blocks", "long-rows"])
+@pytest.mark.parametrize("n,k", [(96, 576), (48, 32), (40, 96), (17, 1536), (24, 160), (20, 608)],
+                         ids=["even-blocks", "one-block", "odd-blocks", "long-rows",
+                              "group-of-4-and-1", "chunks-then-2-and-1"])
 @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)], ids=["decode", "batch", "3d"])
 def test_kernel_equals_float64_matmul_with_the_dequantized_weight(fmt, n, k, lead):
     pack, unpack, linear = FORMATS[fmt]

@@ -9,6 +9,10 @@
 //   Q8_0: w[j] = d * q[j], q int8, fp16 d.
 // Activations are quantized to int16 per block of 32 (scale amax / 32767), so each block's dot
 // product is an exact integer dot (vpmaddwd / VNNI vpdpwssd) scaled once.
+//
+// The weight bytes are widened to int16 lanes with shifts and masks only (no shuffles, which
+// share one port with the permutes on the CPUs we measured): a 16-bit lane holds two weight
+// bytes, and the activations are stored in the order that lines them up (`Layout` below).
 #pragma once
 
 #include <algorithm>
@@ -46,16 +50,54 @@ inline float fp16_to_fp32(const uint8_t* p) {
 }
 
 // Activations of one row, quantized per block to int16 (scale amax / 32767: rounding error near
-// 1e-5 relative, far below the weights'): q [K], scale d [K/32], exact block sums s [K/32].
-// For Q4_1 each pair of blocks (b, b + 1) is stored as b[0:16] b+1[0:16] b[16:32] b+1[16:32], the
-// order in which the kernel unpacks their nibbles.
+// 1e-5 relative, far below the weights'): q [K] in the kernel's order, scale d [K/32], exact block
+// sums s [K/32].
 struct QuantRow {
   const int16_t* q;
   const float* d;
   const float* s;
 };
 
-void quantize_row(const float* x, int64_t k, bool pair_order, int16_t* q, float* d, float* s) {
+// Where element j of block b goes in the quantized row.
+//   Q4_1: blocks go in groups of G = 4 (then one group of 2, then 1 for what is left). A group's
+//     nibble bytes, read as 16-bit lanes t = 0..8G-1 (bytes 2t, 2t+1 of block bo = t / 8), give
+//     four int16 vectors: low nibble of the even byte, low nibble of the odd byte, high nibble of
+//     the even byte, high nibble of the odd byte; vector k's lane t must meet the activation of
+//     that same weight, so it is stored at g * 32 + k * 8G + t.
+//   Q8_0: groups of 2 blocks (then 1): 16-bit lanes t hold bytes 2t (even) and 2t + 1 (odd),
+//     widened with arithmetic shifts; activation of element j at g * 32 + (j & 1) * 16G + t.
+//   Plain: b * 32 + j.
+enum class Layout { Plain, Q4_1, Q8_0 };
+
+inline int64_t group_of(int64_t b, int64_t nb, int64_t size, int64_t* start) {
+  const int64_t full = nb / size * size;
+  if (b < full) {
+    *start = b - b % size;
+    return size;
+  }
+  if (size == 4 && nb - full >= 2 && b < full + 2) {
+    *start = full;
+    return 2;
+  }
+  *start = b;
+  return 1;
+}
+
+inline int64_t q_pos(Layout layout, int64_t b, int64_t j, int64_t nb) {
+  int64_t g = 0;
+  if (layout == Layout::Q4_1) {
+    const int64_t G = group_of(b, nb, 4, &g), jj = j & 15;
+    const int64_t k = (jj & 1) + (j >= 16 ? 2 : 0);
+    return g * QK + k * 8 * G + (b - g) * 8 + jj / 2;
+  }
+  if (layout == Layout::Q8_0) {
+    const int64_t G = group_of(b, nb, 2, &g);
+    return g * QK + (j & 1) * 16 * G + (b - g) * 16 + j / 2;
+  }
+  return b * QK + j;
+}
+
+void quantize_row(const float* x, int64_t k, Layout layout, int16_t* q, float* d, float* s) {
   const int64_t nb = k / QK;
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * QK;
@@ -65,11 +107,8 @@ void quantize_row(const float* x, int64_t k, bool pair_order, int16_t* q, float*
       sum += xb[j];
     }
     const float scale = amax / 32767.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-    const bool paired = pair_order && (b | 1) < nb;
     for (int j = 0; j < QK; ++j) {
-      int64_t at = b * QK + j;
-      if (paired) at = (b & ~int64_t(1)) * QK + (j >= 16 ? 32 : 0) + (b & 1) * 16 + (j & 15);
-      q[at] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
+      q[q_pos(layout, b, j, nb)] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
     }
     d[b] = scale;
     s[b] = sum;
@@ -77,9 +116,37 @@ void quantize_row(const float* x, int64_t k, bool pair_order, int16_t* q, float*
 }
 
 // Weight rows: all blocks' quants first, then their fp16 scales (and mins): the GGUF blocks'
-// bytes, regrouped so the kernel reads 32 bytes of quants and 16 scales at a time.
+// bytes, regrouped so the kernel reads 64 bytes of quants and 16 scales at a time.
 //   Q4_1 row: nb * 16 bytes of nibbles | nb fp16 d | nb fp16 m     (20 bytes per block)
 //   Q8_0 row: nb * 32 int8               | nb fp16 d                 (34 bytes per block)
+
+// One row, portable code (also the reference for the vector code's element order).
+float dot_q4_1(const uint8_t* row, QuantRow x, int64_t nb) {
+  const uint8_t* ds = row + nb * 16;
+  float total = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int sum = 0;
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t byte = row[b * 16 + j];
+      sum += (byte & 0x0f) * x.q[q_pos(Layout::Q4_1, b, j, nb)] +
+             (byte >> 4) * x.q[q_pos(Layout::Q4_1, b, j + 16, nb)];
+    }
+    total += fp16_to_fp32(ds + 2 * b) * x.d[b] * sum + fp16_to_fp32(ds + nb * 2 + 2 * b) * x.s[b];
+  }
+  return total;
+}
+
+float dot_q8_0(const uint8_t* row, QuantRow x, int64_t nb) {
+  const uint8_t* ds = row + nb * 32;
+  float total = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(row + b * 32);
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) sum += w[j] * x.q[q_pos(Layout::Q8_0, b, j, nb)];
+    total += fp16_to_fp32(ds + 2 * b) * x.d[b] * sum;
+  }
+  return total;
+}
 
 #if defined(__AVX512BW__) && defined(__AVX512F__)
 #define LW_AVX512 1
@@ -91,81 +158,42 @@ inline __m512i dot_i16(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
 // fp16 values p[0..n) (n <= 16) as 16 floats, zero past n.
 inline __m512 load_fp16(const uint8_t* p, int64_t n) {
   const __mmask16 m = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
-#endif
 
-float dot_q4_1(const uint8_t* row, QuantRow x, int64_t nb) {
-  const uint8_t* qs = row;
-  const uint8_t* ds = row + nb * 16;
-  const uint8_t* ms = ds + nb * 2;
-#ifdef LW_AVX512
-  __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi16(0x0f);
-  alignas(64) float dx[16];
-  for (int64_t c = 0; c < nb; c += 16) {  // chunks of 16 blocks share one scale load
-    const int64_t n = std::min<int64_t>(16, nb - c);
-    const __m512 xd = _mm512_maskz_loadu_ps(n >= 16 ? 0xffff : (1u << n) - 1, x.d + c);
-    const __m512 xs = _mm512_maskz_loadu_ps(n >= 16 ? 0xffff : (1u << n) - 1, x.s + c);
-    _mm512_store_ps(dx, _mm512_mul_ps(load_fp16(ds + 2 * c, n), xd));
-    macc = _mm512_fmadd_ps(load_fp16(ms + 2 * c, n), xs, macc);
-    int64_t i = 0;
-    for (; i + 1 < n; i += 2) {  // two blocks: 32 bytes of nibbles
-      const int64_t b = c + i;
-      const __m512i v = _mm512_cvtepu8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 16)));
-      const int16_t* a = x.q + b * QK;
-      __m512i p = dot_i16(_mm512_setzero_si512(), _mm512_and_si512(v, low),
-                          _mm512_loadu_si512(a));
-      p = dot_i16(p, _mm512_srli_epi16(v, 4), _mm512_loadu_si512(a + 32));
-      // lanes 0-7 are block b's partial sums, lanes 8-15 block b + 1's
-      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(dx[i]), _mm256_set1_ps(dx[i + 1]), 1);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
-    }
-    if (i < n) {  // a last odd block, stored in plain order
-      const int64_t b = c + i;
-      const __m256i v = _mm256_cvtepu8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 16)));
-      const int16_t* a = x.q + b * QK;
-      const __m256i p = _mm256_add_epi32(
-          _mm256_madd_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0f)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-          _mm256_madd_epi16(_mm256_srli_epi16(v, 4),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16))));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_zextsi256_si512(p)),
-                            _mm512_set1_ps(dx[i]), acc);
-    }
-  }
-  return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(macc);
-#else
-  float total = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const bool paired = (b | 1) < nb;
-    int sum = 0;
-    for (int j = 0; j < 16; ++j) {
-      const uint8_t byte = qs[b * 16 + j];
-      const int64_t lo = paired ? (b & ~int64_t(1)) * QK + (b & 1) * 16 + j : b * QK + j;
-      const int64_t hi = paired ? lo + 32 : lo + 16;
-      sum += (byte & 0x0f) * x.q[lo] + (byte >> 4) * x.q[hi];
-    }
-    total += fp16_to_fp32(ds + 2 * b) * x.d[b] * sum + fp16_to_fp32(ms + 2 * b) * x.s[b];
-  }
-  return total;
-#endif
+// lanes [4 x i, 4 x i+1, 4 x i+2, 4 x i+3]: picks the 4 block scales of a Q4_1 group
+inline __m512i quad_index(int64_t i) {
+  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i)),
+                          _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
 }
 
-// Four rows at once (AVX-512 only): the activation loads and scale math are shared and the four
-// independent accumulators hide the instruction latencies.
-#ifdef LW_AVX512
+// lanes [8 x i, 8 x i+1]: the 2 block scales of a Q8_0 group
+inline __m512i pair_index(int64_t i) {
+  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i)),
+                          _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0));
+}
+
+// Four rows at once: activation loads are shared, four independent accumulators hide latencies,
+// and each row's 16 block scales of a chunk (d_w * d_x) stay in a register for the permutes.
 void dot4_q4_1(const uint8_t* row, int64_t row_bytes, QuantRow x, int64_t nb, float* out) {
   constexpr int R = 4;
-  __m512 acc[R], macc[R];
-  for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi16(0x0f);
-  alignas(64) float dx[R][16];
+  __m512 acc[R], macc[R], dx[R];
+  __m256 acc2[R];
+  float tail[R] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm512_setzero_ps(), acc2[r] = _mm256_setzero_ps();
+  const __m512i low = _mm512_set1_epi16(0x0f), four = _mm512_set1_epi32(4);
+  const int64_t full = nb / 4 * 4;
   for (int64_t c = 0; c < nb; c += 16) {
     const int64_t n = std::min<int64_t>(16, nb - c);
     const __mmask16 mask = n >= 16 ? 0xffff : (1u << n) - 1;
@@ -173,92 +201,106 @@ void dot4_q4_1(const uint8_t* row, int64_t row_bytes, QuantRow x, int64_t nb, fl
     const __m512 xs = _mm512_maskz_loadu_ps(mask, x.s + c);
     for (int r = 0; r < R; ++r) {
       const uint8_t* ds = row + r * row_bytes + nb * 16;
-      _mm512_store_ps(dx[r], _mm512_mul_ps(load_fp16(ds + 2 * c, n), xd));
+      dx[r] = _mm512_mul_ps(load_fp16(ds + 2 * c, n), xd);
       macc[r] = _mm512_fmadd_ps(load_fp16(ds + nb * 2 + 2 * c, n), xs, macc[r]);
     }
+    __m512i idx = quad_index(0);
     int64_t i = 0;
-    for (; i + 1 < n; i += 2) {
-      const int64_t b = c + i;
-      const int16_t* a = x.q + b * QK;
-      const __m512i alo = _mm512_loadu_si512(a), ahi = _mm512_loadu_si512(a + 32);
+    for (; i + 4 <= n && c + i + 4 <= full; i += 4, idx = _mm512_add_epi32(idx, four)) {
+      const int16_t* a = x.q + (c + i) * QK;
+      const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
+      const __m512i a2 = _mm512_loadu_si512(a + 64), a3 = _mm512_loadu_si512(a + 96);
       for (int r = 0; r < R; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + r * row_bytes + b * 16)));
-        __m512i p = dot_i16(_mm512_setzero_si512(), _mm512_and_si512(v, low), alo);
-        p = dot_i16(p, _mm512_srli_epi16(v, 4), ahi);
-        const __m512 scale =
-            _mm512_insertf32x8(_mm512_set1_ps(dx[r][i]), _mm256_set1_ps(dx[r][i + 1]), 1);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+        const __m512i v = _mm512_loadu_si512(row + r * row_bytes + (c + i) * 16);
+        __m512i p = dot_i16(_mm512_setzero_si512(), _mm512_and_si512(v, low), a0);
+        __m512i p2 = dot_i16(_mm512_setzero_si512(),
+                             _mm512_and_si512(_mm512_srli_epi16(v, 4), low), a2);
+        p = dot_i16(p, _mm512_and_si512(_mm512_srli_epi16(v, 8), low), a1);
+        p2 = dot_i16(p2, _mm512_srli_epi16(v, 12), a3);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p, p2)),
+                                 _mm512_permutexvar_ps(idx, dx[r]), acc[r]);
       }
     }
-    if (i < n) {  // a last odd block: the single-row code handles it below
-      for (int r = 0; r < R; ++r) dx[r][i] = 0.f;
+    if (i + 2 <= n && c + i == full) {  // a group of 2 blocks after the last group of 4
+      const int16_t* a = x.q + (c + i) * QK;
+      const __m256i lo = _mm256_set1_epi16(0x0f);
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16));
+      const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
+      const __m256i a3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 48));
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(row + r * row_bytes + (c + i) * 16));
+        __m256i p = dot_i16(_mm256_setzero_si256(), _mm256_and_si256(v, lo), a0);
+        p = dot_i16(p, _mm256_and_si256(_mm256_srli_epi16(v, 8), lo), a1);
+        p = dot_i16(p, _mm256_and_si256(_mm256_srli_epi16(v, 4), lo), a2);
+        p = dot_i16(p, _mm256_srli_epi16(v, 12), a3);
+        // lanes 0-3 are block i's sums, 4-7 block i + 1's: scales [4 x d_i, 4 x d_i+1]
+        const __m256 scale = _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, dx[r]));
+        acc2[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc2[r]);
+      }
+      i += 2;
+    }
+    if (i < n) {  // a single last block
+      const int64_t b = c + i;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* rr = row + r * row_bytes;
+        int sum = 0;
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t byte = rr[b * 16 + j];
+          sum += (byte & 0x0f) * x.q[q_pos(Layout::Q4_1, b, j, nb)] +
+                 (byte >> 4) * x.q[q_pos(Layout::Q4_1, b, j + 16, nb)];
+        }
+        tail[r] += fp16_to_fp32(rr + nb * 16 + 2 * b) * x.d[b] * sum;
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    out[r] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(macc[r]);
-  }
-  if (nb % 2) {  // the odd last block, per row (its mins are already counted)
-    const int64_t b = nb - 1;
-    const int16_t* a = x.q + b * QK;
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* rr = row + r * row_bytes;
-      int sum = 0;
-      for (int j = 0; j < 16; ++j) {
-        const uint8_t byte = rr[b * 16 + j];
-        sum += (byte & 0x0f) * a[j] + (byte >> 4) * a[j + 16];
-      }
-      out[r] += fp16_to_fp32(rr + nb * 16 + 2 * b) * x.d[b] * sum;
-    }
+    const __m512 all = _mm512_add_ps(_mm512_add_ps(acc[r], macc[r]), _mm512_zextps256_ps512(acc2[r]));
+    out[r] = _mm512_reduce_add_ps(all) + tail[r];
   }
 }
-#endif
 
-float dot_q8_0(const uint8_t* row, QuantRow x, int64_t nb) {
-  const uint8_t* qs = row;
-  const uint8_t* ds = row + nb * 32;
-#ifdef LW_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  alignas(64) float dx[16];
+// Q8_0, four rows at once, two blocks (64 weight bytes) per step.
+void dot4_q8_0(const uint8_t* row, int64_t row_bytes, QuantRow x, int64_t nb, float* out) {
+  constexpr int R = 4;
+  __m512 acc[R], dx[R];
+  float tail[R] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i two = _mm512_set1_epi32(2);
+  const int64_t full = nb / 2 * 2;
   for (int64_t c = 0; c < nb; c += 16) {
     const int64_t n = std::min<int64_t>(16, nb - c);
     const __m512 xd = _mm512_maskz_loadu_ps(n >= 16 ? 0xffff : (1u << n) - 1, x.d + c);
-    _mm512_store_ps(dx, _mm512_mul_ps(load_fp16(ds + 2 * c, n), xd));
+    for (int r = 0; r < R; ++r) {
+      dx[r] = _mm512_mul_ps(load_fp16(row + r * row_bytes + nb * 32 + 2 * c, n), xd);
+    }
+    __m512i idx = pair_index(0);
     int64_t i = 0;
-    for (; i + 1 < n; i += 2) {  // two blocks, their lane sums folded into one vector
-      const int64_t b = c + i;
-      const __m512i w0 = _mm512_cvtepi8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 32)));
-      const __m512i w1 = _mm512_cvtepi8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 32 + 32)));
-      const __m512i p0 = dot_i16(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x.q + b * QK));
-      const __m512i p1 = dot_i16(_mm512_setzero_si512(), w1,
-                                 _mm512_loadu_si512(x.q + b * QK + 32));
-      // [p0 lo256 + p0 hi256 | p1 lo256 + p1 hi256]
-      const __m512i lo = _mm512_shuffle_i64x2(p0, p1, 0x44), hi = _mm512_shuffle_i64x2(p0, p1, 0xee);
-      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(dx[i]), _mm256_set1_ps(dx[i + 1]), 1);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), scale, acc);
+    for (; i + 2 <= n && c + i + 2 <= full; i += 2, idx = _mm512_add_epi32(idx, two)) {
+      const int16_t* a = x.q + (c + i) * QK;
+      const __m512i even = _mm512_loadu_si512(a), odd = _mm512_loadu_si512(a + 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_loadu_si512(row + r * row_bytes + (c + i) * 32);
+        __m512i p = dot_i16(_mm512_setzero_si512(), _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8),
+                            even);
+        p = dot_i16(p, _mm512_srai_epi16(v, 8), odd);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, dx[r]),
+                                 acc[r]);
+      }
     }
-    if (i < n) {
+    if (i < n) {  // a single last block
       const int64_t b = c + i;
-      const __m512i w = _mm512_cvtepi8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 32)));
-      const __m512i p = dot_i16(_mm512_setzero_si512(), w, _mm512_loadu_si512(x.q + b * QK));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(dx[i]), acc);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* w = reinterpret_cast<const int8_t*>(row + r * row_bytes + b * 32);
+        int sum = 0;
+        for (int j = 0; j < QK; ++j) sum += w[j] * x.q[q_pos(Layout::Q8_0, b, j, nb)];
+        tail[r] += fp16_to_fp32(row + r * row_bytes + nb * 32 + 2 * b) * x.d[b] * sum;
+      }
     }
   }
-  return _mm512_reduce_add_ps(acc);
-#else
-  float total = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* w = reinterpret_cast<const int8_t*>(qs + b * 32);
-    int sum = 0;
-    for (int j = 0; j < QK; ++j) sum += w[j] * x.q[b * QK + j];
-    total += fp16_to_fp32(ds + 2 * b) * x.d[b] * sum;
-  }
-  return total;
-#endif
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
 }
-
+#endif
 
 }  // namespace

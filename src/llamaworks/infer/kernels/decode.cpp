@@ -9,7 +9,7 @@
 // matvec + residual, with the same math as model.py (float32 activations, float32 cache).
 //
 // Weights may be float32 or bfloat16 [out, in] matrices, or llama.cpp Q4_1 / Q8_0 block rows
-// (blocks.h); each matrix says its kind. Matrices that read the same input (q/k/v, gate/up) are
+// (blocks.h); each matrix says its kind (0 f32, 1 bf16, 4 Q4_1, 8 Q8_0). Matrices that read the same input (q/k/v, gate/up) are
 // split across threads as one range of rows. Batch rows each have their own rotary position,
 // cache write slot and key mask, so padded batches and per-row (continuous batching) caches work.
 #include <ATen/ATen.h>
@@ -18,6 +18,10 @@
 
 #include <limits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "blocks.h"
 
@@ -99,7 +103,7 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 struct Input {
   const float* x = nullptr;
   int64_t B = 0, K = 0;
-  std::vector<int16_t> q4, q8;     // int16 blocks (Q4_1 in pair order, Q8_0 plain)
+  std::vector<int16_t> q4, q8;     // int16 blocks, in the Q4_1 / Q8_0 kernels' orders
   std::vector<float> d4, s4, d8, s8;
 
   void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8) {
@@ -108,32 +112,41 @@ struct Input {
     if (need4) {
       q4.resize(B * K), d4.resize(B * nb), s4.resize(B * nb);
       for (int64_t b = 0; b < B; ++b)
-        quantize_row(x + b * K, K, true, &q4[b * K], &d4[b * nb], &s4[b * nb]);
+        quantize_row(x + b * K, K, Layout::Q4_1, &q4[b * K], &d4[b * nb], &s4[b * nb]);
     }
     if (need8) {
       q8.resize(B * K), d8.resize(B * nb), s8.resize(B * nb);
       for (int64_t b = 0; b < B; ++b)
-        quantize_row(x + b * K, K, false, &q8[b * K], &d8[b * nb], &s8[b * nb]);
+        quantize_row(x + b * K, K, Layout::Q8_0, &q8[b * K], &d8[b * nb], &s8[b * nb]);
     }
   }
   QuantRow row4(int64_t b) const { return {&q4[b * K], &d4[b * (K / QK)], &s4[b * (K / QK)]}; }
   QuantRow row8(int64_t b) const { return {&q8[b * K], &d8[b * (K / QK)], &s8[b * (K / QK)]}; }
 };
 
-// y[b, :] = concatenated outputs of `mats` for input row b (y row stride ldy). Output rows are
-// split across threads; each weight row is read once for all batch rows.
-void matvec(Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy) {
+// Quantize the input rows for the kinds `mats` need (one thread).
+void prepare(Input& in, const std::vector<Mat>& mats) {
   bool need4 = false, need8 = false;
-  int64_t total = 0;
   for (const Mat& m : mats) {
     need4 |= m.kind == KQ4_1;
     need8 |= m.kind == KQ8_0;
-    total += m.rows;
   }
+  in.prepare(in.x, in.B, in.K, need4, need8);
+}
+
+// y[b, n0:n1] of the concatenated outputs of `mats` for every input row b (y row stride ldy):
+// thread tid of T takes its share of the output rows (multiples of 4); each weight row is read
+// once for all batch rows. `prepare` must have run.
+void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy, int tid,
+                 int T) {
+  int64_t total = 0;
+  for (const Mat& m : mats) total += m.rows;
+  const int64_t share = (total / T + 3) / 4 * 4;
+  const int64_t n0 = std::min(total, tid * share);
+  const int64_t n1 = tid == T - 1 ? total : std::min(total, n0 + share);
   const float* x = in.x;
-  in.prepare(x, in.B, in.K, need4, need8);
   const int64_t B = in.B, K = in.K, nb = K / QK;
-  at::parallel_for(0, total, 16, [&](int64_t n0, int64_t n1) {
+  {
     int64_t base = 0;
     for (const Mat& m : mats) {
       const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
@@ -157,7 +170,11 @@ void matvec(Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy) {
 #endif
               break;
             default:
+#ifdef LW_AVX512
+              dot4_q8_0(w, m.row_bytes, in.row8(b), nb, four);
+#else
               for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);
+#endif
           }
           for (int r = 0; r < 4; ++r) y[b * ldy + i + r] = four[r];
         }
@@ -174,6 +191,7 @@ void matvec(Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy) {
             }
           } else if (m.kind == KQ4_1) {
             v = dot_q4_1(w, in.row4(b), nb);
+
           } else {
             v = dot_q8_0(w, in.row8(b), nb);
           }
@@ -182,7 +200,7 @@ void matvec(Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy) {
       }
       base += m.rows;
     }
-  });
+  }
 }
 
 // out = x / rms(x) * weight, per row (model.RMSNorm in float32).
@@ -221,7 +239,7 @@ Mat as_mat(const at::Tensor& w, int64_t kind, int64_t k, const char* what) {
     case KQ8_0:
       TORCH_CHECK(w.scalar_type() == at::kByte && k % QK == 0, what,
                   ": block kinds need uint8 rows and an input size divisible by 32");
-      bytes = k / QK * (kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+      bytes = k / QK * (kind == KQ8_0 ? Q8_0_BYTES : Q4_1_BYTES);
       break;
     default:
       TORCH_CHECK(false, what, ": unknown weight kind ", kind);
@@ -293,37 +311,64 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   Input in;
 
+  struct LayerMats {
+    std::vector<Mat> qkv, o, gu, d;
+    const float *norm1, *norm2;
+  };
+  std::vector<LayerMats> layers(L);  // checked here: nothing below may throw
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + 9 * l;
     const int64_t* kd = kinds.data() + 7 * l;
     TORCH_CHECK(w[0].numel() == D && w[5].numel() == D && w[0].scalar_type() == at::kFloat &&
                     w[5].scalar_type() == at::kFloat && w[0].is_contiguous() && w[5].is_contiguous(),
                 "norm weights must be contiguous float32 [dim]");
-    const std::vector<Mat> qkv_m = {as_mat(w[1], kd[0], D, "q_proj"), as_mat(w[2], kd[1], D, "k_proj"),
-                                    as_mat(w[3], kd[2], D, "v_proj")};
-    TORCH_CHECK(qkv_m[0].rows == nq && qkv_m[1].rows == nk && qkv_m[2].rows == nk,
+    LayerMats& lm = layers[l];
+    lm.qkv = {as_mat(w[1], kd[0], D, "q_proj"), as_mat(w[2], kd[1], D, "k_proj"),
+              as_mat(w[3], kd[2], D, "v_proj")};
+    TORCH_CHECK(lm.qkv[0].rows == nq && lm.qkv[1].rows == nk && lm.qkv[2].rows == nk,
                 "q/k/v sizes do not match the heads");
-    const std::vector<Mat> o_m = {as_mat(w[4], kd[3], nq, "o_proj")};
-    const std::vector<Mat> gu_m = {as_mat(w[6], kd[4], D, "gate_proj"), as_mat(w[7], kd[5], D, "up_proj")};
-    const std::vector<Mat> d_m = {as_mat(w[8], kd[6], H, "down_proj")};
-    TORCH_CHECK(o_m[0].rows == D && gu_m[0].rows == H && gu_m[1].rows == H && d_m[0].rows == D,
+    lm.o = {as_mat(w[4], kd[3], nq, "o_proj")};
+    lm.gu = {as_mat(w[6], kd[4], D, "gate_proj"), as_mat(w[7], kd[5], D, "up_proj")};
+    lm.d = {as_mat(w[8], kd[6], H, "down_proj")};
+    TORCH_CHECK(lm.o[0].rows == D && lm.gu[0].rows == H && lm.gu[1].rows == H && lm.d[0].rows == D,
                 "projection sizes do not match the model's dims");
+    lm.norm1 = w[0].data_ptr<float>();
+    lm.norm2 = w[5].data_ptr<float>();
+  }
 
-    // attention block
-    rms_norm(xp, w[0].data_ptr<float>(), B, D, eps, h.data());
-    in.x = h.data(), in.B = B, in.K = D;
-    matvec(in, qkv_m, qkv.data(), nq + 2 * nk);
-    for (int64_t b = 0; b < B; ++b) {
-      float* row = qkv.data() + b * (nq + 2 * nk);
-      for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)  // q heads, then k heads
-        rope(row + hh * hd, &cosv[b * half], &sinv[b * half], half);
-      for (int64_t g = 0; g < n_kv; ++g) {
-        std::memcpy(kc + l * kl + b * kb + g * kh + wpos[b] * hd, row + nq + g * hd, hd * 4);
-        std::memcpy(vc + l * vl + b * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd, hd * 4);
+  // One parallel region for the whole step: the threads stay in it and meet at barriers (the
+  // serial steps are a few microseconds), instead of starting ~5 parallel regions per layer.
+  const int threads = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int tid = 0, T = 1;
+#endif
+    for (int64_t l = 0; l < L; ++l) {
+      const LayerMats& lm = layers[l];
+      // attention block
+#pragma omp single
+      {
+        rms_norm(xp, lm.norm1, B, D, eps, h.data());
+        in.x = h.data(), in.B = B, in.K = D;
+        prepare(in, lm.qkv);
       }
-    }
-    at::parallel_for(0, B * n_heads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
+      matvec_rows(in, lm.qkv, qkv.data(), nq + 2 * nk, tid, T);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = qkv.data() + b * (nq + 2 * nk);
+        for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)  // q heads, then k heads
+          rope(row + hh * hd, &cosv[b * half], &sinv[b * half], half);
+        for (int64_t g = 0; g < n_kv; ++g) {
+          std::memcpy(kc + l * kl + b * kb + g * kh + wpos[b] * hd, row + nq + g * hd, hd * 4);
+          std::memcpy(vc + l * vl + b * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd, hd * 4);
+        }
+      }
+      const int64_t tasks = B * n_heads, per = (tasks + T - 1) / T;
+      for (int64_t t = tid * per; t < std::min(tasks, (tid + 1) * per); ++t) {
         const int64_t b = t / n_heads, hh = t % n_heads, g = hh / group;
         const float* q = qkv.data() + b * (nq + 2 * nk) + hh * hd;
         const float* keys = kc + l * kl + b * kb + g * kh;
@@ -349,24 +394,40 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
         const float inv = 1.f / denom;
         for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
       }
-    });
-    in.x = att.data(), in.K = nq;
-    matvec(in, o_m, out.data(), D);
-    for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
-
-    // MLP block
-    rms_norm(xp, w[5].data_ptr<float>(), B, D, eps, h.data());
-    in.x = h.data(), in.K = D;
-    matvec(in, gu_m, gu.data(), 2 * H);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = 0; j < H; ++j) {
-        const float g = gu[b * 2 * H + j], u = gu[b * 2 * H + H + j];
-        act[b * H + j] = g / (1.f + std::exp(-g)) * u;
+#pragma omp barrier
+#pragma omp single
+      {
+        in.x = att.data(), in.K = nq;
+        prepare(in, lm.o);
       }
+      matvec_rows(in, lm.o, out.data(), D, tid, T);
+#pragma omp barrier
+      // MLP block
+#pragma omp single
+      {
+        for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+        rms_norm(xp, lm.norm2, B, D, eps, h.data());
+        in.x = h.data(), in.K = D;
+        prepare(in, lm.gu);
+      }
+      matvec_rows(in, lm.gu, gu.data(), 2 * H, tid, T);
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t j = 0; j < H; ++j) {
+            const float g = gu[b * 2 * H + j], u = gu[b * 2 * H + H + j];
+            act[b * H + j] = g / (1.f + std::exp(-g)) * u;
+          }
+        }
+        in.x = act.data(), in.K = H;
+        prepare(in, lm.d);
+      }
+      matvec_rows(in, lm.d, out.data(), D, tid, T);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
     }
-    in.x = act.data(), in.K = H;
-    matvec(in, d_m, out.data(), D);
-    for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
   }
   return x;
 }

@@ -13,7 +13,7 @@
 namespace {
 
 template <float (*Dot)(const uint8_t*, QuantRow, int64_t)>
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes, bool pairs) {
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes, Layout layout) {
   TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "weight blocks must be a contiguous uint8 [out, blocks * bytes] tensor");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qlinear runs on CPU tensors");
@@ -29,7 +29,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes
   int16_t* qp = xq.data_ptr<int16_t>();
   float *dp = xd.data_ptr<float>(), *sp = xs.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
-    quantize_row(xp + r * k, k, pairs, qp + r * k, dp + r * nb, sp + r * nb);
+    quantize_row(xp + r * k, k, layout, qp + r * k, dp + r * nb, sp + r * nb);
   }
   at::Tensor y = at::empty({rows, n}, x2.options());
   float* yp = y.data_ptr<float>();
@@ -39,14 +39,16 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
     int64_t i = n0;
 #ifdef LW_AVX512
-    if constexpr (Dot == dot_q4_1) {
-      float four[4];
-      for (; i + 4 <= n1; i += 4) {
-        for (int64_t r = 0; r < rows; ++r) {
-          dot4_q4_1(wp + i * row_bytes, row_bytes, QuantRow{qp + r * k, dp + r * nb, sp + r * nb},
-                    nb, four);
-          for (int j = 0; j < 4; ++j) yp[r * n + i + j] = four[j];
+    float four[4];
+    for (; i + 4 <= n1; i += 4) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const QuantRow xr{qp + r * k, dp + r * nb, sp + r * nb};
+        if constexpr (Dot == dot_q4_1) {
+          dot4_q4_1(wp + i * row_bytes, row_bytes, xr, nb, four);
+        } else {
+          dot4_q8_0(wp + i * row_bytes, row_bytes, xr, nb, four);
         }
+        for (int j = 0; j < 4; ++j) yp[r * n + i + j] = four[j];
       }
     }
 #endif
@@ -63,11 +65,11 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes
 }
 
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w) {
-  return qlinear<dot_q4_1>(x, w, Q4_1_BYTES, true);
+  return qlinear<dot_q4_1>(x, w, Q4_1_BYTES, Layout::Q4_1);
 }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w) {
-  return qlinear<dot_q8_0>(x, w, Q8_0_BYTES, false);
+  return qlinear<dot_q8_0>(x, w, Q8_0_BYTES, Layout::Q8_0);
 }
 
 // Exact float32 dot products of x [R, K] with the selected weight rows idx [R, k] (dequantized
