@@ -240,7 +240,10 @@ class Llama(nn.Module):
         if cache is not None:
             if kv_len is None:
                 kv_len = int(write_pos[-1]) + 1
-            if mask is None and t > 1:  # one new token may see the whole cache: no mask
+            # one new token may see the whole cache: no mask; a prompt written at 0..T-1 and
+            # attending to just those: plain causal attention (SDPA's fused causal kernel)
+            fresh = write_pos.dim() == 1 and kv_len == t and int(write_pos[0]) == 0
+            if mask is None and t > 1 and not fresh:
                 key_pos = torch.arange(kv_len, device=tokens.device)
                 mask = key_pos[None, :] <= write_pos[:, None]  # [T, kv_len]
         for layer in self.model.layers:

@@ -110,10 +110,13 @@ def decode_batch(model: Llama, prompts: Sequence[Sequence[int]], max_new: int,
     positions = (q[None] - pad[:, None]).clamp(min=0)  # [B, T]
     # Query i of row r sees keys r's real tokens up to i; padding queries see themselves only
     # (a fully masked row would turn into NaNs).
-    valid = slots[None, None, :] >= pad[:, None, None]
-    causal = slots[None, None, :] <= q[None, :, None]
-    mask = (valid & causal) | (slots[None, None, :] == q[None, :, None])  # [B, T, S]
-    logits = forward_last(model, tokens, positions, cache, mask)
+    if not bool(pad.any()):  # no padding: causal attention over the prompt's own slots only
+        logits = model(tokens, q, cache, None, length)[:, -1]
+    else:
+        valid = slots[None, None, :] >= pad[:, None, None]
+        causal = slots[None, None, :] <= q[None, :, None]
+        mask = (valid & causal) | (slots[None, None, :] == q[None, :, None])  # [B, T, S]
+        logits = forward_last(model, tokens, positions, cache, mask)
     key_ok = slots[None, :] >= pad[:, None]  # [B, S]
     for i in range(max_new):
         nxt = yield logits
