@@ -1,10 +1,13 @@
 """Training speed, side by side: llamaworks (our model + our AdamW setup) vs HF transformers'
-`LlamaForCausalLM` + `torch.optim.AdamW`, same shapes, same fp32 numerics, one run each.
+`LlamaForCausalLM` + `torch.optim.AdamW`, same shapes, same numerics, one run each.
 
 A step = forward, cross-entropy, backward, optimizer step. Tok/s = B*T / median step time over
-`--steps` steps after `--warmup`. On CUDA both run under bf16 autocast and MFU is printed.
+`--steps` steps after `--warmup`. Each precision in `--precisions` runs both: fp32, or bf16
+autocast (what `llamaworks pretrain --precision bf16` does; `auto` = bf16 on CUDA, fp32 on CPU).
+Also printed: ours in bf16 over HF in fp32 (what switching precision buys on this machine), MFU.
 
-    .venv/bin/python bench/train.py [--shapes smollm2-135m,tiny] [--steps 5] [--compile]
+    .venv/bin/python bench/train.py [--shapes smollm2-135m,tiny] [--precisions fp32,bf16]
+        [--steps 5] [--compile]
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _time(step, n: int, warmup: int, dev: torch.device) -> float:
     return statistics.median(ts)
 
 
-def bench_ours(name: str, b: int, t: int, args, dev: torch.device) -> float:
+def bench_ours(name: str, b: int, t: int, args, dev: torch.device, bf16: bool) -> float:
     cfg = get_preset(name)
     model = Llama(cfg, device="meta")
     model.to_empty(device=dev)
@@ -50,7 +53,7 @@ def bench_ours(name: str, b: int, t: int, args, dev: torch.device) -> float:
     x = torch.randint(0, cfg.vocab_size, (b, t + 1), device=dev)
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = fwd(x[:, :-1])
         F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -60,7 +63,7 @@ def bench_ours(name: str, b: int, t: int, args, dev: torch.device) -> float:
     return _time(step, args.steps, args.warmup, dev)
 
 
-def bench_hf(name: str, b: int, t: int, args, dev: torch.device) -> float:
+def bench_hf(name: str, b: int, t: int, args, dev: torch.device, bf16: bool) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = get_preset(name)
@@ -73,7 +76,7 @@ def bench_hf(name: str, b: int, t: int, args, dev: torch.device) -> float:
     x = torch.randint(0, cfg.vocab_size, (b, t + 1), device=dev)
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=x[:, :-1]).logits
         F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,21 +93,29 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| shape | B x T | ours tok/s | HF tok/s | ratio | ours MFU |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | B x T | precision | ours tok/s | HF tok/s | ours / HF | ours MFU |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for name in args.shapes.split(","):
         b, t = SHAPES.get(name, (4, 256))
-        ours = bench_ours(name, b, t, args, dev)
-        hf = bench_hf(name, b, t, args, dev)
-        mfu = flops_per_token(get_preset(name), t) * b * t / ours / peak_flops(dev)
-        print(f"| {name} | {b} x {t} | {b * t / ours:,.0f} | {b * t / hf:,.0f} | "
-              f"{hf / ours:.2f}x | {mfu:.1%} |", flush=True)
+        rates: dict[tuple[str, str], float] = {}
+        for prec in args.precisions.split(","):
+            bf16 = prec == "bf16"
+            ours = bench_ours(name, b, t, args, dev, bf16)
+            hf = bench_hf(name, b, t, args, dev, bf16)
+            rates["ours", prec], rates["hf", prec] = b * t / ours, b * t / hf
+            mfu = flops_per_token(get_preset(name), t) * b * t / ours / peak_flops(dev)
+            print(f"| {name} | {b} x {t} | {prec} | {b * t / ours:,.0f} | {b * t / hf:,.0f} | "
+                  f"{hf / ours:.2f}x | {mfu:.1%} |", flush=True)
+        if ("ours", "bf16") in rates and ("hf", "fp32") in rates:
+            print(f"| {name} | {b} x {t} | ours bf16 / HF fp32 | | | "
+                  f"{rates['ours', 'bf16'] / rates['hf', 'fp32']:.2f}x | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def resolve(args: argparse.Namespace) -> tuple[Any, TrainConfig, Any]:
     except ValueError as e:
         raise LlamaworksError(str(e)) from None
     cli = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.precision:
+        cli["precision"] = args.precision
     cli.update(compile=args.compile or tc.compile,
                activation_checkpointing=args.activation_checkpointing
                or tc.activation_checkpointing,
@@ -133,6 +135,9 @@ def register(sub: Any) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=conv, default=None,
                        help=_HELP.get(name))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="auto (default): bf16 autocast on CUDA, float32 on CPU; bf16: autocast "
+                   "on any device (fast on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute block activations in backward (less memory)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -32,6 +32,9 @@ class TrainConfig:
     seed: int = 0
     init_std: float = 0.02
     compile: bool = False
+    # auto: bf16 autocast on CUDA, float32 on CPU (the paper's setup); "bf16": bf16 autocast on
+    # any device (CPUs with AVX512-BF16/AMX run its matmuls several times faster); "fp32"
+    precision: str = "auto"
     activation_checkpointing: bool = False
     peak_tflops: float | None = None  # for MFU; None = a guess from the device
     progress: bool = True

@@ -1,5 +1,6 @@
-"""The pretraining loop: paper recipe, grad accumulation, bf16 autocast on GPU, periodic eval
-(val loss + bits per byte), metrics, atomic checkpoints, exact resume, clean exit on signals."""
+"""The pretraining loop: paper recipe, grad accumulation, bf16 autocast on GPU (on CPU too with
+`precision="bf16"`), periodic eval (val loss + bits per byte), metrics, atomic checkpoints, exact
+resume, clean exit on signals."""
 
 from __future__ import annotations
 
@@ -139,8 +140,11 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
         model.init_weights(tc.init_std, generator=torch.Generator(dev).manual_seed(tc.seed))
     if tc.activation_checkpointing:
         D.apply_activation_checkpointing(model)
+    if tc.precision not in ("auto", "fp32", "bf16"):
+        raise LlamaworksError(f"precision must be auto, fp32 or bf16, not {tc.precision!r}")
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and dev.type == "cuda")
     if info.enabled:
-        D.apply_fsdp(model, info, mixed_bf16=dev.type == "cuda")
+        D.apply_fsdp(model, info, mixed_bf16=use_bf16 and dev.type == "cuda")
     opt = build_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     if found is not None:
@@ -152,10 +156,9 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
             sched.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
     fwd = torch.compile(model) if tc.compile else model
-    use_bf16 = dev.type == "cuda"
 
     def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 \
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 \
             else contextlib.nullcontext()
 
     # -- data ---------------------------------------------------------------------------
