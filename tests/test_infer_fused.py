@@ -79,6 +79,7 @@ def test_fused_bf16_weights_are_exact_bf16_dots_in_float32():
     top = ref.topk(8, -1).indices
     torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(k, cache.k)  # the new key/value written at slot 6
+    torch.testing.assert_close(v, cache.v)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -93,27 +94,38 @@ def test_fused_block_kernels_are_as_close_to_the_dequantized_weights_as_the_per_
 
 
 def test_per_row_cache_positions_equal_each_row_decoded_alone():
-    """Continuous batching: rows at different positions of a per-row cache, one call, equal each
-    row run through the model's forward on its own cache."""
+    """Continuous batching: rows at different positions of a per-row cache (a view of the first
+    3 rows of a 5-row pool, as the engine passes it), two steps in one call each, equal each row
+    run through the model's forward on its own cache, and write the same keys and values."""
     model = tiny_model()
     cfg = model.config
     fused = FusedDecoder.build(model)
     assert fused is not None
     prompts = [[1, 7, 8, 9, 10, 11, 12], [1, 40], [1, 50, 51, 52]]
-    pool = KVCache(cfg, 3, 32, per_row=True)
-    alone = []
+    pool = KVCache(cfg, 5, 32, per_row=True)
+    caches, alone, got = [], [], []
     with torch.inference_mode():
         for r, p in enumerate(prompts):
             c = KVCache(cfg, 1, 32)
             model(torch.tensor([p]), cache=c)
             pool.k[:, r, :, :len(p)] = c.k[:, 0, :, :len(p)]
             pool.v[:, r, :, :len(p)] = c.v[:, 0, :, :len(p)]
-            alone.append(model(torch.tensor([[60 + r]]), torch.tensor([len(p)]), c)[0, -1])
+            caches.append(c)
         pos = torch.tensor([len(p) for p in prompts])
-        kv_len = int(pos.max()) + 1
-        mask = torch.arange(kv_len)[None, :] <= pos[:, None]
-        got = fused(torch.tensor([60, 61, 62]), pos, pos, pool.k, pool.v, mask)
-    torch.testing.assert_close(got, torch.stack(alone), atol=5e-5, rtol=1e-5)
+        for step in range(2):
+            toks = torch.tensor([60 + r + step for r in range(3)])
+            alone.append(torch.stack([
+                model(toks[r].view(1, 1), pos[r].view(1) + step, caches[r])[0, -1]
+                for r in range(3)]))
+            p = pos + step
+            mask = torch.arange(int(p.max()) + 1)[None, :] <= p[:, None]
+            got.append(fused(toks, p, p, pool.k[:, :3], pool.v[:, :3], mask))
+    torch.testing.assert_close(torch.stack(got), torch.stack(alone), atol=5e-5, rtol=1e-5)
+    for r, p in enumerate(prompts):
+        n = len(p) + 2
+        torch.testing.assert_close(pool.k[:, r, :, :n], caches[r].k[:, 0, :, :n])
+        torch.testing.assert_close(pool.v[:, r, :, :n], caches[r].v[:, 0, :, :n])
+    assert pool.k[:, 3:].abs().sum() == 0  # rows outside the view untouched
 
 
 def test_unsupported_models_fall_back_to_the_per_op_forward(monkeypatch):

@@ -230,7 +230,8 @@ class Llama(nn.Module):
         attn_mask: optional boolean mask (True = attend) broadcastable to [B, 1, T, kv_len],
         e.g. to hide left padding; it replaces the default causal mask."""
         b, t = tokens.shape
-        if input_pos is None:
+        default_pos = input_pos is None
+        if default_pos:
             input_pos = torch.arange(t, device=tokens.device)
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, x.dtype)
@@ -242,8 +243,9 @@ class Llama(nn.Module):
                 kv_len = int(write_pos[-1]) + 1
             # one new token may see the whole cache: no mask; a prompt written at 0..T-1 and
             # attending to just those: plain causal attention (SDPA's fused causal kernel)
-            fresh = write_pos.dim() == 1 and kv_len == t and int(write_pos[0]) == 0
-            if mask is None and t > 1 and not fresh:
+            if mask is None and t > 1 and not (kv_len == t and (default_pos or (
+                    write_pos.dim() == 1 and int(write_pos[0]) == 0
+                    and int(write_pos[-1]) == t - 1))):
                 key_pos = torch.arange(kv_len, device=tokens.device)
                 mask = key_pos[None, :] <= write_pos[:, None]  # [T, kv_len]
         for layer in self.model.layers:

@@ -153,6 +153,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
         if state is not None:
             if not info.enabled:
                 opt.load_state_dict(state["optimizer"])
+                for g in opt.param_groups:  # keep this build's kernel, not the checkpoint's
+                    g["fused"], g["foreach"] = opt.defaults["fused"], opt.defaults["foreach"]
             sched.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
     fwd = torch.compile(model) if tc.compile else model

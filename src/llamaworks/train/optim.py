@@ -11,6 +11,14 @@ from torch import nn
 from llamaworks.train.config import TrainConfig
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     """AdamW(β=(0.9, 0.95)); decay on 2-D weights except the token embedding, none on norms;
     the fused implementation unless the parameters are FSDP2 shards."""
@@ -23,9 +31,7 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over each parameter; 4.7x faster than foreach for the 135M
     # model on our 2-core CPU) takes plain tensors; FSDP2's DTensor shards use foreach.
-    from torch.distributed.tensor import DTensor
-
-    fused = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    fused = not any(_is_dtensor(p) for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                              fused=fused, foreach=None if fused else True)
 

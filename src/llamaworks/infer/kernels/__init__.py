@@ -91,9 +91,9 @@ def load() -> bool:
                 _build()
                 _state["ok"] = True
             except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's path
-                warnings.warn(f"could not build llamaworks' quantized CPU kernels "
-                              f"({type(e).__name__}: {e}); using PyTorch's slower int8/int4 "
-                              "kernels. Install gcc and ninja to get them.",
+                warnings.warn(f"could not build llamaworks' CPU kernels ({type(e).__name__}: "
+                              f"{e}); decoding runs the per-op forward and int8/int4 use "
+                              "PyTorch's slower kernels. Install gcc and ninja to get them.",
                               RuntimeWarning, stacklevel=2)
                 _state["ok"] = False
     return _state["ok"]

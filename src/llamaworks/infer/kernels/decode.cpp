@@ -106,6 +106,8 @@ struct Input {
   std::vector<int16_t> q4, q8;     // int16 blocks, in the Q4_1 / Q8_0 kernels' orders
   std::vector<float> d4, s4, d8, s8;
 
+  // (decode_layers sizes the vectors for its largest input first, so these resizes never
+  // allocate inside the parallel region)
   void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8) {
     x = x_, B = B_, K = K_;
     const int64_t nb = K / QK;
@@ -334,6 +336,16 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
                 "projection sizes do not match the model's dims");
     lm.norm1 = w[0].data_ptr<float>();
     lm.norm2 = w[5].data_ptr<float>();
+  }
+
+  {  // every buffer the quantized inputs need, allocated here: nothing in the region may throw
+    bool need4 = false, need8 = false;
+    for (const LayerMats& lm : layers)
+      for (const auto* ms : {&lm.qkv, &lm.o, &lm.gu, &lm.d})
+        for (const Mat& m : *ms) need4 |= m.kind == KQ4_1, need8 |= m.kind == KQ8_0;
+    const int64_t most = B * std::max({D, nq, H}), blocks = most / QK + 1;
+    if (need4) in.q4.resize(most), in.d4.resize(blocks), in.s4.resize(blocks);
+    if (need8) in.q8.resize(most), in.d8.resize(blocks), in.s8.resize(blocks);
   }
 
   // One parallel region for the whole step: the threads stay in it and meet at barriers (the
