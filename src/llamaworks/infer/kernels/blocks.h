@@ -120,6 +120,19 @@ void quantize_row(const float* x, int64_t k, Layout layout, int16_t* q, float* d
 //   Q4_1 row: nb * 16 bytes of nibbles | nb fp16 d | nb fp16 m     (20 bytes per block)
 //   Q8_0 row: nb * 32 int8               | nb fp16 d                 (34 bytes per block)
 
+// Ask for the weight rows a few groups ahead to be fetched while this group computes (the rows
+// are streamed from memory once per token; the hardware prefetcher alone leaves gaps).
+constexpr int64_t PREFETCH_ROWS = 8;
+inline void prefetch(const uint8_t* p, const uint8_t* end, int64_t bytes) {
+#if defined(__SSE__) || defined(__AVX2__)
+  for (int64_t o = 0; o < bytes && p + o < end; o += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+  }
+#else
+  (void)p, (void)end, (void)bytes;
+#endif
+}
+
 // One row, portable code (also the reference for the vector code's element order).
 float dot_q4_1(const uint8_t* row, QuantRow x, int64_t nb) {
   const uint8_t* ds = row + nb * 16;

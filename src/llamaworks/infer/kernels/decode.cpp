@@ -154,8 +154,11 @@ void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_
       const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
       int64_t i = lo;
       float four[4];
+      const uint8_t* end = m.data + m.rows * m.row_bytes;
       for (; i + 4 <= hi; i += 4) {
         const uint8_t* w = m.data + (i - base) * m.row_bytes;
+        if (m.kind == KQ4_1 || m.kind == KQ8_0)
+          prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
         for (int64_t b = 0; b < B; ++b) {
           switch (m.kind) {
             case F32:

@@ -41,6 +41,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes
 #ifdef LW_AVX512
     float four[4];
     for (; i + 4 <= n1; i += 4) {
+      prefetch(wp + (i + PREFETCH_ROWS) * row_bytes, wp + n * row_bytes, 4 * row_bytes);
       for (int64_t r = 0; r < rows; ++r) {
         const QuantRow xr{qp + r * k, dp + r * nb, sp + r * nb};
         if constexpr (Dot == dot_q4_1) {
