@@ -3,14 +3,15 @@
 //
 // Eager PyTorch spends ~20 ops per layer per token (norms, projections, rotary, cache writes,
 // attention, activation, residuals), and at batch 1 their dispatch costs more than the weight
-// matvecs themselves. Here one op runs, per layer: RMSNorm -> q/k/v matvecs (one parallel region)
-// -> rotary (HF's half-split pairs) -> cache write -> grouped-query attention over the masked
-// cache slots -> o matvec + residual -> RMSNorm -> gate/up matvecs -> SiLU(gate) * up -> down
-// matvec + residual, with the same math as model.py (float32 activations, float32 cache).
+// matvecs themselves. Here one op runs, per layer: RMSNorm -> q/k/v matvecs -> rotary (HF's
+// half-split pairs) -> cache write -> grouped-query attention over the masked cache slots -> o
+// matvec + residual -> RMSNorm -> gate/up matvecs -> SiLU(gate) * up -> down matvec + residual,
+// with the same math as model.py (float32 activations, float32 cache), all inside one OpenMP
+// parallel region whose threads meet at barriers.
 //
 // Weights may be float32 or bfloat16 [out, in] matrices, or llama.cpp Q4_1 / Q8_0 block rows
-// (blocks.h); each matrix says its kind (0 f32, 1 bf16, 4 Q4_1, 8 Q8_0). Matrices that read the same input (q/k/v, gate/up) are
-// split across threads as one range of rows. Batch rows each have their own rotary position,
+// (blocks.h); each matrix says its kind (0 f32, 1 bf16, 4 Q4_1, 8 Q8_0). Matrices that read the
+// same input (q/k/v, gate/up) are split across threads as one range of rows. Batch rows each have their own rotary position,
 // cache write slot and key mask, so padded batches and per-row (continuous batching) caches work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
