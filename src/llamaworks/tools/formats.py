@@ -36,13 +36,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llamaworks.errors import LlamaworksError
+from llamaworks.tokenizer.train import CHATML_TEMPLATE  # the one our trained tokenizers ship
 
 FORMATS = ("chatml", "llama3", "llama2")
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 # Meta's Llama-2 chat template (as shipped in meta-llama/Llama-2-7b-chat-hf).
 LLAMA2_TEMPLATE = (
