@@ -28,7 +28,7 @@ from torch import Tensor
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "qmatmul.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "blocks.h"]
+HEADERS = [HERE / "blocks.h", HERE / "matvec.h"]
 QK = 32  # weights per block
 Q4_1_BYTES = 20  # per block: 16 bytes of nibbles, fp16 d, fp16 m
 Q8_0_BYTES = 34  # per block: 32 int8, fp16 d

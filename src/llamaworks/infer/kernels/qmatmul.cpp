@@ -1,6 +1,5 @@
 // Fused dequantize + matrix-vector ops for llama.cpp's Q4_1 and Q8_0 weight blocks (the block
-// format and the dot products are in blocks.h). Output rows are split across threads with
-// at::parallel_for; every weight row is read once per call whatever the batch size.
+// format and the dot products are in blocks.h, the threaded row loop in matvec.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -8,12 +7,13 @@
 #include <string>
 #include <vector>
 
-#include "blocks.h"
+#include "matvec.h"
 
 namespace {
 
-template <float (*Dot)(const uint8_t*, QuantRow, int64_t)>
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes, Layout layout) {
+// x [..., K] @ W.T for packed block rows W [N, blocks * bytes] of `kind` (Q4_1 or Q8_0).
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
+  const int64_t block_bytes = kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
   TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "weight blocks must be a contiguous uint8 [out, blocks * bytes] tensor");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qlinear runs on CPU tensors");
@@ -21,43 +21,16 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes
   TORCH_CHECK(k % QK == 0 && w.size(1) == nb * block_bytes,
               "input size ", k, " does not match weight blocks of ", w.size(1), " bytes");
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t rows = x2.size(0);
-  at::Tensor xq = at::empty({rows, k}, x2.options().dtype(at::kShort));
-  at::Tensor xd = at::empty({rows, nb}, x2.options());
-  at::Tensor xs = at::empty({rows, nb}, x2.options());
-  const float* xp = x2.data_ptr<float>();
-  int16_t* qp = xq.data_ptr<int16_t>();
-  float *dp = xd.data_ptr<float>(), *sp = xs.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    quantize_row(xp + r * k, k, layout, qp + r * k, dp + r * nb, sp + r * nb);
-  }
-  at::Tensor y = at::empty({rows, n}, x2.options());
+  const std::vector<Mat> mats = {{w.data_ptr<uint8_t>(), n, w.size(1), kind}};
+  Input in;
+  in.x = x2.data_ptr<float>(), in.B = x2.size(0), in.K = k;
+  prepare(in, mats);
+  at::Tensor y = at::empty({in.B, n}, x2.options());
   float* yp = y.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
-  // Chunks of output rows per thread; each weight row is streamed once for all input rows.
-  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-    int64_t i = n0;
-#ifdef LW_AVX512
-    float four[4];
-    for (; i + 4 <= n1; i += 4) {
-      prefetch(wp + (i + PREFETCH_ROWS) * row_bytes, wp + n * row_bytes, 4 * row_bytes);
-      for (int64_t r = 0; r < rows; ++r) {
-        const QuantRow xr{qp + r * k, dp + r * nb, sp + r * nb};
-        if constexpr (Dot == dot_q4_1) {
-          dot4_q4_1(wp + i * row_bytes, row_bytes, xr, nb, four);
-        } else {
-          dot4_q8_0(wp + i * row_bytes, row_bytes, xr, nb, four);
-        }
-        for (int j = 0; j < 4; ++j) yp[r * n + i + j] = four[j];
-      }
-    }
-#endif
-    for (; i < n1; ++i) {
-      const uint8_t* wr = wp + i * row_bytes;
-      for (int64_t r = 0; r < rows; ++r) {
-        yp[r * n + i] = Dot(wr, QuantRow{qp + r * k, dp + r * nb, sp + r * nb}, nb);
-      }
+  const int64_t threads = std::max(1, at::get_num_threads());
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      matvec_rows(in, mats, yp, n, static_cast<int>(t), static_cast<int>(threads));
     }
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -65,13 +38,9 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t block_bytes
   return y.view(shape).to(x.scalar_type());
 }
 
-at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w) {
-  return qlinear<dot_q4_1>(x, w, Q4_1_BYTES, Layout::Q4_1);
-}
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w) { return qlinear(x, w, KQ4_1); }
 
-at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w) {
-  return qlinear<dot_q8_0>(x, w, Q8_0_BYTES, Layout::Q8_0);
-}
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w) { return qlinear(x, w, KQ8_0); }
 
 // Exact float32 dot products of x [R, K] with the selected weight rows idx [R, k] (dequantized
 // in float32, no activation rounding): the output head's re-check of its top logits.

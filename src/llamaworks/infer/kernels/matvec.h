@@ -1,0 +1,179 @@
+// Matrix-vector products over weight matrices of several kinds (float32, bfloat16, Q4_1, Q8_0
+// blocks), split across threads by output rows: the loop that both the linear ops (qmatmul.cpp)
+// and the fused decode step (decode.cpp) run. Each weight row is read once for all input rows.
+#pragma once
+
+#include <vector>
+
+#include "blocks.h"
+
+namespace {
+
+enum Kind : int64_t { F32 = 0, BF16 = 1, KQ4_1 = 4, KQ8_0 = 8 };
+
+struct Mat {
+  const uint8_t* data;
+  int64_t rows, row_bytes, kind;
+};
+
+// Dot products of x [k] with 4 consecutive float32 / bfloat16 rows (stride ld elements).
+inline void dot4_f32(const float* w, int64_t ld, const float* x, int64_t k, float* out) {
+  int64_t i = 0;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef LW_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + ld + i), xv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * ld + i), xv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * ld + i), xv, a3);
+  }
+  s[0] = _mm512_reduce_add_ps(a0);
+  s[1] = _mm512_reduce_add_ps(a1);
+  s[2] = _mm512_reduce_add_ps(a2);
+  s[3] = _mm512_reduce_add_ps(a3);
+#endif
+  for (; i < k; ++i) {
+    for (int r = 0; r < 4; ++r) s[r] += w[r * ld + i] * x[i];
+  }
+  for (int r = 0; r < 4; ++r) out[r] = s[r];
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline void dot4_bf16(const uint16_t* w, int64_t ld, const float* x, int64_t k, float* out) {
+  int64_t i = 0;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef LW_AVX512
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < 4; ++r) {
+      const __m512i h = _mm512_cvtepu16_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + i)));
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) s[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+  for (; i < k; ++i) {
+    for (int r = 0; r < 4; ++r) s[r] += bf16_to_f32(w[r * ld + i]) * x[i];
+  }
+  for (int r = 0; r < 4; ++r) out[r] = s[r];
+}
+
+// The activation rows x [B, K] in every form the weight kinds need.
+struct Input {
+  const float* x = nullptr;
+  int64_t B = 0, K = 0;
+  std::vector<int16_t> q4, q8;     // int16 blocks, in the Q4_1 / Q8_0 kernels' orders
+  std::vector<float> d4, s4, d8, s8;
+
+  // (decode_layers sizes the vectors for its largest input first, so inside its parallel
+  // region these resizes never allocate)
+  void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8) {
+    x = x_, B = B_, K = K_;
+    const int64_t nb = K / QK;
+    if (need4) {
+      q4.resize(B * K), d4.resize(B * nb), s4.resize(B * nb);
+      for (int64_t b = 0; b < B; ++b)
+        quantize_row(x + b * K, K, Layout::Q4_1, &q4[b * K], &d4[b * nb], &s4[b * nb]);
+    }
+    if (need8) {
+      q8.resize(B * K), d8.resize(B * nb), s8.resize(B * nb);
+      for (int64_t b = 0; b < B; ++b)
+        quantize_row(x + b * K, K, Layout::Q8_0, &q8[b * K], &d8[b * nb], &s8[b * nb]);
+    }
+  }
+  QuantRow row4(int64_t b) const { return {&q4[b * K], &d4[b * (K / QK)], &s4[b * (K / QK)]}; }
+  QuantRow row8(int64_t b) const { return {&q8[b * K], &d8[b * (K / QK)], &s8[b * (K / QK)]}; }
+};
+
+// Quantize the input rows for the kinds `mats` need (one thread).
+void prepare(Input& in, const std::vector<Mat>& mats) {
+  bool need4 = false, need8 = false;
+  for (const Mat& m : mats) {
+    need4 |= m.kind == KQ4_1;
+    need8 |= m.kind == KQ8_0;
+  }
+  in.prepare(in.x, in.B, in.K, need4, need8);
+}
+
+// y[b, n0:n1] of the concatenated outputs of `mats` for every input row b (y row stride ldy):
+// thread tid of T takes its share of the output rows (multiples of 4); each weight row is read
+// once for all batch rows. `prepare` must have run.
+void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_t ldy, int tid,
+                 int T) {
+  int64_t total = 0;
+  for (const Mat& m : mats) total += m.rows;
+  const int64_t share = (total / T + 3) / 4 * 4;
+  const int64_t n0 = std::min(total, tid * share);
+  const int64_t n1 = tid == T - 1 ? total : std::min(total, n0 + share);
+  const float* x = in.x;
+  const int64_t B = in.B, K = in.K, nb = K / QK;
+  int64_t base = 0;
+  for (const Mat& m : mats) {
+    const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
+    int64_t i = lo;
+    float four[4];
+    const uint8_t* end = m.data + m.rows * m.row_bytes;
+    for (; i + 4 <= hi; i += 4) {
+      const uint8_t* w = m.data + (i - base) * m.row_bytes;
+      if (m.kind == KQ4_1 || m.kind == KQ8_0)
+        prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
+      for (int64_t b = 0; b < B; ++b) {
+        switch (m.kind) {
+          case F32:
+            dot4_f32(reinterpret_cast<const float*>(w), K, x + b * K, K, four);
+            break;
+          case BF16:
+            dot4_bf16(reinterpret_cast<const uint16_t*>(w), K, x + b * K, K, four);
+            break;
+          case KQ4_1:
+#ifdef LW_AVX512
+            dot4_q4_1(w, m.row_bytes, in.row4(b), nb, four);
+#else
+            for (int r = 0; r < 4; ++r) four[r] = dot_q4_1(w + r * m.row_bytes, in.row4(b), nb);
+#endif
+            break;
+          default:
+#ifdef LW_AVX512
+            dot4_q8_0(w, m.row_bytes, in.row8(b), nb, four);
+#else
+            for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);
+#endif
+        }
+        for (int r = 0; r < 4; ++r) y[b * ldy + i + r] = four[r];
+      }
+    }
+    for (; i < hi; ++i) {  // the last rows of a range, one at a time
+      const uint8_t* w = m.data + (i - base) * m.row_bytes;
+      for (int64_t b = 0; b < B; ++b) {
+        float v = 0.f;
+        if (m.kind == F32 || m.kind == BF16) {
+          for (int64_t j = 0; j < K; ++j) {
+            const float wj = m.kind == F32 ? reinterpret_cast<const float*>(w)[j]
+                                           : bf16_to_f32(reinterpret_cast<const uint16_t*>(w)[j]);
+            v += wj * x[b * K + j];
+          }
+        } else if (m.kind == KQ4_1) {
+          v = dot_q4_1(w, in.row4(b), nb);
+
+        } else {
+          v = dot_q8_0(w, in.row8(b), nb);
+        }
+        y[b * ldy + i] = v;
+      }
+    }
+    base += m.rows;
+  }
+}
+
+}  // namespace
