@@ -1,10 +1,16 @@
-"""Training speed, side by side: llamaworks (our model + our AdamW setup) vs HF transformers'
-`LlamaForCausalLM` + `torch.optim.AdamW`, same shapes, same numerics, one run each.
+"""Training speed, side by side: llamaworks (our model + what `llamaworks pretrain` runs around
+it) vs HF transformers' `LlamaForCausalLM` + `torch.optim.AdamW`, same shapes, same numerics, one
+run each.
 
 A step = forward, cross-entropy, backward, optimizer step. Tok/s = B*T / median step time over
-`--steps` steps after `--warmup`. Each precision in `--precisions` runs both: fp32, or bf16
-autocast (what `llamaworks pretrain --precision bf16` does; `auto` = bf16 on CUDA, fp32 on CPU).
-Also printed: ours in bf16 over HF in fp32 (what switching precision buys on this machine), MFU.
+`--steps` steps after `--warmup`. Ours is the trainer's step: fused AdamW, the chunked
+linear + cross-entropy loss (train/loss.py) and, on CPU, glibc kept from unmapping freed memory
+(train/allocator.py). HF runs as shipped, then once more with that same allocator setting
+("HF, same malloc"; its steps alternate with ours, so drift of the machine hits both alike):
+the table shows what comes from the engine and what from malloc.
+Each precision in `--precisions` runs all of them: fp32, or bf16 autocast (what
+`llamaworks pretrain --precision bf16` does; `auto` = bf16 on CUDA, fp32 on CPU). Also printed:
+ours in bf16 over HF in fp32 (what switching precision buys on this machine), MFU.
 
     .venv/bin/python bench/train.py [--shapes smollm2-135m,tiny] [--precisions fp32,bf16]
         [--steps 5] [--compile]
@@ -15,35 +21,44 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from llamaworks.config import get_preset
 from llamaworks.model import Llama
+from llamaworks.train.allocator import reuse_freed_memory
 from llamaworks.train.config import TrainConfig
+from llamaworks.train.loss import linear_cross_entropy
 from llamaworks.train.metrics import flops_per_token, peak_flops
 from llamaworks.train.optim import build_optimizer
 
 SHAPES = {"smollm2-135m": (4, 256), "tiny": (16, 128), "llama3.2-1b": (4, 2048)}
 
 
-def _time(step, n: int, warmup: int, dev: torch.device) -> float:
+def _time(steps: dict[str, Callable[[], None]], n: int, warmup: int,
+          dev: torch.device) -> dict[str, float]:
+    """Median seconds per step of each engine, their steps alternating (machine drift hits all
+    of them alike)."""
     for _ in range(warmup):
-        step()
-    ts = []
+        for step in steps.values():
+            step()
+    ts: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(n):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, step in steps.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def bench_ours(name: str, b: int, t: int, args, dev: torch.device, bf16: bool) -> float:
+def ours_step(name: str, b: int, t: int, args, dev: torch.device,
+              bf16: bool) -> Callable[[], None]:
     cfg = get_preset(name)
     model = Llama(cfg, device="meta")
     model.to_empty(device=dev)
@@ -54,16 +69,17 @@ def bench_ours(name: str, b: int, t: int, args, dev: torch.device, bf16: bool) -
 
     def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = fwd(x[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+            h = fwd(x[:, :-1], hidden_only=True)
+            loss = linear_cross_entropy(h, model.lm_head.weight, x[:, 1:])
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _time(step, args.steps, args.warmup, dev)
+    return step
 
 
-def bench_hf(name: str, b: int, t: int, args, dev: torch.device, bf16: bool) -> float:
+def hf_step(name: str, b: int, t: int, dev: torch.device, bf16: bool) -> Callable[[], None]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = get_preset(name)
@@ -83,7 +99,7 @@ def bench_hf(name: str, b: int, t: int, args, dev: torch.device, bf16: bool) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _time(step, args.steps, args.warmup, dev)
+    return step
 
 
 def main() -> None:
@@ -100,19 +116,30 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| shape | B x T | precision | ours tok/s | HF tok/s | ours / HF | ours MFU |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    cpu = dev.type == "cpu"
+    print("| shape | B x T | precision | ours tok/s | HF tok/s | ours / HF | "
+          + ("HF, same malloc | ours / that | " if cpu else "") + "ours MFU |")
+    print("|---|---|---|---:|---:|---:|" + ("---:|---:|" if cpu else "") + "---:|")
     for name in args.shapes.split(","):
         b, t = SHAPES.get(name, (4, 256))
         rates: dict[tuple[str, str], float] = {}
         for prec in args.precisions.split(","):
             bf16 = prec == "bf16"
-            ours = bench_ours(name, b, t, args, dev, bf16)
-            hf = bench_hf(name, b, t, args, dev, bf16)
+            # HF as shipped (glibc's default malloc) on its own, then ours (the trainer's
+            # setup, malloc included) alternating with HF under that same malloc setting
+            hf = _time({"hf": hf_step(name, b, t, dev, bf16)}, args.steps, args.warmup, dev)["hf"]
+            with reuse_freed_memory(cpu):
+                steps = {"ours": ours_step(name, b, t, args, dev, bf16)}
+                if cpu:
+                    steps["hf2"] = hf_step(name, b, t, dev, bf16)
+                med = _time(steps, args.steps, args.warmup, dev)
+                del steps
+            ours = med["ours"]
+            same = f"{b * t / med['hf2']:,.0f} | {med['hf2'] / ours:.2f}x | " if cpu else ""
             rates["ours", prec], rates["hf", prec] = b * t / ours, b * t / hf
             mfu = flops_per_token(get_preset(name), t) * b * t / ours / peak_flops(dev)
             print(f"| {name} | {b} x {t} | {prec} | {b * t / ours:,.0f} | {b * t / hf:,.0f} | "
-                  f"{hf / ours:.2f}x | {mfu:.1%} |", flush=True)
+                  f"{hf / ours:.2f}x | {same}{mfu:.1%} |", flush=True)
         if ("ours", "bf16") in rates and ("hf", "fp32") in rates:
             print(f"| {name} | {b} x {t} | ours bf16 / HF fp32 | | | "
                   f"{rates['ours', 'bf16'] / rates['hf', 'fp32']:.2f}x | |", flush=True)

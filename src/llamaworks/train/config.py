@@ -36,6 +36,9 @@ class TrainConfig:
     # any device (CPUs with AVX512-BF16/AMX run its matmuls several times faster); "fp32"
     precision: str = "auto"
     activation_checkpointing: bool = False
+    # CPU: keep freed heap memory for the next step instead of unmapping it (glibc; see
+    # train/allocator.py); False restores the default malloc behaviour
+    reuse_memory: bool = True
     peak_tflops: float | None = None  # for MFU; None = a guess from the device
     progress: bool = True
 

@@ -27,7 +27,9 @@ from llamaworks.model import Llama
 from llamaworks.tokenizer import Tokenizer
 from llamaworks.train import checkpoints as ckpt
 from llamaworks.train import distributed as D
+from llamaworks.train.allocator import reuse_freed_memory
 from llamaworks.train.config import TrainConfig
+from llamaworks.train.loss import linear_cross_entropy
 from llamaworks.train.metrics import (
     MetricsLog,
     flops_per_token,
@@ -97,7 +99,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: str | Path, out: str | Pa
     Returns a summary (final step, val_loss, val_bpb, unigram_bpb, ...)."""
     info = D.setup(device)
     try:
-        return _train(cfg, tc, Path(data_dir), Path(out), resume, info)
+        with reuse_freed_memory(tc.reuse_memory and info.device.type == "cpu"):
+            return _train(cfg, tc, Path(data_dir), Path(out), resume, info)
     finally:
         D.teardown(info)
 
@@ -212,8 +215,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
             for x, y in loader.batch(step):
                 x, y = x.to(dev), y.to(dev)
                 with autocast():
-                    logits = fwd(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    h = fwd(x, hidden_only=True)
+                    loss = linear_cross_entropy(h, model.lm_head.weight, y)
                 (loss / tc.grad_accum).backward()
                 loss_sum += float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
