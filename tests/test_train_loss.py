@@ -80,6 +80,14 @@ def test_without_grad_only_the_loss_is_computed():
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), y).detach())
 
 
+def test_no_counted_target_gives_zero_loss_and_zero_gradients_not_nan():
+    h, w, y = _inputs(n=8)
+    for hh, yy in ((h, torch.full_like(y, -100)), (h[:0], y[:0])):
+        loss = linear_cross_entropy(hh, w, yy)
+        gh, gw = _grads(loss, h, w)
+        assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
 def test_mismatched_targets_or_chunk_are_clear_errors():
     h, w, y = _inputs()
     with pytest.raises(ValueError, match="do not match targets"):

@@ -66,6 +66,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.copy_(g.t() @ hc[s:e])
                 else:
                     grad_w += (g.t() @ hc[s:e]).float()
+        if n == 0 and grad_w is not None:
+            grad_w.zero_()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / count.clamp(min=1)
@@ -94,7 +96,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
     dim]; target: [...]. Gradients for h and weight are computed in the forward pass, `chunk`
     rows at a time (default: as many as fit CHUNK_BYTES of float32 logits; smaller chunks made
     the CPU matmuls slower, bf16 ones especially); under autocast the matmuls run in the autocast
-    dtype and the softmax in float32.
+    dtype and the softmax in float32. With every target ignored (or none) the loss is 0 with
+    zero gradients, where `F.cross_entropy` gives nan.
     """
     if chunk is None:
         chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
