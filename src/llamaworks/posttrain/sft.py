@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llamaworks.atomic import atomic_path
@@ -39,6 +38,7 @@ from llamaworks.errors import LlamaworksError
 from llamaworks.model import Llama
 from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter
 from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
+from llamaworks.train.loss import linear_cross_entropy
 
 IGNORE = -100
 
@@ -205,8 +205,9 @@ def packed_loss(model: Llama, rows: Sequence[Sequence[Example]], max_len: int
 
 def _head_nll(model: Llama, h: Tensor, target: Tensor) -> tuple[Tensor, int]:
     sel = target != IGNORE  # the vocabulary projection runs only where there is a target
-    logits = model.lm_head(h[sel]).float()
-    return F.cross_entropy(logits, target[sel], reduction="sum"), int(sel.sum())
+    n = int(sel.sum())
+    # the pretraining loss: no [targets, vocab] logits tensor (lm_head is never LoRA-adapted)
+    return linear_cross_entropy(h[sel], model.lm_head.weight, target[sel]) * n, n
 
 
 # -- training ------------------------------------------------------------------------------------
