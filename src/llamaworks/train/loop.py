@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from llamaworks.atomic import atomic_write_json
@@ -83,11 +82,11 @@ def evaluate(model: torch.nn.Module, rows: torch.Tensor, byte_len: torch.Tensor,
     nll_sum, n_tok, n_bytes = 0.0, 0, 0
     for i in range(0, len(rows), micro_batch):
         b = rows[i:i + micro_batch].to(device)
-        with autocast():
-            logits = model(b[:, :-1])
-        nll = F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].flatten(), reduction="none")
-        nll_sum += float(nll.sum())
-        n_tok += nll.numel()
+        y = b[:, 1:]
+        with autocast():  # the training loss, so no [rows, T, vocab] logits here either
+            h = model(b[:, :-1], hidden_only=True)
+            nll_sum += float(linear_cross_entropy(h, model.lm_head.weight, y)) * y.numel()
+        n_tok += y.numel()
         n_bytes += int(byte_len[b[:, 1:].cpu()].sum())
     model.train()
     return nll_sum / max(1, n_tok), nats_to_bpb(nll_sum, n_bytes)

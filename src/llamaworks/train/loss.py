@@ -29,8 +29,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         valid = target != ignore_index
         safe = torch.where(valid, target, 0)
-        count = valid.sum()
-        scale = (valid.to(torch.float32) / count.clamp(min=1))[:, None]
+        count = valid.sum().clamp(min=1)  # the mean's divisor; 1 keeps "no target" at 0
+        scale = (valid.to(torch.float32) / count)[:, None]
         hc, wc = h.to(dtype), weight.to(dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
@@ -70,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w.zero_()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total / count.clamp(min=1)
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
