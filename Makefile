@@ -10,7 +10,7 @@ USER_CACHE := $(HOME)/.cache/llamaworks
 LLAMA_CPP_VERSION := 0.3.36
 SMOLLM_VERSION    := 0.1.2
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo test test-fast install install-test lint bench bench-avx2 clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/llamaworks chat
@@ -18,6 +18,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
+
+# The edit loop: unit tests on tiny models (no llama.cpp, no real GGUF, no browser, no torchrun).
+test-fast: $(VENV)/.installed-test
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q -m "not slow and not browser"
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -53,6 +58,13 @@ bench: $(VENV)/.installed-test
 	$(PY) bench/train.py
 	$(PY) bench/serve.py
 	$(PY) bench/eval.py
+
+# Decode on an AVX-512 host as an AVX2-only CPU sees it: our AVX2 tier, PyTorch held to AVX2 and a
+# llama.cpp built without AVX-512 (built once, about 6 minutes; cached like the other wheel).
+bench-avx2: $(VENV)/.installed-test
+	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --avx2-lib $(CACHE)/llama_cpp_avx2
+	LLAMAWORKS_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	  LLAMA_CPP_LIB_PATH=$(CURDIR)/$(CACHE)/llama_cpp_avx2 $(PY) bench/decode.py --tiers avx2,scalar
 
 clean:
 	rm -rf $(VENV) $(CACHE)

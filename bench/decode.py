@@ -13,9 +13,16 @@ faster of `amax()` over the fp32 weights and their matvecs run back to back) ove
 bytes per token. Then prefill tok/s for a 512-token prompt and batch 1/4/16 throughput. Prints
 markdown tables for BENCHMARKS.md.
 
+Every kernel tier the CPU can run (`--tiers`, default all: avx512, avx2, scalar) gets its own rows
+for the formats in --tier-quants. To see what an AVX2-only machine sees on an AVX-512 one, also
+hold PyTorch and llama.cpp to AVX2: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+LLAMA_CPP_LIB_PATH=<a llama.cpp built with GGML_NATIVE=OFF GGML_AVX512=OFF>` (`tools/
+llama_cpp_wheel.py --avx2-only` builds one); the header says what each engine ran.
+
     .venv/bin/python bench/decode.py [--model PATH.gguf] [--new-tokens 128] [--threads 2]
         [--quants fp32,bf16,int8,int4] [--eager fp32,int4] [--compile int4]
         [--torch-kernels int4] [--rounds 5] [--batches 1,4,16] [--skip hf,...]
+        [--tiers avx512,avx2,scalar] [--tier-quants int8,int4]
 """
 
 from __future__ import annotations
@@ -71,17 +78,21 @@ def read_bandwidth(model) -> float:
 
 
 def bench_ours(loaded, prompt_ids: list[int], n: int, quant: str | None = None,
-               compile: bool = False, our_kernels: bool = True, fused: bool = True) -> dict:
+               compile: bool = False, our_kernels: bool = True, fused: bool = True,
+               tier: str | None = None) -> dict:
     """Decode rate (batch 1), first-token latency, weight bytes, and the LLM for further runs.
     our_kernels=False builds int8/int4 layers on PyTorch's packed kernels instead of ours;
-    fused=False decodes with the model's per-op forward instead of the fused C++ step."""
+    fused=False decodes with the model's per-op forward instead of the fused C++ step; `tier`
+    builds the model on that kernel tier."""
     import contextlib
 
     from llamaworks import LLM
     from llamaworks.infer import kernels
     from llamaworks.infer.quantize import weight_bytes
 
-    with contextlib.nullcontext() if our_kernels else kernels.disabled():
+    ctx = kernels.disabled() if not our_kernels else kernels.using(tier) if tier \
+        else contextlib.nullcontext()
+    with ctx:
         llm = LLM(loaded, quant=quant, compile=compile)
     if not fused:
         llm.step.fused = None
@@ -251,9 +262,19 @@ def main() -> None:
                     help="interleaved int4-vs-llama.cpp rounds (0 = none)")
     ap.add_argument("--batches", default="1,4,16", help="batch sizes for the throughput table")
     ap.add_argument("--skip", default="", help="comma list of: hf,llama.cpp,prefill,batch")
+    ap.add_argument("--tiers", default="all",
+                    help="comma list of kernel tiers to run ('all': every tier this CPU runs)")
+    ap.add_argument("--tier-quants", default="int8,int4",
+                    help="formats run once per extra tier (the best tier runs every format)")
     a = ap.parse_args()
 
     import torch
+
+    from llamaworks.infer import kernels
+
+    kernels.load()
+    tiers = kernels.host_tiers() if a.tiers == "all" else [t for t in a.tiers.split(",") if t]
+    best = kernels.tier()
 
     torch.set_num_threads(a.threads)
     from llamaworks.checkpoint import load_model, load_tokenizer
@@ -273,6 +294,8 @@ def main() -> None:
     for q in [q for q in a.quants.split(",") if q]:
         variants = [("", {})] + [(" (eager ops)", {"fused": False})] * (q in eager) \
             + [(" compiled", {"compile": True})] * (q in compiled)
+        if q in a.tier_quants.split(","):
+            variants += [(f" [{t}]", {"tier": t}) for t in tiers if t != best]
         for suffix, kw in variants:
             name = f"llamaworks {q}{suffix}"
             r = bench_ours(loaded, prompt_ids, a.new_tokens, None if q == "fp32" else q, **kw)
@@ -297,13 +320,19 @@ def main() -> None:
         rows.append((f"llama.cpp ({path.suffix[1:]} as shipped)", first, rate,
                      path.stat().st_size))
         print(f"# llama.cpp: {rate:.1f} tok/s", flush=True)
-    int4 = {k: v for k, v in ours.items() if k in ("llamaworks int4", "llamaworks int4 compiled")}
+    int4 = {k: v for k, v in ours.items()
+            if k in ("llamaworks int4", "llamaworks int4 compiled")
+            or k.startswith("llamaworks int4 [")}
     if "llama.cpp" not in a.skip and a.rounds and int4:
         interleaved(int4, path, prompt_ids, a.new_tokens, a.threads, a.rounds)
 
     print(f"\n{datetime.date.today()} · {_machine()} · torch {torch.__version__} · "
           f"{a.threads} threads · {path.name} · prompt {len(prompt_ids)} tokens · greedy "
           f"{a.new_tokens} new tokens\n")
+    print(f"kernel tiers: default {best} (build: {kernels.isa() if best else '-'}), also run: "
+          f"{', '.join(t for t in tiers if t != best) or 'none'} · PyTorch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()} · llama.cpp library "
+          f"{os.environ.get('LLAMA_CPP_LIB_PATH', 'as installed (native build)')}\n")
     print(f"weight reading rate: {bandwidth / 1e9:.1f} GB/s (fp32 bound {floor:.1f} tok/s); the "
           "bandwidth bound of each row is that rate over its weight bytes per token "
           "(llama.cpp: the file size)\n")

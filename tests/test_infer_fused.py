@@ -27,6 +27,13 @@ def _kernels_built():
     assert kernels.load(), "the kernels must build on the test machines (gcc is installed)"
 
 
+@pytest.fixture(params=kernels.host_tiers())
+def tier(request):
+    """Each kernel tier this CPU runs (avx512, avx2, scalar): models built in the test use it."""
+    with kernels.using(request.param):
+        yield request.param
+
+
 def _decode_logits(model, fused: bool) -> torch.Tensor:
     """Logits [steps, B, vocab] of decode steps after a padded prefill, feeding FED back."""
     step = DecodeStep(model)
@@ -49,14 +56,14 @@ def _dequantized(quantized: nn.Module, base: nn.Module) -> nn.Module:
     return ref
 
 
-def test_fused_fp32_step_equals_the_per_op_forward_on_a_padded_batch():
+def test_fused_fp32_step_equals_the_per_op_forward_on_a_padded_batch(tier):
     model = tiny_model()
     fused, eager = _decode_logits(model, True), _decode_logits(model, False)
     assert fused.abs().max() > 1  # sharp random logits: a wrong layer would show
     torch.testing.assert_close(fused, eager, atol=5e-5, rtol=1e-5)
 
 
-def test_fused_bf16_weights_are_exact_bf16_dots_in_float32():
+def test_fused_bf16_weights_are_exact_bf16_dots_in_float32(tier):
     """bf16 weights times float32 activations accumulated in float32: one decode step equals the
     float32 model with the same bf16-rounded weights, from the same cache (the per-op BF16Linear
     also rounds activations, so it is looser). Compared on each row's 8 most likely tokens: the
@@ -67,7 +74,7 @@ def test_fused_bf16_weights_are_exact_bf16_dots_in_float32():
         if isinstance(m, nn.Linear):
             m.weight.data = m.weight.data.bfloat16().float()
     fused = FusedDecoder.build(quantize_model(base, "bf16"))
-    assert fused is not None
+    assert fused is not None and fused.tier == tier
     prompt = torch.tensor([[1, 5, 6, 7, 8, 9]])
     with torch.inference_mode():
         cache = KVCache(base.config, 1, 16)
@@ -83,9 +90,11 @@ def test_fused_bf16_weights_are_exact_bf16_dots_in_float32():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_fused_block_kernels_are_as_close_to_the_dequantized_weights_as_the_per_op_path(mode):
+def test_fused_block_kernels_are_as_close_to_the_dequantized_weights_as_the_per_op_path(
+        mode, tier):
     base = tiny_model(hidden_dim=192)  # block formats need input sizes divisible by 32
     q = quantize_model(base, mode)
+    assert q.model.layers[0].mlp.up_proj.tier == tier
     ref = _decode_logits(_dequantized(q, base), False)
     fused_err = (_decode_logits(q, True) - ref).abs().max()
     eager_err = (_decode_logits(q, False) - ref).abs().max()
@@ -93,7 +102,7 @@ def test_fused_block_kernels_are_as_close_to_the_dequantized_weights_as_the_per_
     assert fused_err < 1e-2 and fused_err <= 2 * eager_err + 1e-5
 
 
-def test_per_row_cache_positions_equal_each_row_decoded_alone():
+def test_per_row_cache_positions_equal_each_row_decoded_alone(tier):
     """Continuous batching: rows at different positions of a per-row cache (a view of the first
     3 rows of a 5-row pool, as the engine passes it), two steps in one call each, equal each row
     run through the model's forward on its own cache, and write the same keys and values."""

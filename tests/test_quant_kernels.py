@@ -33,16 +33,19 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=g) * 0.05 + torch.randn(n, 1, generator=g) * 0.01
 
 
+@pytest.mark.parametrize("tier", kernels.host_tiers())
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n,k", [(96, 576), (48, 32), (40, 96), (17, 1536), (24, 160), (20, 608)],
+@pytest.mark.parametrize("n,k", [(96, 576), (48, 32), (40, 96), (17, 1536), (24, 160), (20, 608),
+                                 (12, 480), (8, 224)],
                          ids=["even-blocks", "one-block", "odd-blocks", "long-rows",
-                              "group-of-4-and-1", "chunks-then-2-and-1"])
+                              "group-of-4-and-1", "chunks-then-2-and-1", "group-of-4-and-2-and-1",
+                              "seven-blocks"])
 @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)], ids=["decode", "batch", "3d"])
-def test_kernel_equals_float64_matmul_with_the_dequantized_weight(fmt, n, k, lead):
+def test_kernel_equals_float64_matmul_with_the_dequantized_weight(tier, fmt, n, k, lead):
     pack, unpack, linear = FORMATS[fmt]
     blocks = pack(_weights(n, k))
     x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(1))
-    y = linear(x, blocks)
+    y = linear(x, blocks, tier)
     ref = (x.double() @ unpack(blocks).double().T).float()
     assert y.shape == (*lead, n) and y.dtype == torch.float32
     # int16 activations: error ~1e-5 of the output scale (int8 ones, as llama.cpp's, are ~1e-2)
@@ -100,7 +103,7 @@ def test_custom_ops_trace_as_opaque_calls_under_torch_compile():
 
 
 def test_failed_build_warns_and_falls_back_to_pytorch_kernels(monkeypatch):
-    def broken() -> None:
+    def broken(tier: str) -> None:
         raise OSError("no compiler")
 
     monkeypatch.setattr(kernels, "_state", {})
@@ -237,3 +240,55 @@ def test_a_copy_of_a_fused_model_owns_its_weights():
     assert b.k_proj.blocks.untyped_storage().data_ptr() == b.q_proj.fused.blocks.data_ptr()
     c.model.layers[0].self_attn.k_proj.fused.blocks.zero_()
     assert a.k_proj.blocks.any() and not b.k_proj.blocks.any()
+
+
+def test_every_tier_this_cpu_runs_builds_and_says_its_instruction_set():
+    names = {"avx512": ("avx512", "avx512vnni"), "avx2": ("avx2", "avx2vnni"),
+             "scalar": ("scalar",)}
+    assert kernels.host_tiers()[-1] == "scalar"
+    for tier in kernels.host_tiers():
+        assert kernels.build(tier), tier
+        assert kernels.isa(tier) in names[tier]
+
+
+def test_the_best_tier_runs_by_default_and_llamaworks_isa_forces_one(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state, active=None))
+    del kernels._state["active"]
+    monkeypatch.delenv("LLAMAWORKS_ISA", raising=False)
+    assert kernels.tier() == kernels.host_tiers()[0]
+    for forced in kernels.host_tiers():
+        monkeypatch.setenv("LLAMAWORKS_ISA", forced)
+        del kernels._state["active"]
+        assert kernels.tier() == forced
+        layer = quantize_model(tiny_model(), "int4").model.layers[0].mlp.up_proj
+        assert layer.tier == forced  # the layer runs the tier it was built on
+    monkeypatch.setenv("LLAMAWORKS_ISA", "sse9")
+    del kernels._state["active"]
+    with pytest.raises(ValueError, match="LLAMAWORKS_ISA='sse9': choose one of avx512, avx2"):
+        kernels.load()
+
+
+def test_a_tier_the_cpu_cannot_run_warns_and_the_next_tier_down_runs(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {"built": dict(kernels._state.get("built", {}))})
+    monkeypatch.setattr(kernels, "host_tiers", lambda: ["avx2", "scalar"])
+    monkeypatch.setenv("LLAMAWORKS_ISA", "avx512")
+    with pytest.warns(RuntimeWarning, match="cannot run the avx512 kernels"):
+        assert kernels.tier() == "avx2"
+
+
+@pytest.mark.skipif(len(kernels.host_tiers()) < 2, reason="this CPU runs only the portable tier")
+def test_a_tier_that_fails_to_build_warns_naming_it_and_the_next_tier_runs(monkeypatch):
+    real = kernels._build
+    top = kernels.host_tiers()[0]
+
+    def flaky(tier: str) -> None:
+        if tier == top:
+            raise OSError("assembler rejected vpdpwssd")
+        real(tier)
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", flaky)
+    monkeypatch.delenv("LLAMAWORKS_ISA", raising=False)
+    with pytest.warns(RuntimeWarning, match=f"could not build llamaworks' {top} CPU kernels"):
+        assert kernels.load()
+    assert kernels.tier() == kernels.host_tiers()[1]

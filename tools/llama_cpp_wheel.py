@@ -65,20 +65,30 @@ def extract_vocab(sdist: Path, out: Path) -> None:
         sys.exit(f"error: {sdist} lacks vocab files: {sorted(wanted)}")
 
 
-def find_wheel(version: str, dirs: list[Path]) -> Path | None:
+def find_wheel(version: str, dirs: list[Path], folder: str = "wheels") -> Path | None:
     for d in dirs:
-        hits = sorted(glob.glob(str(d / "wheels" / f"llama_cpp_python-{version}-*.whl")))
+        hits = sorted(glob.glob(str(d / folder / f"llama_cpp_python-{version}-*.whl")))
         if hits:
             return Path(hits[-1])
     return None
 
 
-def build_wheel(sdist: Path, version: str, dirs: list[Path]) -> Path:
-    out = dirs[0] / "wheels"
+# A llama.cpp that uses no AVX-512 even on an AVX-512 host: what an AVX2-only CPU runs, for the
+# benchmarks of our AVX2 tier (bench/decode.py with LLAMA_CPP_LIB_PATH).
+AVX2_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                   "-DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF "
+                   "-DGGML_AVX_VNNI=OFF")
+
+
+def build_wheel(sdist: Path, version: str, dirs: list[Path], folder: str = "wheels",
+                cmake_args: str | None = None) -> Path:
+    out = dirs[0] / folder
     out.mkdir(parents=True, exist_ok=True)
     print(f"building llama-cpp-python {version} from source (about 6 minutes on 2 cores) ...",
           flush=True)
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    if cmake_args:
+        env["CMAKE_ARGS"] = cmake_args
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.check_call([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                                "-w", tmp, str(sdist)], env=env)
@@ -88,8 +98,8 @@ def build_wheel(sdist: Path, version: str, dirs: list[Path]) -> Path:
         os.replace(str(target) + ".tmp", target)
     for d in dirs[1:]:
         try:
-            (d / "wheels").mkdir(parents=True, exist_ok=True)
-            shutil.copy(target, d / "wheels" / target.name)
+            (d / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(target, d / folder / target.name)
         except OSError as e:  # the per-user cache is an optimisation only
             print(f"note: could not copy the wheel to {d}: {e}")
     return target
@@ -109,8 +119,23 @@ def main() -> None:
     ap.add_argument("--user-cache", type=Path, default=Path.home() / ".cache" / "llamaworks")
     ap.add_argument("--vocab-only", action="store_true", help="only extract the vocab GGUFs")
     ap.add_argument("--install", action="store_true", help="build if needed, then install")
+    ap.add_argument("--avx2-lib", type=Path, default=None, metavar="DIR",
+                    help="build (if needed) a llama.cpp without AVX-512 and put its shared "
+                    "libraries in DIR, for LLAMA_CPP_LIB_PATH=DIR (benchmarks of the AVX2 tier)")
     a = ap.parse_args()
     dirs = [a.cache, a.user_cache]
+    if a.avx2_lib:
+        import zipfile
+
+        wheel = find_wheel(a.version, dirs, "wheels-avx2") or build_wheel(
+            find_sdist(a.version, dirs), a.version, dirs, "wheels-avx2", AVX2_CMAKE_ARGS)
+        a.avx2_lib.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if name.startswith("llama_cpp/lib/") and not name.endswith("/"):
+                    (a.avx2_lib / Path(name).name).write_bytes(z.read(name))
+        print(a.avx2_lib)
+        return
     if a.vocab_only:
         if not all((a.cache / "vocab" / f"ggml-vocab-{v}.gguf").exists() for v in VOCABS):
             extract_vocab(find_sdist(a.version, dirs), a.cache / "vocab")

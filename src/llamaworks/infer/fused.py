@@ -46,6 +46,7 @@ class FusedDecoder:
 
     def __init__(self, model: Llama, weights: list[Tensor], kinds: list[int]):
         self.model, self.weights, self.kinds = model, weights, kinds
+        self.tier = kernels.tier()  # the kernel tier this step runs (fixed when built)
 
     @classmethod
     def build(cls, model: Llama) -> FusedDecoder | None:
@@ -54,7 +55,7 @@ class FusedDecoder:
         if os.environ.get("LLAMAWORKS_NO_FUSED") or not isinstance(model, Llama):
             return None
         emb = model.model.embed_tokens.weight
-        if emb.device.type != "cpu" or emb.dtype != torch.float32 or not kernels.load():
+        if emb.device.type != "cpu" or emb.dtype != torch.float32 or not kernels.preferred():
             return None
         weights: list[Tensor] = []
         kinds: list[int] = []
@@ -81,7 +82,7 @@ class FusedDecoder:
         float32 (written at write_pos); mask: [B, kv_len] bool, the slots each row attends to."""
         m, cfg = self.model, self.model.config
         x = m.model.embed_tokens(tokens.reshape(-1))
-        x = torch.ops.llamaworks.decode_layers(
+        x = kernels.ops(self.tier).decode_layers(
             x, self.weights, self.kinds, k_cache, v_cache, write_pos.reshape(-1),
             rope_pos.reshape(-1), m.inv_freq, mask, cfg.n_heads, float(cfg.norm_eps))
         return m.lm_head(m.model.norm(x)).float()

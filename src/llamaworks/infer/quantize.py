@@ -2,9 +2,10 @@
 
 Modes: "bf16" (weights cast to bfloat16), "int8" and "int4".
 
-On CPU, when our C++ kernels build (`llamaworks.infer.kernels`), int8 is llama.cpp's Q8_0 (symmetric
-blocks of 32, fp16 scales) and int4 with groups of 32 is Q4_1 (asymmetric blocks of 32, fp16 scale
-and min), run by fused dequantize-matvec kernels on int8-quantized activations, as llama.cpp does:
+On CPU, when our C++ kernels build (`llamaworks.infer.kernels.preferred()`, any tier), int8 is
+llama.cpp's Q8_0 (symmetric blocks of 32, fp16 scales) and int4 with groups of 32 is Q4_1
+(asymmetric blocks of 32, fp16 scale and min), run by fused dequantize-matvec kernels on
+int16-quantized activations (a layer keeps the kernel tier it was built on):
 measured 2-3x faster than fp32 matvecs here, and weights that came from a Q4_1/Q8_0 GGUF are
 re-packed into exactly their original blocks. Otherwise (CUDA, other group sizes, no compiler):
 int8 has symmetric per-output-channel scales (PyTorch's `_weight_int8pack_mm`) and int4 asymmetric
@@ -44,7 +45,7 @@ class BF16Linear(nn.Module):
 def _kernel_ok(linear: nn.Linear) -> bool:
     """Whether our block kernels can take this layer: CPU weights, input size a multiple of 32."""
     w = linear.weight
-    return w.device.type == "cpu" and w.shape[1] % kernels.QK == 0 and kernels.load()
+    return w.device.type == "cpu" and w.shape[1] % kernels.QK == 0 and kernels.preferred()
 
 
 class Int8Linear(nn.Module):
@@ -55,8 +56,10 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("blocks", None)
+        self.tier = None  # the kernel tier the blocks run on (fixed when built)
         if _kernel_ok(linear):
             self.register_buffer("blocks", kernels.pack_q8_0(linear.weight))
+            self.tier = kernels.tier()
             return
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
@@ -79,7 +82,7 @@ class Int8Linear(nn.Module):
             fused = getattr(self, "fused", None)
             if fused is not None and not torch.compiler.is_compiling():
                 return fused(x)[..., self.fused_span]
-            return kernels.q8_0_linear(x, self.blocks)
+            return kernels.q8_0_linear(x, self.blocks, self.tier)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -103,8 +106,10 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         g = self.group_size = int4_group_size(linear.in_features, group_size)
         self.register_buffer("blocks", None)
+        self.tier = None  # the kernel tier the blocks run on (fixed when built)
         if g == kernels.QK and _kernel_ok(linear):
             self.register_buffer("blocks", kernels.pack_q4_1(linear.weight))
+            self.tier = kernels.tier()
             return
         w = linear.weight.detach().float()
         o, i = w.shape
@@ -145,7 +150,7 @@ class Int4Linear(nn.Module):
             fused = getattr(self, "fused", None)
             if fused is not None and not torch.compiler.is_compiling():
                 return fused(x)[..., self.fused_span]
-            return kernels.q4_1_linear(x, self.blocks)
+            return kernels.q4_1_linear(x, self.blocks, self.tier)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if x2.is_cuda:
@@ -173,7 +178,8 @@ class RefinedHead(nn.Module):
         top = y.topk(min(self.k, y.shape[-1]), dim=-1).indices
         blocks = getattr(self.inner, "blocks", None)
         if blocks is not None:
-            exact = kernels.rows_dot(x, blocks, top, 4 if isinstance(self.inner, Int4Linear) else 8)
+            bits = 4 if isinstance(self.inner, Int4Linear) else 8
+            exact = kernels.rows_dot(x, blocks, top, bits, self.inner.tier)
         else:
             exact = torch.einsum("...i,...ki->...k", x.float(), self.inner.rows(top))
         return y.scatter(-1, top, exact).to(x.dtype)
@@ -190,6 +196,7 @@ class FusedRows:
     def __init__(self, members: list[Int4Linear] | list[Int8Linear]):
         self.linear = kernels.q4_1_linear if isinstance(members[0], Int4Linear) \
             else kernels.q8_0_linear
+        self.tier = members[0].tier
         self.blocks = torch.cat([m.blocks for m in members])
         start = 0
         for m in members:
@@ -201,7 +208,7 @@ class FusedRows:
     def __call__(self, x: Tensor) -> Tensor:
         last = self._last  # one read: safe against another thread replacing it meanwhile
         if last is None or last[0] is not x:
-            last = self._last = (x, self.linear(x, self.blocks))
+            last = self._last = (x, self.linear(x, self.blocks, self.tier))
         return last[1]
 
     def __deepcopy__(self, memo: dict) -> FusedRows:
@@ -221,7 +228,8 @@ def fuse_projections(model: nn.Module) -> int:
             members = [getattr(mod, n, None) for n in names]
             kinds = {type(m) for m in members}
             if len(kinds) == 1 and kinds <= {Int4Linear, Int8Linear} and all(
-                    m.blocks is not None and getattr(m, "fused", None) is None for m in members):
+                    m.blocks is not None and getattr(m, "fused", None) is None for m in members
+            ) and len({m.tier for m in members}) == 1:
                 FusedRows(members)
                 groups += 1
     return groups

@@ -2,15 +2,25 @@
 (qmatmul.cpp, on blocks.h), and the fused decode step that runs every layer for one new token per
 row in one call (decode.cpp; driven by `llamaworks.infer.fused`).
 
-Built on first use with `torch.utils.cpp_extension.load` (gcc, `-O3 -march=native`: AVX-512BW code,
-with VNNI where the CPU has it, else portable scalar code; `isa()` says which) into a cache folder
-keyed by the source, the CPU flags and the torch version, so a cached build never runs on a CPU it
-was not built for. Registered as torch custom ops (`torch.ops.llamaworks.q4_1_linear`,
-`q8_0_linear`, `rows_dot`, `decode_layers`); the linear ones have fake (shape-only)
+Three tiers of the same source, each built with its own compiler flags (never `-march=native`, so
+a tier means the same code on every machine): `avx512` (x86-64-v4: AVX-512 F/BW/DQ/VL, plus
+VNNI where the CPU has it), `avx2` (x86-64-v3: AVX2, FMA, F16C, plus AVX-VNNI where present) and
+`scalar` (portable C++ the compiler vectorizes; the only tier on ARM). The best tier the CPU can
+run is used; `LLAMAWORKS_ISA=avx512|avx2|scalar` forces one (a tier the CPU cannot run, or one
+that fails to build, gives one warning and the next tier down runs). Each tier's library
+registers its ops under its own namespace (`torch.ops.llamaworks_avx2.q4_1_linear`, ...), so tests
+and benchmarks load several tiers side by side (`ops(tier)`).
+
+Built on first use with `torch.utils.cpp_extension.load` into a cache folder keyed by the source,
+the tier's flags, the CPU flags and the torch version. The linear ops have fake (shape-only)
 implementations, so `torch.compile` treats them as opaque calls.
 
-`load()` returns False (with one warning) when the build fails; callers then use PyTorch's kernels.
-Set LLAMAWORKS_NO_KERNELS=1 to skip building them.
+`preferred()` says whether callers should take our kernels over PyTorch's: measured per tier on
+SmolLM2 (BENCHMARKS.md), ours are faster in every tier for Q4_1/Q8_0 (the portable tier's int4
+decode beats PyTorch's packed int4 even with PyTorch on AVX-512) and the fused decode step is at
+least as fast as the per-op forward; so it is True whenever a tier loaded. `load()` returns
+False (with one warning) when no tier builds; callers then use PyTorch's kernels. Set
+LLAMAWORKS_NO_KERNELS=1 to skip building them.
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ import os
 import platform
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +46,14 @@ Q8_0_BYTES = 34  # per block: 32 int8, fp16 d
 # A packed row holds its blocks' bytes regrouped, quants first: Q4_1 [nb * 16 nibble bytes | nb fp16
 # d | nb fp16 m], Q8_0 [nb * 32 int8 | nb fp16 d], so the kernel reads long runs of each.
 
-_state: dict[str, bool] = {}
+TIERS = ("avx512", "avx2", "scalar")  # best first
+# CPU flags (as /proc/cpuinfo names them) each tier's code needs.
+_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma",
+                     "f16c", "bmi2"},
+          "avx2": {"avx2", "fma", "f16c", "bmi2", "movbe"},
+          "scalar": set()}
+
+_state: dict[str, Any] = {}  # "active": the tier in use (or None), "built": {tier: bool}
 
 
 def _cpu_flags() -> str:
@@ -48,91 +66,183 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build_dir() -> Path:
-    """Cache folder of the build for this source, CPU and torch version."""
+def host_tiers() -> list[str]:
+    """The tiers this CPU can run, best first (`scalar` always)."""
+    flags = set(_cpu_flags().split())
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return [t for t in TIERS if t == "scalar" or x86 and _NEEDS[t] <= flags]
+
+
+def _flags(tier: str) -> list[str]:
+    cpu = set(_cpu_flags().split())
+    if tier == "avx512":
+        return ["-march=x86-64-v4"] + (["-mavx512vnni"] if "avx512_vnni" in cpu else [])
+    if tier == "avx2":
+        return ["-march=x86-64-v3"] + (["-mavxvnni"] if "avx_vnni" in cpu else [])
+    return []
+
+
+def build_dir(tier: str) -> Path:
+    """Cache folder of the build of `tier` for this source, CPU and torch version."""
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + _cpu_flags().encode()
-        + torch.__version__.encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(_flags(tier)).encode()
+        + _cpu_flags().encode() + torch.__version__.encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("LLAMAWORKS_CACHE", Path.home() / ".cache" / "llamaworks"))
-    return root / "kernels" / key
+    return root / "kernels" / f"{tier}-{key}"
 
 
-def _build() -> None:
+def _namespace(tier: str) -> str:
+    return f"llamaworks_{tier}"
+
+
+def _build(tier: str) -> None:
     from torch.utils import cpp_extension
 
-    folder = build_dir()
+    folder = build_dir(tier)
     folder.mkdir(parents=True, exist_ok=True)
+    ns = _namespace(tier)
     cpp_extension.load(
-        name="llamaworks_qmatmul", sources=[str(p) for p in SOURCES], build_directory=str(folder),
-        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        is_python_module=False, verbose=False)
+        name=f"llamaworks_kernels_{tier}", sources=[str(p) for p in SOURCES],
+        build_directory=str(folder),
+        extra_cflags=["-O3", "-fopenmp", f"-DLW_NAMESPACE={ns}", *_flags(tier)],
+        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
-    @torch.library.register_fake("llamaworks::q4_1_linear")
+    @torch.library.register_fake(f"{ns}::q4_1_linear")
     def _q4_1_fake(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
-    @torch.library.register_fake("llamaworks::rows_dot")
+    @torch.library.register_fake(f"{ns}::rows_dot")
     def _rows_dot_fake(x: Tensor, w: Tensor, idx: Tensor, bits: int) -> Tensor:
         return x.new_empty(idx.shape, dtype=torch.float32)
 
-    @torch.library.register_fake("llamaworks::q8_0_linear")
+    @torch.library.register_fake(f"{ns}::q8_0_linear")
     def _q8_0_fake(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
+def build(tier: str) -> bool:
+    """Build (once per process; cached on disk) and register `tier`'s library. True if usable;
+    a failed build warns once, naming the tier."""
+    built = _state.setdefault("built", {})
+    if tier not in built:
+        if tier not in host_tiers():
+            built[tier] = False
+            return False
+        try:
+            _build(tier)
+            built[tier] = True
+        except Exception as e:  # noqa: BLE001 - any build failure means: try the next tier
+            warnings.warn(f"could not build llamaworks' {tier} CPU kernels ({type(e).__name__}: "
+                          f"{e}); trying the next tier. Install gcc and ninja to get them.",
+                          RuntimeWarning, stacklevel=2)
+            built[tier] = False
+    return built[tier]
+
+
+def requested() -> str | None:
+    """The tier LLAMAWORKS_ISA forces, or None."""
+    want = os.environ.get("LLAMAWORKS_ISA", "").strip().lower()
+    if not want:
+        return None
+    if want not in TIERS:
+        raise ValueError(f"LLAMAWORKS_ISA={want!r}: choose one of {', '.join(TIERS)}")
+    return want
+
+
+def _choose() -> str | None:
+    want = requested()
+    candidates = host_tiers()
+    if want is not None:
+        if want not in candidates:
+            warnings.warn(f"LLAMAWORKS_ISA={want}: this CPU cannot run the {want} kernels "
+                          f"(it has {', '.join(candidates)}); using the next tier down",
+                          RuntimeWarning, stacklevel=3)
+        candidates = [t for t in candidates if TIERS.index(t) >= TIERS.index(want)]
+    for t in candidates:
+        if build(t):
+            return t
+    return None
+
+
 def load() -> bool:
-    """Build (once per process; cached on disk) and register the kernels. True if usable."""
-    if "ok" not in _state:
+    """Build and register the active tier's kernels (once per process). True if usable."""
+    if "active" not in _state:
         if os.environ.get("LLAMAWORKS_NO_KERNELS"):
-            _state["ok"] = False
+            _state["active"] = None
         else:
-            try:
-                _build()
-                _state["ok"] = True
-            except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's path
-                warnings.warn(f"could not build llamaworks' CPU kernels ({type(e).__name__}: "
-                              f"{e}); decoding runs the per-op forward and int8/int4 use "
-                              "PyTorch's slower kernels. Install gcc and ninja to get them.",
+            _state["active"] = _choose()
+            if _state["active"] is None:
+                warnings.warn("no llamaworks CPU kernel tier could be built; decoding runs the "
+                              "per-op forward and int8/int4 use PyTorch's kernels",
                               RuntimeWarning, stacklevel=2)
-                _state["ok"] = False
-    return _state["ok"]
+    return _state["active"] is not None
+
+
+def tier() -> str | None:
+    """The tier in use (after `load()`), or None when no kernels are in use."""
+    return _state.get("active") if load() else None
+
+
+def preferred() -> bool:
+    """Whether our kernels should be used by default over PyTorch's (the one place that choice is
+    made; see the module docstring for the measurements behind it)."""
+    return tier() is not None
 
 
 @contextmanager
-def disabled() -> Iterator[None]:
-    """Inside this block `load()` reports False, so quantized layers built here use PyTorch's
-    kernels (for benchmarks and comparisons); layers built before or after are unaffected."""
-    saved = dict(_state)
-    _state["ok"] = False
+def _active(name: str | None) -> Iterator[None]:
+    load()
+    saved = _state.get("active")
+    _state["active"] = name
     try:
         yield
     finally:
-        _state.clear()
-        _state.update(saved)
+        _state["active"] = saved
 
 
-def isa() -> str:
-    """The instruction set the kernels were built for: avx512vnni, avx2 or scalar."""
-    if not load():
+def disabled() -> AbstractContextManager[None]:
+    """Inside this block `load()` reports False, so quantized layers built here use PyTorch's
+    kernels (for benchmarks and comparisons); layers built before or after are unaffected."""
+    return _active(None)
+
+
+def using(name: str) -> AbstractContextManager[None]:
+    """Inside this block `name` is the active tier (built first; ValueError if it cannot be), so
+    layers and decode steps built here run it (tests and benchmarks of every tier)."""
+    if not build(name):
+        raise ValueError(f"the {name} kernels cannot run or be built on this machine")
+    return _active(name)
+
+
+def ops(name: str | None = None) -> Any:
+    """The op namespace of tier `name` (default: the active tier)."""
+    name = name or tier()
+    if name is None or not build(name):
         raise RuntimeError("llamaworks kernels are not available")
-    return torch.ops.llamaworks.isa()
+    return getattr(torch.ops, _namespace(name))
 
 
-def q4_1_linear(x: Tensor, w: Tensor) -> Tensor:
+def isa(name: str | None = None) -> str:
+    """The instruction set a tier's build targets: avx512vnni, avx512, avx2vnni, avx2 or
+    scalar."""
+    return ops(name).isa()
+
+
+def q4_1_linear(x: Tensor, w: Tensor, tier: str | None = None) -> Tensor:
     """x [..., K] @ W.T, W packed Q4_1 rows uint8 [N, K / 32 * 20] -> [..., N], x's dtype."""
-    return torch.ops.llamaworks.q4_1_linear(x, w)
+    return ops(tier).q4_1_linear(x, w)
 
 
-def q8_0_linear(x: Tensor, w: Tensor) -> Tensor:
+def q8_0_linear(x: Tensor, w: Tensor, tier: str | None = None) -> Tensor:
     """x [..., K] @ W.T, W packed Q8_0 rows uint8 [N, K / 32 * 34] -> [..., N], x's dtype."""
-    return torch.ops.llamaworks.q8_0_linear(x, w)
+    return ops(tier).q8_0_linear(x, w)
 
 
-def rows_dot(x: Tensor, w: Tensor, idx: Tensor, bits: int) -> Tensor:
+def rows_dot(x: Tensor, w: Tensor, idx: Tensor, bits: int, tier: str | None = None) -> Tensor:
     """Exact float32 dots of x [..., K] with the packed rows idx [..., k] (Q4_1 if bits == 4, Q8_0
     if 8): [..., k] float32. For re-checking a few logits without activation rounding."""
-    return torch.ops.llamaworks.rows_dot(x, w, idx, bits)
+    return ops(tier).rows_dot(x, w, idx, bits)
 
 
 # -- packing to and from the row formats (float32 math, fp16 scales as in GGUF) ------------------

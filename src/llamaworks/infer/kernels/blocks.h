@@ -1,6 +1,7 @@
 // Shared by our CPU kernels: llama.cpp's Q4_1/Q8_0 block layout, activation quantization to int16
-// blocks, and the fused dequantize-dot products (AVX-512 with VNNI where compiled for it, else
-// portable scalar code). Included by qmatmul.cpp (the linear ops) and decode.cpp (the fused decode
+// blocks, and the fused dequantize-dot products in three tiers, chosen by the compiler flags of
+// the build (kernels/__init__.py builds one library per tier): AVX-512BW (with VNNI where
+// compiled for it), AVX2 + FMA + F16C (with AVX-VNNI where compiled for it), and portable code. Included by qmatmul.cpp (the linear ops) and decode.cpp (the fused decode
 // step); everything is in an anonymous namespace, one copy per translation unit.
 //
 // y[b, n] = sum_k x[b, k] * w[n, k] with the weights in blocks of 32 along k:
@@ -22,6 +23,16 @@
 
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+
+// The tier this translation unit is compiled for (by the build's -march flags).
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+#define LW_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LW_AVX2 1
+#endif
+#if defined(LW_AVX512) || defined(LW_AVX2)
+#define LW_DOT4 1  // the 4-row vector block kernels exist in this tier
 #endif
 
 namespace {
@@ -97,6 +108,14 @@ inline int64_t q_pos(Layout layout, int64_t b, int64_t j, int64_t nb) {
   return b * QK + j;
 }
 
+// The activation orders this tier's kernels read: the vector tiers' interleaved ones, or the plain
+// order in the portable tier (whose simple loops the compiler vectorizes).
+#ifdef LW_DOT4
+constexpr Layout ACT4 = Layout::Q4_1, ACT8 = Layout::Q8_0;
+#else
+constexpr Layout ACT4 = Layout::Plain, ACT8 = Layout::Plain;
+#endif
+
 void quantize_row(const float* x, int64_t k, Layout layout, int16_t* q, float* d, float* s) {
   const int64_t nb = k / QK;
   for (int64_t b = 0; b < nb; ++b) {
@@ -133,8 +152,7 @@ inline int block_dot_q4_1(const uint8_t* row, const int16_t* xq, int64_t b, int6
   int sum = 0;
   for (int j = 0; j < 16; ++j) {
     const uint8_t byte = row[b * 16 + j];
-    sum += (byte & 0x0f) * xq[q_pos(Layout::Q4_1, b, j, nb)] +
-           (byte >> 4) * xq[q_pos(Layout::Q4_1, b, j + 16, nb)];
+    sum += (byte & 0x0f) * xq[q_pos(ACT4, b, j, nb)] + (byte >> 4) * xq[q_pos(ACT4, b, j + 16, nb)];
   }
   return sum;
 }
@@ -142,7 +160,7 @@ inline int block_dot_q4_1(const uint8_t* row, const int16_t* xq, int64_t b, int6
 inline int block_dot_q8_0(const uint8_t* row, const int16_t* xq, int64_t b, int64_t nb) {
   const int8_t* w = reinterpret_cast<const int8_t*>(row + b * 32);
   int sum = 0;
-  for (int j = 0; j < QK; ++j) sum += w[j] * xq[q_pos(Layout::Q8_0, b, j, nb)];
+  for (int j = 0; j < QK; ++j) sum += w[j] * xq[q_pos(ACT8, b, j, nb)];
   return sum;
 }
 
@@ -165,8 +183,7 @@ float dot_q8_0(const uint8_t* row, QuantRow x, int64_t nb) {
   return total;
 }
 
-#if defined(__AVX512BW__) && defined(__AVX512F__)
-#define LW_AVX512 1
+#ifdef LW_AVX512
 inline __m512i dot_i16(__m512i acc, __m512i a, __m512i b) {
 #if defined(__AVX512VNNI__)
   return _mm512_dpwssd_epi32(acc, a, b);
@@ -312,6 +329,135 @@ __attribute__((always_inline)) inline void dot4_q8_0(const uint8_t* row, int64_t
     }
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+}
+
+#elif defined(LW_AVX2)
+// The AVX2 tier: the same activation layout, read as 256-bit halves (one half of a Q4_1 group of 4
+// is 2 blocks, as a group of 2 is; one Q8_0 block is one half of a group of 2).
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// n <= 8 fp16 values at p as 8 floats, zero past n.
+inline __m256 load_fp16x8(const uint8_t* p, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(buf, p, static_cast<size_t>(n) * 2);
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// n <= 8 floats at p, zero past n.
+inline __m256 load_f32x8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+}
+
+inline __m256i load256(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// Q4_1, four rows at once, two blocks (32 weight bytes) per step; the mins' part (m * sum(x)) is
+// added to the same accumulators (only their total is used).
+__attribute__((always_inline)) inline void dot4_q4_1(const uint8_t* row, int64_t row_bytes,
+                                                    QuantRow x, int64_t nb, float* out) {
+  constexpr int R = 4;
+  __m256 acc[R];
+  float tail[R] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi16(0x0f);
+  const int64_t full = nb / 4 * 4;
+  for (int64_t c = 0; c < nb; c += 8) {
+    const int64_t n = std::min<int64_t>(8, nb - c);
+    const __m256 xd = load_f32x8(x.d + c, n), xs = load_f32x8(x.s + c, n);
+    __m256 dx[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* ds = row + r * row_bytes + nb * 16;
+      dx[r] = _mm256_mul_ps(load_fp16x8(ds + 2 * c, n), xd);
+      acc[r] = _mm256_fmadd_ps(load_fp16x8(ds + nb * 2 + 2 * c, n), xs, acc[r]);
+    }
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      const int64_t b = c + i;
+      const int16_t* a;
+      int64_t stride;  // between the four activation vectors of the pair
+      if (b + 2 <= full) {  // half (b - g) / 2 of the group of 4 starting at g
+        const int64_t g = b - b % 4;
+        a = x.q + g * QK + (b - g) / 2 * 16, stride = 32;
+      } else if (b == full) {  // the group of 2 after the last group of 4
+        a = x.q + b * QK, stride = 16;
+      } else {
+        break;
+      }
+      const __m256i a0 = load256(a), a1 = load256(a + stride);
+      const __m256i a2 = load256(a + 2 * stride), a3 = load256(a + 3 * stride);
+      // lanes 0-3 hold block b's sums, 4-7 block b + 1's: scales [4 x dx_i, 4 x dx_i+1]
+      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i)),
+                                           _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = load256(row + r * row_bytes + b * 16);
+        __m256i p = dot_i16(_mm256_setzero_si256(), _mm256_and_si256(v, low), a0);
+        p = dot_i16(p, _mm256_and_si256(_mm256_srli_epi16(v, 8), low), a1);
+        p = dot_i16(p, _mm256_and_si256(_mm256_srli_epi16(v, 4), low), a2);
+        p = dot_i16(p, _mm256_srli_epi16(v, 12), a3);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dx[r], idx),
+                                 acc[r]);
+      }
+    }
+    if (i < n) {  // a single last block
+      const int64_t b = c + i;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* rr = row + r * row_bytes;
+        tail[r] += fp16_to_fp32(rr + nb * 16 + 2 * b) * x.d[b] * block_dot_q4_1(rr, x.q, b, nb);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + tail[r];
+}
+
+// Q8_0, four rows at once, one block (32 weight bytes) per step.
+__attribute__((always_inline)) inline void dot4_q8_0(const uint8_t* row, int64_t row_bytes,
+                                                    QuantRow x, int64_t nb, float* out) {
+  constexpr int R = 4;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t full = nb / 2 * 2;
+  for (int64_t c = 0; c < nb; c += 8) {
+    const int64_t n = std::min<int64_t>(8, nb - c);
+    const __m256 xd = load_f32x8(x.d + c, n);
+    __m256 dx[R];
+    for (int r = 0; r < R; ++r) {
+      dx[r] = _mm256_mul_ps(load_fp16x8(row + r * row_bytes + nb * 32 + 2 * c, n), xd);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = c + i;
+      // even elements' activations, then odd ones' (q_pos: groups of 2 blocks, then 1)
+      const int16_t* ea = b < full ? x.q + (b - b % 2) * QK + (b % 2) * 16 : x.q + b * QK;
+      const int16_t* oa = ea + (b < full ? 32 : 16);
+      const __m256i even = load256(ea), odd = load256(oa);
+      const __m256i idx = _mm256_set1_epi32(static_cast<int>(i));
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = load256(row + r * row_bytes + b * 32);
+        __m256i p = dot_i16(_mm256_setzero_si256(),
+                            _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), even);
+        p = dot_i16(p, _mm256_srai_epi16(v, 8), odd);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dx[r], idx),
+                                 acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 #endif
 

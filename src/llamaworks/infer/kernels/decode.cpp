@@ -35,6 +35,10 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   s = _mm512_reduce_add_ps(acc);
+#elif defined(LW_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = hsum(acc);
 #endif
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
@@ -281,12 +285,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llamaworks, m) {
+LW_FRAGMENT(m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor write_pos, Tensor rope_pos, Tensor inv_freq, Tensor mask, "
         "int n_heads, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
+LW_IMPL(m) {
   m.impl("decode_layers", &decode_layers);
 }

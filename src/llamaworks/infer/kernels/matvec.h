@@ -7,6 +7,19 @@
 
 #include "blocks.h"
 
+// Each tier's build registers its ops under its own namespace (torch.ops.llamaworks_avx2, ...), so
+// several tiers can be loaded into one process (tests compare them); LW_NAMESPACE is set by the
+// build.
+#ifndef LW_NAMESPACE
+#define LW_NAMESPACE llamaworks
+#endif
+#define LW_LIBRARY_(ns, m) TORCH_LIBRARY(ns, m)
+#define LW_LIBRARY(m) LW_LIBRARY_(LW_NAMESPACE, m)
+#define LW_FRAGMENT_(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define LW_FRAGMENT(m) LW_FRAGMENT_(LW_NAMESPACE, m)
+#define LW_IMPL_(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+#define LW_IMPL(m) LW_IMPL_(LW_NAMESPACE, m)
+
 namespace {
 
 enum Kind : int64_t { F32 = 0, BF16 = 1, KQ4_1 = 4, KQ8_0 = 8 };
@@ -33,6 +46,16 @@ inline void dot4_f32(const float* w, int64_t ld, const float* x, int64_t k, floa
   s[1] = _mm512_reduce_add_ps(a1);
   s[2] = _mm512_reduce_add_ps(a2);
   s[3] = _mm512_reduce_add_ps(a3);
+#elif defined(LW_AVX2)
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + ld + i), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * ld + i), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * ld + i), xv, a3);
+  }
+  s[0] = hsum(a0), s[1] = hsum(a1), s[2] = hsum(a2), s[3] = hsum(a3);
 #endif
   for (; i < k; ++i) {
     for (int r = 0; r < 4; ++r) s[r] += w[r * ld + i] * x[i];
@@ -62,6 +85,18 @@ inline void dot4_bf16(const uint16_t* w, int64_t ld, const float* x, int64_t k, 
     }
   }
   for (int r = 0; r < 4; ++r) s[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(LW_AVX2)
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  for (; i + 8 <= k; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < 4; ++r) {
+      const __m256i h = _mm256_cvtepu16_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ld + i)));
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h, 16)), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) s[r] = hsum(acc[r]);
 #endif
   for (; i < k; ++i) {
     for (int r = 0; r < 4; ++r) s[r] += bf16_to_f32(w[r * ld + i]) * x[i];
@@ -84,12 +119,12 @@ struct Input {
     if (need4) {
       q4.resize(B * K), d4.resize(B * nb), s4.resize(B * nb);
       for (int64_t b = 0; b < B; ++b)
-        quantize_row(x + b * K, K, Layout::Q4_1, &q4[b * K], &d4[b * nb], &s4[b * nb]);
+        quantize_row(x + b * K, K, ACT4, &q4[b * K], &d4[b * nb], &s4[b * nb]);
     }
     if (need8) {
       q8.resize(B * K), d8.resize(B * nb), s8.resize(B * nb);
       for (int64_t b = 0; b < B; ++b)
-        quantize_row(x + b * K, K, Layout::Q8_0, &q8[b * K], &d8[b * nb], &s8[b * nb]);
+        quantize_row(x + b * K, K, ACT8, &q8[b * K], &d8[b * nb], &s8[b * nb]);
     }
   }
   QuantRow row4(int64_t b) const { return {&q4[b * K], &d4[b * (K / QK)], &s4[b * (K / QK)]}; }
@@ -137,14 +172,14 @@ void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_
             dot4_bf16(reinterpret_cast<const uint16_t*>(w), K, x + b * K, K, four);
             break;
           case KQ4_1:
-#ifdef LW_AVX512
+#ifdef LW_DOT4
             dot4_q4_1(w, m.row_bytes, in.row4(b), nb, four);
 #else
             for (int r = 0; r < 4; ++r) four[r] = dot_q4_1(w + r * m.row_bytes, in.row4(b), nb);
 #endif
             break;
           default:
-#ifdef LW_AVX512
+#ifdef LW_DOT4
             dot4_q8_0(w, m.row_bytes, in.row8(b), nb, four);
 #else
             for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);

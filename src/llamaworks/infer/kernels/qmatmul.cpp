@@ -92,6 +92,10 @@ std::string isa() {
   return "avx512vnni";
 #elif defined(LW_AVX512)
   return "avx512";
+#elif defined(LW_AVX2) && defined(__AVXVNNI__)
+  return "avx2vnni";
+#elif defined(LW_AVX2)
+  return "avx2";
 #else
   return "scalar";
 #endif
@@ -99,14 +103,14 @@ std::string isa() {
 
 }  // namespace
 
-TORCH_LIBRARY(llamaworks, m) {
+LW_LIBRARY(m) {
   m.def("q4_1_linear(Tensor x, Tensor w) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor w) -> Tensor");
   m.def("rows_dot(Tensor x, Tensor w, Tensor idx, int bits) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
-TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
+LW_IMPL(m) {
   m.impl("q4_1_linear", &q4_1_linear);
   m.impl("q8_0_linear", &q8_0_linear);
   m.impl("rows_dot", &rows_dot);
