@@ -156,18 +156,27 @@ def test_gguf_missing_metadata_key(tmp_path, base):
     fails(p, "missing GGUF key 'llama.block_count'")
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "IQ4_NL"])
-def test_gguf_unsupported_tensor_type(tmp_path, base, qtype):
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q4_0", "Q8_0"])
+def test_gguf_quantized_tensor_types_load_as_the_gguf_package_decodes_them(tmp_path, base, qtype):
+    """The types K-quant files fall back to (Q5_0/Q5_1 where rows are not multiples of 256) load;
+    the weight equals gguf-py's own dequantization of the stored blocks."""
     q = gguf.GGMLQuantizationType[qtype]
     name = "blk.1.ffn_up.weight"
-    if qtype == "IQ4_NL":  # gguf-py cannot quantize it: write blocks of the right size
-        block, size = gguf.GGML_QUANT_SIZES[q]
-        kind = (q, np.zeros((CFG.hidden_dim, CFG.dim // block * size), dtype=np.uint8))
-    else:
-        kind = q
-    p = rewrite_gguf(base["gguf"], tmp_path / f"{qtype}.gguf", retype={name: kind})
-    assert {t.name: t.type_name for t in parse_gguf(p).tensors}[name] == qtype
-    fails(p, f"tensor '{name}' has type {qtype}", "does not support")
+    p = rewrite_gguf(base["gguf"], tmp_path / f"{qtype}.gguf", retype={name: q})
+    stored = next(t for t in gguf.GGUFReader(p).tensors if t.name == name)
+    assert stored.tensor_type == q
+    ref = gguf.quants.dequantize(np.asarray(stored.data), q).reshape(CFG.hidden_dim, CFG.dim)
+    got = load_model(p).model.model.layers[1].mlp.up_proj.weight
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)))
+
+
+def test_gguf_unsupported_tensor_type(tmp_path, base):
+    q = gguf.GGMLQuantizationType.IQ2_XXS  # gguf-py cannot quantize it: blocks of the right size
+    name = "blk.1.ffn_up.weight"
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    blocks = np.zeros((CFG.hidden_dim, max(1, CFG.dim // block) * size), dtype=np.uint8)
+    p = rewrite_gguf(base["gguf"], tmp_path / "iq2.gguf", retype={name: (q, blocks)})
+    fails(p, f"tensor '{name}' has type IQ2_XXS", "does not support")
 
 
 def test_gguf_missing_tensor(tmp_path, base):

@@ -641,3 +641,50 @@ def test_pytorch_model_bin_loads(tmp_path, legacy):
     toks = tokens(cfg.vocab_size)
     got = load_model(tmp_path)
     torch.testing.assert_close(logits(got.model, toks), logits(model, toks), atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4_k_m(smollm_gguf, llama_cpp, tmp_path_factory) -> Path:
+    """SmolLM2 re-quantized by llama.cpp's own quantizer to its Q4_K_M recipe (as the files people
+    download are made): K-quant tensors, with Q5_0 where rows are not multiples of 256."""
+    path = tmp_path_factory.mktemp("q4km") / "smollm2-Q4_K_M.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True  # the source file is Q4_1
+    assert llama_cpp.llama_model_quantize(str(smollm_gguf).encode(), str(path).encode(),
+                                          ctypes.byref(params)) == 0
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_from_llama_cpp_scores_as_transformers_gguf_loader(smollm2_q4_k_m,
+                                                                           smollm_tokenizer):
+    """A real Q4_K_M file (Q4_K, Q6_K and Q5_0 tensors) loads; its per-token NLL on held-out text
+    equals transformers' GGUF loader (float32 dequantization of the same file) within 2e-3, and
+    greedy decoding gives the same tokens on the fused step as on the per-op forward."""
+    import transformers
+
+    from llamaworks import LLM, SamplingParams
+    from llamaworks.cli import score_ids
+
+    types = {t.type_name for t in parse_gguf(smollm2_q4_k_m).tensors if len(t.shape) == 2}
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= types, types
+    ours = load_model(smollm2_q4_k_m).model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_q4_k_m.parent, gguf_file=smollm2_q4_k_m.name, dtype=torch.float32).eval()
+    text = (Path(__file__).parent / "data" / "heldout_english.txt").read_text()
+    ids = smollm_tokenizer.encode(text, bos=False)[:256]
+    nll = np.array(score_ids(ours, ids))
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    ref = -logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    assert nll.shape == ref.shape
+    diff = np.abs(nll - ref)
+    assert diff.max() <= 2e-3 and abs(nll.mean() - ref.mean()) <= 2e-3, (diff.max(), diff.mean())
+
+    llm = LLM(ours, smollm_tokenizer)
+    assert llm.step.fused is not None
+    p = SamplingParams(max_tokens=24, ignore_eos=True)
+    fused = llm.generate("The capital of France is", p)[0].token_ids
+    llm.step.fused = None
+    assert llm.generate("The capital of France is", p)[0].token_ids == fused

@@ -20,8 +20,12 @@ from llamaworks.checkpoint.shapes import expected_shapes
 from llamaworks.config import ModelConfig
 from llamaworks.errors import CheckpointError
 
-# The tensor types llamaworks accepts (the list); anything else is refused by name.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# The tensor types llamaworks reads: every type in the files people download (Q4_K_M and Q5_K_M
+# files fall back to Q5_0/Q5_1/Q8_0 where rows are not multiples of 256; Q2_K/Q3_K files hold Q3_K
+# to Q6_K; IQ4_NL/IQ4_XS in the i-quant files), all decoded by the `gguf` package. Anything else
+# is refused by name.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 # llama.cpp tensor names -> HF names ({i} = layer index).
 _LAYER_MAP = {
