@@ -50,6 +50,18 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
+def _llama_cpp_isa() -> str:
+    """The instruction sets the loaded llama.cpp library was built with (its system info)."""
+    try:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode()
+    except Exception:  # noqa: BLE001 - a missing llama.cpp is reported, not fatal
+        return "not available"
+    return " ".join(f.split("=")[0].strip() for f in info.split("|")
+                    if f.strip().endswith("= 1") and "AVX" in f)
+
+
 def _rates(stamps: list[float], start: float) -> tuple[float, float]:
     """(first-token latency s, decode tok/s over the remaining tokens)."""
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -332,7 +344,8 @@ def main() -> None:
     print(f"kernel tiers: default {best} (build: {kernels.isa() if best else '-'}), also run: "
           f"{', '.join(t for t in tiers if t != best) or 'none'} · PyTorch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} · llama.cpp library "
-          f"{os.environ.get('LLAMA_CPP_LIB_PATH', 'as installed (native build)')}\n")
+          f"{os.environ.get('LLAMA_CPP_LIB_PATH', 'as installed (native build)')} "
+          f"({_llama_cpp_isa()})\n")
     print(f"weight reading rate: {bandwidth / 1e9:.1f} GB/s (fp32 bound {floor:.1f} tok/s); the "
           "bandwidth bound of each row is that rate over its weight bytes per token "
           "(llama.cpp: the file size)\n")

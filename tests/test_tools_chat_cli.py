@@ -9,7 +9,8 @@ import pytest
 import torch
 from infer_fixtures import tiny_model
 
-from llamaworks.cli import main
+from llamaworks.checkpoint import save_native
+from llamaworks.cli import _model, main
 from llamaworks.tools import chat as tool_chat
 
 
@@ -38,8 +39,10 @@ def test_adapter_is_merged_into_the_loaded_model(tmp_path):
     for _, m in lora_modules(trained):
         torch.nn.init.normal_(m.lora_B, std=0.5)
     save_adapter(trained, cfg, tmp_path / "adapter")
-    merged = tool_chat.load_chat_model(_args(adapter=str(tmp_path / "adapter")),
-                                       lambda a: tiny_model())
+    base = tiny_model()
+    save_native(tmp_path / "base", base.config, base.state_dict())
+    merged = tool_chat.load_chat_model(
+        _args(model=str(tmp_path / "base"), adapter=str(tmp_path / "adapter")), _model)
     x = torch.tensor([[1, 5, 9, 4]])
     with torch.no_grad():
         assert not torch.allclose(merged(x), tiny_model()(x))

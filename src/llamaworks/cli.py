@@ -39,19 +39,17 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     return load_tokenizer(_model_path(args))
 
 
-def _model(args: argparse.Namespace) -> Any:
+def _model(args: argparse.Namespace, adapters: tuple[str, ...] = ()) -> Any:
+    """The model for an inference verb: the file's own weight types by default (the one loader,
+    `infer.load.load_for_use`), or --quant converted on load; `adapters` merged first."""
     import torch
 
-    from llamaworks.checkpoint import load_model
+    from llamaworks.infer.load import load_for_use
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    model = load_model(_model_path(args)).model
-    if getattr(args, "quant", None):
-        from llamaworks.infer.quantize import quantize_model
-
-        model = quantize_model(model, args.quant, args.group_size, inplace=True)
-    return model
+    return load_for_use(_model_path(args), adapters, getattr(args, "quant", None),
+                        getattr(args, "group_size", 32))
 
 
 def _decode_step(model: Any, args: argparse.Namespace) -> Any:

@@ -194,9 +194,20 @@ class Llama(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where the activations live (the final norm's weight: every model has one, whatever
+        form its embedding and linear layers take)."""
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the residual stream (and of the KV cache)."""
+        return self.model.norm.weight.dtype
+
     def reset_rope(self) -> None:
         cfg = self.config
-        device = self.model.embed_tokens.weight.device  # not the buffer's: it may be on meta
+        device = self.device  # not the buffer's: it may be on meta
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +178,40 @@ def _llama3_scaling_from_freqs(freqs: np.ndarray, cfg: ModelConfig, path: Path,
                           f"that llamaworks can reproduce (divisors {freqs.tolist()[:8]} ...)")
 
 
-def load_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torch.Tensor],
-                                                     dict[str, Any]]:
-    """(config, HF-named float32 state dict, metadata) from a llama GGUF file."""
+@dataclass
+class StoredBlocks:
+    """A quantized matrix as the file stores it: `rows` uint8 [out, bytes per row] of GGUF blocks
+    (`type_name`, e.g. Q4_1), a read-only view of the memory-mapped file (copy it, then
+    `release()` its pages), for `shape` = (out, in) weights. `order`: the row permutation that
+    puts the rows in HF order (llama.cpp's Q/K permutation undone by moving whole rows), or
+    None."""
+
+    type_name: str
+    shape: tuple[int, ...]
+    rows: torch.Tensor
+    order: torch.Tensor | None
+    source: GGUFFile
+    info: TensorInfo
+
+    def release(self) -> None:
+        self.source.release(self.info)
+
+
+def _stored(f: GGUFFile, t: TensorInfo, heads: int | None) -> StoredBlocks:
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only view on purpose: nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.from_numpy(f.data(t)).reshape(t.shape[0], -1)
+    order = None if heads is None else unpermute_qk(torch.arange(t.shape[0]), heads)
+    return StoredBlocks(t.type_name, tuple(t.shape), rows, order, f, t)
+
+
+def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
+              ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(config, HF-named state dict, metadata) from a llama GGUF file: float32 tensors, except
+    that matrices of the types in `keep` (e.g. ("Q4_1", "Q8_0")) come as `StoredBlocks`, never
+    decoded."""
     p = Path(path)
     f = parse_gguf(p)
     md = read_metadata(f)
@@ -217,12 +249,13 @@ def load_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torc
     sd: dict[str, torch.Tensor] = {}
     for hf, t in tqdm(by_hf.items(), desc="loading GGUF", unit="tensor", leave=False,
                       disable=len(by_hf) < 64 or not _tty()):
+        heads = cfg.n_heads if hf.endswith("q_proj.weight") else \
+            cfg.n_kv_heads if hf.endswith("k_proj.weight") else None
+        if t.type_name in keep and len(t.shape) == 2:
+            sd[hf] = _stored(f, t, heads)
+            continue
         w = torch.from_numpy(np.array(_dequantize(f, t), dtype=np.float32, order="C"))
-        if hf.endswith("q_proj.weight"):
-            w = unpermute_qk(w, cfg.n_heads)
-        elif hf.endswith("k_proj.weight"):
-            w = unpermute_qk(w, cfg.n_kv_heads)
-        sd[hf] = w
+        sd[hf] = w if heads is None else unpermute_qk(w, heads)
     return cfg, sd, md
 
 
@@ -263,5 +296,5 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{rev[module]}.weight"
 
 
-__all__ = ["load_gguf", "read_metadata", "parse_gguf", "unpermute_qk", "permute_qk",
+__all__ = ["load_gguf", "StoredBlocks", "read_metadata", "parse_gguf", "unpermute_qk", "permute_qk",
            "gguf_name", "SUPPORTED_TYPES"]

@@ -65,6 +65,17 @@ class GGUFFile:
         """The tensor's raw bytes, read-only, straight from the memory-mapped file."""
         return np.frombuffer(self._map, np.uint8, t.n_bytes, t.offset)
 
+    def release(self, t: TensorInfo) -> None:
+        """Drop the tensor's pages from this process's memory once they have been copied (they
+        stay in the page cache and are read again if touched), so loading a file tensor by
+        tensor never holds the whole mapping resident beside its copies."""
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.n_bytes - start)
+        except (AttributeError, OSError, ValueError):  # no madvise here: only memory is lost
+            pass
+
 
 class _Cursor:
     def __init__(self, buf: Any, path: Path):

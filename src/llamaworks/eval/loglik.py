@@ -113,7 +113,7 @@ def score_spans(model: Llama, spans: Sequence[Span], batch_size: int = 16,
     lines = sorted(_lines(rows, spans, pack_tokens),
                    key=lambda ln: -sum(r.length(spans) for r in ln))
     out: list[SpanScore | None] = [None] * len(spans)
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     step = max(1, batch_size)
     for b in range(0, len(lines), step):
         batch = lines[b:b + step]

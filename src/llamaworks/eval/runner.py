@@ -13,25 +13,15 @@ def load_for_eval(path: str | Path | None = None, adapter: str | Path | None = N
                   quant: str | None = None, group_size: int = 32) -> tuple[Any, Any]:
     """(model, tokenizer): the checkpoint at `path` (default: the SmolLM2 GGUF), with a LoRA
     adapter merged in and/or weight-only quantization applied, in eval mode."""
-    from llamaworks.checkpoint import load_model, load_tokenizer
+    from llamaworks.checkpoint import load_tokenizer
+    from llamaworks.infer.load import load_for_use
 
     if path is None:
         from llamaworks.checkpoint.discovery import default_model_path
 
         path = default_model_path()
-    model = load_model(Path(path)).model
-    tok = load_tokenizer(Path(path))
-    if adapter is not None:
-        try:
-            from llamaworks.posttrain.lora import load_adapter
-        except ImportError as e:
-            raise LlamaworksError(f"--adapter needs llamaworks.posttrain.lora ({e})") from None
-        model = load_adapter(model, adapter)
-    if quant is not None:
-        from llamaworks.infer.quantize import quantize_model
-
-        model = quantize_model(model, quant, group_size, inplace=True)
-    return model.eval(), tok
+    model = load_for_use(Path(path), () if adapter is None else (adapter,), quant, group_size)
+    return model, load_tokenizer(Path(path))
 
 
 def run_task(task: Task, model: Any, tok: Any, num_fewshot: int = 0, limit: int | None = None,

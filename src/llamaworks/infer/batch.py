@@ -39,7 +39,7 @@ class DecodeStep:
         self.fused = None if compile else FusedDecoder.build(model)
         self._caches: dict[tuple[int, int], KVCache] = {}
         if compile:
-            cuda = model.model.embed_tokens.weight.is_cuda
+            cuda = model.device.type == "cuda"
             mode = "reduce-overhead" if cuda else "max-autotune-no-cudagraphs"
             try:
                 self.compiled = torch.compile(self._eager, mode=mode, dynamic=False)
@@ -77,7 +77,7 @@ class DecodeStep:
 
 
 def cache_dtype(model: Llama) -> torch.dtype:
-    return model.model.embed_tokens.weight.dtype
+    return model.dtype
 
 
 def new_cache(model: Llama, batch: int, length: int, min_size: int = 256) -> KVCache:
@@ -88,8 +88,7 @@ def new_cache(model: Llama, batch: int, length: int, min_size: int = 256) -> KVC
     while size < length:
         size *= 2
     size = min(size, model.config.max_seq_len)
-    emb = model.model.embed_tokens.weight
-    return KVCache(model.config, batch, size, cache_dtype(model), emb.device)
+    return KVCache(model.config, batch, size, cache_dtype(model), model.device)
 
 
 @torch.inference_mode()
@@ -97,7 +96,7 @@ def decode_batch(model: Llama, prompts: Sequence[Sequence[int]], max_new: int,
                  step: DecodeStep, pad_id: int = 0) -> Iterator[Tensor]:
     """Prefill `prompts` (row 0 must be the longest) and yield logits [B, vocab] for each next
     position; the caller sends back the chosen tokens [B] with `.send`."""
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     b, length = len(prompts), len(prompts[0])
     if any(len(p) > length for p in prompts):
         raise ValueError("row 0 must hold the longest prompt")

@@ -194,9 +194,8 @@ class ContinuousEngine:
 
     # -- scheduler -------------------------------------------------------------------------------
     def _new_pool(self, length: int) -> KVCache:
-        emb = self.model.model.embed_tokens.weight
-        return KVCache(self.model.config, self.max_batch, length, emb.dtype, emb.device,
-                       per_row=True)
+        return KVCache(self.model.config, self.max_batch, length, self.model.dtype,
+                       self.model.device, per_row=True)
 
     def _ensure_len(self, length: int) -> None:
         """Grow every row's buffer (powers of two, capped at `context`) to hold `length`."""

@@ -89,12 +89,13 @@ class LLM:
 
     def __init__(self, model: str | Path | Any, tokenizer: Any = None, quant: str | None = None,
                  compile: bool = False, group_size: int = 32, max_batch_size: int = 16):
-        from llamaworks.checkpoint import load_model, load_tokenizer
+        from llamaworks.checkpoint import load_tokenizer
+        from llamaworks.infer.load import load_for_use
 
-        if isinstance(model, (str, Path)):
+        if isinstance(model, (str, Path)):  # the file's own weight types unless `quant`
             path = Path(model)
-            model = load_model(path)
-            tokenizer = tokenizer or load_tokenizer(path)
+            model = load_for_use(path, quant=quant, group_size=group_size)
+            tokenizer, quant = tokenizer or load_tokenizer(path), None
         if not isinstance(model, Llama):  # a Loaded
             tokenizer = tokenizer or load_tokenizer(model.path)
             model = model.model

@@ -54,8 +54,7 @@ class FusedDecoder:
         docstring) or the kernels are unavailable. LLAMAWORKS_NO_FUSED=1 also gives None."""
         if os.environ.get("LLAMAWORKS_NO_FUSED") or not isinstance(model, Llama):
             return None
-        emb = model.model.embed_tokens.weight
-        if emb.device.type != "cpu" or emb.dtype != torch.float32 or not kernels.preferred():
+        if model.device.type != "cpu" or model.dtype != torch.float32 or not kernels.preferred():
             return None
         weights: list[Tensor] = []
         kinds: list[int] = []

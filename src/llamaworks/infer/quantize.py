@@ -48,6 +48,29 @@ def _kernel_ok(linear: nn.Linear) -> bool:
     return w.device.type == "cpu" and w.shape[1] % kernels.QK == 0 and kernels.preferred()
 
 
+# Inputs of at least this many rows (prompt chunks, scoring) are multiplied as float32 GEMMs over
+# weight tiles dequantized on the fly, instead of the block matvec kernels: exact float32 math
+# (as the dequantized model computes it) and BLAS speed; memory stays bounded by the tile.
+GEMM_MIN_ROWS = 16
+GEMM_TILE_ROWS = 2048  # weight rows dequantized at a time (2048 x 4096 floats = 32 MB)
+
+
+def block_linear(x: Tensor, blocks: Tensor, bits: int, tier: str | None) -> Tensor:
+    """x [..., K] @ W.T for packed Q4_1 (bits 4) / Q8_0 (bits 8) rows W: the block kernels for
+    few rows (decode), tiled dequantize + float32 GEMM for many (prefill)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows < GEMM_MIN_ROWS or torch.compiler.is_compiling():
+        linear = kernels.q4_1_linear if bits == 4 else kernels.q8_0_linear
+        return linear(x, blocks, tier)
+    unpack = kernels.unpack_q4_1 if bits == 4 else kernels.unpack_q8_0
+    x2 = x.reshape(rows, x.shape[-1]).float()
+    y = torch.empty(rows, blocks.shape[0], dtype=torch.float32, device=x.device)
+    for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
+        r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
+        torch.mm(x2, unpack(blocks[r0:r1]).T, out=y[:, r0:r1])
+    return y.reshape(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """Symmetric int8 weights: Q8_0 blocks of 32 for our CPU kernel, else one float scale per
     output channel for PyTorch's kernel."""
@@ -67,6 +90,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale.to(torch.bfloat16))
 
+    @classmethod
+    def from_blocks(cls, blocks: Tensor, in_features: int) -> Int8Linear:
+        """A layer over packed Q8_0 rows (`kernels` row format), e.g. a GGUF tensor as stored."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks)
+        self.tier = kernels.tier()
+        return self
+
     def dequantize(self) -> Tensor:
         if self.blocks is not None:
             return kernels.unpack_q8_0(self.blocks)
@@ -82,7 +115,7 @@ class Int8Linear(nn.Module):
             fused = getattr(self, "fused", None)
             if fused is not None and not torch.compiler.is_compiling():
                 return fused(x)[..., self.fused_span]
-            return kernels.q8_0_linear(x, self.blocks, self.tier)
+            return block_linear(x, self.blocks, 8, self.tier)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -129,6 +162,17 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", packed)
         self.register_buffer("_q", q.to(torch.uint8), persistent=False)  # for dequantize()
 
+    @classmethod
+    def from_blocks(cls, blocks: Tensor, in_features: int) -> Int4Linear:
+        """A layer over packed Q4_1 rows (`kernels` row format), e.g. a GGUF tensor as stored."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.group_size = kernels.QK
+        self.register_buffer("blocks", blocks)
+        self.tier = kernels.tier()
+        return self
+
     def dequantize(self) -> Tensor:
         if self.blocks is not None:
             return kernels.unpack_q4_1(self.blocks)
@@ -150,7 +194,7 @@ class Int4Linear(nn.Module):
             fused = getattr(self, "fused", None)
             if fused is not None and not torch.compiler.is_compiling():
                 return fused(x)[..., self.fused_span]
-            return kernels.q4_1_linear(x, self.blocks, self.tier)
+            return block_linear(x, self.blocks, 4, self.tier)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if x2.is_cuda:
@@ -160,6 +204,21 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
                                                            self.scales_and_zeros)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table kept in Q4_1 or Q8_0 blocks (as a GGUF file stores it): the looked-up
+    rows are dequantized to float32, never the whole table. A tied output head shares `blocks`."""
+
+    def __init__(self, blocks: Tensor, bits: int, dim: int):
+        super().__init__()
+        self.bits, self.embedding_dim = bits, dim
+        self.num_embeddings = blocks.shape[0]
+        self.register_buffer("blocks", blocks)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        unpack = kernels.unpack_q4_1 if self.bits == 4 else kernels.unpack_q8_0
+        return unpack(self.blocks, tokens)
 
 
 class RefinedHead(nn.Module):
@@ -185,6 +244,21 @@ class RefinedHead(nn.Module):
         return y.scatter(-1, top, exact).to(x.dtype)
 
 
+def _adjacent(members: list[Int4Linear] | list[Int8Linear]) -> Tensor | None:
+    """The members' blocks as one tensor when they already are consecutive rows of one (as the
+    loader packs q/k/v and gate/up), else None."""
+    first = members[0].blocks
+    base, at = first.untyped_storage().data_ptr(), first.data_ptr()
+    for m in members:
+        b = m.blocks
+        if (b.untyped_storage().data_ptr() != base or b.data_ptr() != at or
+                not b.is_contiguous() or b.shape[1] != first.shape[1]):
+            return None
+        at += b.numel()
+    rows = sum(m.blocks.shape[0] for m in members)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
 class FusedRows:
     """Several kernel-backed linears that read the same input (q/k/v, gate/up) as one matmul: their
     packed rows are views into one tensor; the first member called on an input computes every
@@ -194,10 +268,10 @@ class FusedRows:
     Python overhead in eager mode)."""
 
     def __init__(self, members: list[Int4Linear] | list[Int8Linear]):
-        self.linear = kernels.q4_1_linear if isinstance(members[0], Int4Linear) \
-            else kernels.q8_0_linear
+        self.bits = 4 if isinstance(members[0], Int4Linear) else 8
         self.tier = members[0].tier
-        self.blocks = torch.cat([m.blocks for m in members])
+        joined = _adjacent(members)
+        self.blocks = torch.cat([m.blocks for m in members]) if joined is None else joined
         start = 0
         for m in members:
             end = start + m.out_features
@@ -208,7 +282,7 @@ class FusedRows:
     def __call__(self, x: Tensor) -> Tensor:
         last = self._last  # one read: safe against another thread replacing it meanwhile
         if last is None or last[0] is not x:
-            last = self._last = (x, self.linear(x, self.blocks, self.tier))
+            last = self._last = (x, block_linear(x, self.blocks, self.bits, self.tier))
         return last[1]
 
     def __deepcopy__(self, memo: dict) -> FusedRows:
@@ -265,6 +339,32 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32,
     if fuse:
         fuse_projections(model)
     return model
+
+
+def packed_rows(gguf_rows: Tensor, type_name: str, order: Tensor | None = None,
+                out: Tensor | None = None) -> Tensor:
+    """GGUF Q4_1 / Q8_0 block rows uint8 [N, nb * block bytes] (rows `order` of them, if given)
+    -> our kernels' packed rows: the same bytes regrouped, quants first, then the fp16 scales (and
+    mins), written into `out` if given. No value is decoded; the output is the only full-size
+    allocation."""
+    n = gguf_rows.shape[0]
+    if type_name == "Q4_1":  # per block: d, m (fp16), 16 quant bytes
+        size, parts = kernels.Q4_1_BYTES, ((4, 20), (0, 2), (2, 4))
+    elif type_name == "Q8_0":  # per block: d (fp16), 32 int8
+        size, parts = kernels.Q8_0_BYTES, ((2, 34), (0, 2))
+    else:
+        raise ValueError(f"no block kernel for {type_name}")
+    nb = gguf_rows.shape[1] // size
+    src = gguf_rows.reshape(n, nb, size)
+    if out is None:
+        out = torch.empty(n, nb * size, dtype=torch.uint8)
+    at = 0
+    for lo, hi in parts:
+        seg = out[:, at: at + nb * (hi - lo)].view(n, nb, hi - lo)
+        part = src[:, :, lo:hi]
+        seg.copy_(part if order is None else part.index_select(0, order))
+        at += nb * (hi - lo)
+    return out
 
 
 def weight_bytes(model: nn.Module) -> int:

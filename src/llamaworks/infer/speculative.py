@@ -36,9 +36,8 @@ class _Seq:
     """One model's view of the sequence: its cache and how many tokens it holds."""
 
     def __init__(self, model: Llama, size: int):
-        emb = model.model.embed_tokens.weight
         self.model = model
-        self.cache = KVCache(model.config, 1, size, emb.dtype, emb.device)
+        self.cache = KVCache(model.config, 1, size, model.dtype, model.device)
         self.n = 0
 
     def feed(self, ids: Sequence[int]) -> Tensor:

@@ -13,20 +13,18 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
     model name clients send."""
     import torch
 
-    from llamaworks.checkpoint import load_model, load_tokenizer
+    from llamaworks.checkpoint import load_tokenizer
     from llamaworks.cli import _model_path
     from llamaworks.infer.continuous import ContinuousEngine
     from llamaworks.infer.engine import LLM
+    from llamaworks.infer.load import load_for_use
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = _model_path(args)
-    model = load_model(path).model
-    if args.adapter:
-        from llamaworks.posttrain.lora import load_adapter
-
-        model = load_adapter(model, args.adapter)
-    llm = LLM(model, load_tokenizer(path), quant=args.quant, group_size=args.group_size)
+    model = load_for_use(path, (args.adapter,) if args.adapter else (), args.quant,
+                         args.group_size)
+    llm = LLM(model, load_tokenizer(path))
     engine = ContinuousEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
                               context=args.context)
     name = args.model_name or path.name.removesuffix(".gguf")

@@ -42,28 +42,18 @@ def chat_adapter(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def load_chat_model(args: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Any:
-    """The model for `chat`: `load(args)` with the adapter (if any) merged before quantizing."""
+def load_chat_model(args: argparse.Namespace,
+                    load: Callable[[argparse.Namespace, tuple[str, ...]], Any]) -> Any:
+    """The model for `chat`: `load(args, adapters)` with the adapter (if any: --adapter, or the
+    shipped tool adapter with --tools) merged before --quant applies."""
     if getattr(args, "tools", None):
         from llamaworks.tools.registry import default_registry
 
         default_registry(args.tools)  # unknown tool names fail before the model loads
     adapter = chat_adapter(args)
     if adapter is None:
-        return load(args)
-    quant = getattr(args, "quant", None)
-    args.quant = None
-    try:
-        model = load(args)
-    finally:
-        args.quant = quant
-    from llamaworks.posttrain.lora import load_adapter
-
-    model = load_adapter(model, adapter)
-    if quant:
-        from llamaworks.infer.quantize import quantize_model
-
-        model = quantize_model(model, quant, args.group_size, inplace=True)
+        return load(args, ())
+    model = load(args, (str(adapter),))
     print(f"(LoRA adapter merged: {adapter})", file=sys.stderr)
     return model
 

@@ -47,3 +47,12 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
         libc.malloc_trim(0)  # give what the block kept back to the kernel
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc's `malloc_trim`, which also releases
+    free pages inside the heap): after a load that copied and freed many medium-sized tensors,
+    resident memory drops back to what is in use. No-op off glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

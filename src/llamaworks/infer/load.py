@@ -1,0 +1,153 @@
+"""The one loader for inference: a checkpoint path -> a model ready to decode, with its weights kept
+as the file stores them where our kernels run that type.
+
+`load_for_use(path)` is what `LLM(path)` and the inference verbs (chat, generate, score, serve,
+eval) call. For a GGUF file, Q4_1 and Q8_0 matrices (and a Q4_1/Q8_0 embedding table, whose tied
+output head shares its blocks) become `Int4Linear` / `Int8Linear` / `BlockEmbedding` over the
+file's own blocks, regrouped byte for byte into the kernels' row format: no float32 copy is made,
+so model memory is about the file size. Tensors of types our kernels do not run yet (F16, BF16, the
+K-quants, Q4_0, Q5_0/Q5_1) are dequantized to float32, as `checkpoint.load_model` does.
+`quant=` converts on load instead (everything through float32, then `quantize_model`); converting
+tensors that the file already stores quantized into another quantized type warns (double
+quantization). LoRA adapters are merged into a float32 base first, then `quant` applies.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llamaworks.checkpoint import Loaded, detect_format, load_model
+from llamaworks.errors import CheckpointError
+from llamaworks.infer import kernels
+from llamaworks.infer.quantize import (
+    BlockEmbedding,
+    Int4Linear,
+    Int8Linear,
+    fuse_projections,
+    packed_rows,
+    quantize_model,
+)
+from llamaworks.model import Llama
+from llamaworks.train.allocator import return_freed_memory
+
+# GGUF types our kernels run as stored, and the `quant` mode that produces exactly that type.
+KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8"}
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+
+def load_as_stored(path: str | Path) -> Loaded:
+    """`path` with GGUF Q4_1 / Q8_0 matrices kept in their blocks (see the module docstring);
+    other formats, or no usable kernels, load as `checkpoint.load_model` does (float32)."""
+    p = Path(path)
+    if detect_format(p) != "gguf" or not kernels.preferred():
+        return load_model(p)
+    from llamaworks.checkpoint.gguf import StoredBlocks, load_gguf
+
+    # (load_gguf checks every name, type and shape before anything is decoded)
+    cfg, sd, _ = load_gguf(_gguf_file(p), keep=tuple(KERNEL_TYPES))
+    blocks = {k: v for k, v in sd.items() if isinstance(v, StoredBlocks)}
+    floats = {k: v for k, v in sd.items() if not isinstance(v, StoredBlocks)}
+    model = Llama(cfg, device="meta")
+    outs = _group_buffers(blocks, cfg.n_layers)
+    for name, b in blocks.items():
+        rows = packed_rows(b.rows, b.type_name, b.order, outs.get(name))
+        b.release()
+        module = name.removesuffix(".weight")
+        if module == "model.embed_tokens":
+            new: nn.Module = BlockEmbedding(rows, 4 if b.type_name == "Q4_1" else 8, cfg.dim)
+        else:
+            cls = Int4Linear if b.type_name == "Q4_1" else Int8Linear
+            new = cls.from_blocks(rows, b.shape[1])
+        _replace(model, module, new)
+    emb = model.model.embed_tokens
+    if cfg.tie_embeddings and isinstance(emb, BlockEmbedding):
+        cls = Int4Linear if emb.bits == 4 else Int8Linear
+        model.lm_head = cls.from_blocks(emb.blocks, cfg.dim)  # one table for both
+    model.load_state_dict(floats, strict=False, assign=True)
+    if not isinstance(emb, BlockEmbedding):
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and n != "inv_freq"]
+    if left:
+        raise CheckpointError(f"{p}: no weights for {left[:5]} ({len(left)} in all)")
+    model.reset_rope()
+    fuse_projections(model)
+    del sd, blocks
+    return_freed_memory()  # the per-tensor copies and the fused groups' parts were freed
+    return Loaded(model=model.eval(), config=cfg, path=p, format="gguf")
+
+
+# Matrices that read the same input: packed into one buffer, so `fuse_projections` runs them as one
+# kernel call without concatenating (and briefly doubling) them.
+_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _group_buffers(blocks: dict[str, Any], n_layers: int) -> dict[str, Tensor]:
+    """name -> the rows of a shared buffer its packed blocks go to, for groups of one type."""
+    outs: dict[str, Tensor] = {}
+    for i in range(n_layers):
+        for group in _GROUPS:
+            names = [f"model.layers.{i}.{g}.weight" for g in group]
+            members = [blocks.get(n) for n in names]
+            if any(m is None for m in members) or len({m.type_name for m in members}) != 1 \
+                    or len({m.rows.shape[1] for m in members}) != 1:
+                continue
+            buf = torch.empty(sum(m.rows.shape[0] for m in members), members[0].rows.shape[1],
+                              dtype=torch.uint8)
+            start = 0
+            for n, m in zip(names, members, strict=True):
+                outs[n] = buf[start: start + m.rows.shape[0]]
+                start += m.rows.shape[0]
+    return outs
+
+
+def _gguf_file(p: Path) -> Path:
+    return p if p.is_file() else sorted(p.glob("*.gguf"))[0]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def stored_types(path: str | Path) -> set[str]:
+    """The tensor types of a GGUF file's matrices (empty for other formats)."""
+    p = Path(path)
+    if detect_format(p) != "gguf":
+        return set()
+    from llamaworks.checkpoint.gguf_file import parse_gguf
+
+    f = parse_gguf(_gguf_file(p))
+    return {t.type_name for t in f.tensors if len(t.shape) == 2}
+
+
+def load_for_use(path: str | Path, adapters: tuple[str | Path, ...] | list[str | Path] = (),
+                 quant: str | None = None, group_size: int = 32) -> Llama:
+    """The model at `path` for inference, in eval mode: as stored (module docstring), or with the
+    LoRA `adapters` merged into its float32 weights and/or `quant` applied on load."""
+    p = Path(path)
+    if not adapters and quant is None:
+        return load_as_stored(p).model
+    if quant is not None:
+        requant = stored_types(p) - _FLOAT_TYPES - {t for t, q in KERNEL_TYPES.items()
+                                                     if q == quant}
+        if requant and quant != "bf16":
+            warnings.warn(f"{p.name} stores {', '.join(sorted(requant))} tensors: converting them "
+                          f"to {quant} quantizes already quantized weights a second time (worse "
+                          "than either alone); omit --quant to run the file's own types",
+                          RuntimeWarning, stacklevel=2)
+    model = load_model(p).model
+    if adapters:
+        from llamaworks.posttrain.lora import load_adapter
+
+        for a in adapters:
+            model = load_adapter(model, a)
+    if quant is not None:
+        model = quantize_model(model, quant, group_size, inplace=True)
+    return model.eval()

@@ -1,0 +1,202 @@
+"""The one loader for inference (infer.load): GGUF Q4_1/Q8_0 matrices kept as the file's own blocks
+(byte for byte, no float32 copy), other types dequantized; the same numbers as the dequantized
+model (float32 GEMM over dequantized tiles for prompts, the block kernels for decode); model
+memory about the file size (measured in a subprocess); --quant on an already quantized file warns;
+and the real SmolLM2 Q4_1 file as stored against the float32 model and transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from infer_fixtures import ByteTokenizer, tiny_model
+
+from llamaworks import LLM, SamplingParams
+from llamaworks.checkpoint import load_model
+from llamaworks.checkpoint.gguf_export import export_gguf
+from llamaworks.checkpoint.gguf_file import parse_gguf
+from llamaworks.infer import kernels
+from llamaworks.infer.load import load_as_stored, load_for_use
+from llamaworks.infer.quantize import (
+    GEMM_MIN_ROWS,
+    BlockEmbedding,
+    Int4Linear,
+    Int8Linear,
+    block_linear,
+)
+
+Q4_1 = gguf.GGMLQuantizationType.Q4_1
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+
+
+def mixed_gguf(path: Path) -> Path:
+    """A tiny model as a GGUF whose matrices mix the types of a real Q4_1 file: Q8_0 embedding
+    (tied head), Q4_1 attention and gate/up, Q8_0 down projections, F16 o_proj, F32 norms."""
+    model = tiny_model(hidden_dim=192, tie_embeddings=True)
+    f32 = export_gguf(path.with_suffix(".f32.gguf"), model.config, model.state_dict())
+    src = parse_gguf(f32)
+    w = gguf.GGUFWriter(path, arch="llama")
+    for k, v in src.metadata.items():
+        if k != "general.architecture":
+            vtype, sub = src.value_types[k]
+            w.add_key_value(k, v, gguf.GGUFValueType(vtype),
+                            None if sub is None else gguf.GGUFValueType(sub))
+    for t in src.tensors:
+        arr = src.data(t).view(np.float32).reshape(t.shape)
+        kind = None
+        if len(t.shape) == 2:
+            kind = Q8_0 if "token_embd" in t.name or "ffn_down" in t.name else \
+                gguf.GGMLQuantizationType.F16 if "attn_output" in t.name else Q4_1
+        if kind is None:
+            w.add_tensor(t.name, np.ascontiguousarray(arr))
+        elif kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(t.name, arr.astype(np.float16))
+        else:
+            w.add_tensor(t.name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    return mixed_gguf(tmp_path_factory.mktemp("mixed") / "mixed.gguf")
+
+
+def test_q4_1_and_q8_0_matrices_are_the_files_own_blocks(mixed):
+    stored, ref = load_as_stored(mixed).model, load_model(mixed).model
+    layer, ref_layer = stored.model.layers[1], ref.model.layers[1]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear)
+    assert isinstance(layer.mlp.down_proj, Int8Linear)
+    assert isinstance(layer.self_attn.o_proj, torch.nn.Linear)  # F16: dequantized (no kernel yet)
+    assert isinstance(stored.model.embed_tokens, BlockEmbedding)
+    # the tied head reads the embedding's own blocks (one table in memory)
+    assert stored.lm_head.blocks.data_ptr() == stored.model.embed_tokens.blocks.data_ptr()
+    # byte for byte what packing the float32 dequantization would give (which recovers the
+    # file's blocks), with llama.cpp's Q/K row permutation undone
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj"):
+        got = layer.get_submodule(name).blocks
+        want = kernels.pack_q4_1(ref_layer.get_submodule(name).weight)
+        assert torch.equal(got, want), name
+    down = kernels.pack_q8_0(ref_layer.mlp.down_proj.weight)
+    assert torch.equal(layer.mlp.down_proj.blocks, down)
+    tokens = torch.tensor([[1, 70, 80, 90]])
+    torch.testing.assert_close(stored.model.embed_tokens(tokens), ref.model.embed_tokens(tokens),
+                               atol=0, rtol=0)
+
+
+def test_prompts_score_exactly_as_the_dequantized_model_and_decode_within_kernel_rounding(mixed):
+    stored, ref = load_as_stored(mixed).model, load_model(mixed).model
+    x = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = stored(x), ref(x)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)  # float32 GEMM, only sum order differs
+    tok = ByteTokenizer()
+    p = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=3)
+    got = LLM(stored, tok).generate("hello there", p)[0]
+    want = LLM(ref, tok).generate("hello there", p)[0]
+    assert got.token_ids == want.token_ids
+    for g, w in zip(got.logprobs, want.logprobs, strict=True):
+        for t in g.keys() & w.keys():
+            assert abs(g[t] - w[t]) < 2e-3  # int16 activation blocks in the decode kernels
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_linear_takes_kernels_for_few_rows_and_tiled_gemm_for_many(bits, monkeypatch):
+    pack, unpack = (kernels.pack_q4_1, kernels.unpack_q4_1) if bits == 4 else \
+        (kernels.pack_q8_0, kernels.unpack_q8_0)
+    g = torch.Generator().manual_seed(0)
+    blocks = pack(torch.randn(100, 96, generator=g) * 0.05)
+    monkeypatch.setattr("llamaworks.infer.quantize.GEMM_TILE_ROWS", 32)  # several tiles + a rest
+    for rows in (1, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 50):
+        x = torch.randn(rows, 96, generator=g)
+        ref = x.double() @ unpack(blocks).double().T
+        y = block_linear(x, blocks, bits, None)
+        tol = 2e-4 if rows < GEMM_MIN_ROWS else 1e-5
+        torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_quant_on_a_quantized_file_warns_about_double_quantization(mixed):
+    with pytest.warns(RuntimeWarning, match="quantizes already quantized weights a second time"):
+        load_for_use(mixed, quant="int4")  # Q8_0 tensors -> Q4_1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_for_use(mixed, quant="bf16")  # not a quantized type
+
+
+def test_without_kernels_a_gguf_loads_as_float32(mixed, monkeypatch):
+    with kernels.disabled():
+        model = load_as_stored(mixed).model
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import gc, json, os, sys
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    import torch
+    from llamaworks.config import ModelConfig
+    from llamaworks.infer import kernels
+    from llamaworks.infer.load import load_as_stored
+    from llamaworks.model import Llama
+    kernels.load()
+    # the process after imports (incl. what building a model on meta imports lazily)
+    Llama(ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                      hidden_dim=96), device="meta")
+    gc.collect()
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) here
+    model = load_as_stored(sys.argv[1]).model
+    gc.collect()
+    seen, tensors = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            tensors += t.untyped_storage().nbytes()
+    print(json.dumps({"after": status("VmRSS") - base, "peak": status("VmHWM") - base,
+                      "tensors": tensors}))
+""")
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_as_stored_keeps_model_memory_about_the_file_size(smollm_gguf):
+    """Measured: tensors 96.4 MB for the 98.4 MB file; resident growth 112 MB, peak 125 MB (the
+    rest is the parsed vocabulary, ~13 MB, a fixed cost). The float32 load took ~540 MB."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(smollm_gguf)], check=True,
+                         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
+                                                              **__import__("os").environ})
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    size = smollm_gguf.stat().st_size
+    assert m["tensors"] <= size, m
+    assert m["peak"] <= 1.1 * size + 32e6, (m, size)
+
+
+@pytest.mark.slow
+def test_smollm2_as_stored_greedy_equals_the_int4_conversion_and_scores_as_float32(
+        smollm_gguf, smollm_tokenizer, smollm):
+    from llamaworks.cli import score_ids
+
+    stored = LLM(smollm_gguf)  # the default: the file's own Q4_1 / Q8_0 blocks
+    assert isinstance(stored.model.model.layers[0].mlp.up_proj, Int4Linear)
+    assert stored.step.fused is not None
+    p = SamplingParams(max_tokens=32, ignore_eos=True)
+    prompt = "The history of the printing press begins"
+    converted = LLM(smollm, smollm_tokenizer, quant="int4")  # float32 -> Q4_1 recovers the blocks
+    assert stored.generate(prompt, p)[0].token_ids == converted.generate(prompt, p)[0].token_ids
+    ids = smollm_tokenizer.encode((Path(__file__).parent / "data" / "heldout_english.txt")
+                                  .read_text(), bos=False)[:200]
+    a, b = np.array(score_ids(stored.model, ids)), np.array(score_ids(smollm, ids))
+    assert np.abs(a - b).max() < 1e-4
