@@ -301,6 +301,19 @@ def main() -> None:
     floor = bandwidth / fp32_bytes
     rows: list[tuple[str, float, float, float]] = []  # name, first s, tok/s, weight bytes
     ours: dict[str, dict] = {}
+    if path.suffix == ".gguf":  # the default: the file's own types (Q4_1/Q8_0 blocks as stored)
+        from llamaworks import LLM
+
+        t0 = time.perf_counter()
+        llm = LLM(path)
+        load_s = time.perf_counter() - t0
+        first, rate = decode_rate(llm, prompt_ids, a.new_tokens)
+        from llamaworks.infer.quantize import weight_bytes
+
+        name = "llamaworks as stored"
+        ours[name] = {"first": first, "rate": rate, "bytes": weight_bytes(llm.model), "llm": llm}
+        rows.append((name, first, rate, ours[name]["bytes"]))
+        print(f"# {name}: loaded in {load_s:.1f} s, {rate:.1f} tok/s decode", flush=True)
     compiled = [q for q in a.compile.split(",") if q]
     eager = [q for q in a.eager.split(",") if q]
     for q in [q for q in a.quants.split(",") if q]:
@@ -333,7 +346,7 @@ def main() -> None:
                      path.stat().st_size))
         print(f"# llama.cpp: {rate:.1f} tok/s", flush=True)
     int4 = {k: v for k, v in ours.items()
-            if k in ("llamaworks int4", "llamaworks int4 compiled")
+            if k in ("llamaworks as stored", "llamaworks int4", "llamaworks int4 compiled")
             or k.startswith("llamaworks int4 [")}
     if "llama.cpp" not in a.skip and a.rounds and int4:
         interleaved(int4, path, prompt_ids, a.new_tokens, a.threads, a.rounds)

@@ -34,11 +34,12 @@ from llamaworks.infer.quantize import (
 
 Q4_1 = gguf.GGMLQuantizationType.Q4_1
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
+Q4_0 = gguf.GGMLQuantizationType.Q4_0
 
 
 def mixed_gguf(path: Path) -> Path:
-    """A tiny model as a GGUF whose matrices mix the types of a real Q4_1 file: Q8_0 embedding
-    (tied head), Q4_1 attention and gate/up, Q8_0 down projections, F16 o_proj, F32 norms."""
+    """A tiny model as a GGUF whose matrices mix the types of real files: Q8_0 embedding (tied
+    head), Q4_1 attention and gate, Q4_0 up, Q8_0 down projections, F16 o_proj, F32 norms."""
     model = tiny_model(hidden_dim=192, tie_embeddings=True)
     f32 = export_gguf(path.with_suffix(".f32.gguf"), model.config, model.state_dict())
     src = parse_gguf(f32)
@@ -53,7 +54,8 @@ def mixed_gguf(path: Path) -> Path:
         kind = None
         if len(t.shape) == 2:
             kind = Q8_0 if "token_embd" in t.name or "ffn_down" in t.name else \
-                gguf.GGMLQuantizationType.F16 if "attn_output" in t.name else Q4_1
+                gguf.GGMLQuantizationType.F16 if "attn_output" in t.name else \
+                Q4_0 if "ffn_up" in t.name else Q4_1
         if kind is None:
             w.add_tensor(t.name, np.ascontiguousarray(arr))
         elif kind == gguf.GGMLQuantizationType.F16:
@@ -89,6 +91,9 @@ def test_q4_1_and_q8_0_matrices_are_the_files_own_blocks(mixed):
         assert torch.equal(got, want), name
     down = kernels.pack_q8_0(ref_layer.mlp.down_proj.weight)
     assert torch.equal(layer.mlp.down_proj.blocks, down)
+    # Q4_0 runs as the Q4_1 it exactly is (min = -8 d): the same weights as gguf-py decodes
+    assert isinstance(layer.mlp.up_proj, Int4Linear)
+    assert torch.equal(layer.mlp.up_proj.dequantize(), ref_layer.mlp.up_proj.weight)
     tokens = torch.tensor([[1, 70, 80, 90]])
     torch.testing.assert_close(stored.model.embed_tokens(tokens), ref.model.embed_tokens(tokens),
                                atol=0, rtol=0)

@@ -2,11 +2,12 @@
 as the file stores them where our kernels run that type.
 
 `load_for_use(path)` is what `LLM(path)` and the inference verbs (chat, generate, score, serve,
-eval) call. For a GGUF file, Q4_1 and Q8_0 matrices (and a Q4_1/Q8_0 embedding table, whose tied
+eval) call. For a GGUF file, Q4_1, Q4_0 and Q8_0 matrices (and such an embedding table, whose tied
 output head shares its blocks) become `Int4Linear` / `Int8Linear` / `BlockEmbedding` over the
-file's own blocks, regrouped byte for byte into the kernels' row format: no float32 copy is made,
-so model memory is about the file size. Tensors of types our kernels do not run yet (F16, BF16, the
-K-quants, Q4_0, Q5_0/Q5_1) are dequantized to float32, as `checkpoint.load_model` does.
+file's own blocks, regrouped byte for byte into the kernels' row format (Q4_0 as the Q4_1 it
+exactly is): no float32 copy is made, so model memory is about the file size. Tensors of types
+our kernels do not run yet (F16, BF16, the K-quants, Q5_0/Q5_1) are dequantized to float32, as
+`checkpoint.load_model` does.
 `quant=` converts on load instead (everything through float32, then `quantize_model`); converting
 tensors that the file already stores quantized into another quantized type warns (double
 quantization). LoRA adapters are merged into a float32 base first, then `quant` applies.
@@ -35,8 +36,9 @@ from llamaworks.infer.quantize import (
 from llamaworks.model import Llama
 from llamaworks.train.allocator import return_freed_memory
 
-# GGUF types our kernels run as stored, and the `quant` mode that produces exactly that type.
-KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8"}
+# GGUF types our kernels run as stored (Q4_0 as the Q4_1 it exactly is), and the `quant` mode that
+# gives back exactly that type's blocks from their float32 dequantization.
+KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8", "Q4_0": None}
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -59,9 +61,9 @@ def load_as_stored(path: str | Path) -> Loaded:
         b.release()
         module = name.removesuffix(".weight")
         if module == "model.embed_tokens":
-            new: nn.Module = BlockEmbedding(rows, 4 if b.type_name == "Q4_1" else 8, cfg.dim)
+            new: nn.Module = BlockEmbedding(rows, 8 if b.type_name == "Q8_0" else 4, cfg.dim)
         else:
-            cls = Int4Linear if b.type_name == "Q4_1" else Int8Linear
+            cls = Int8Linear if b.type_name == "Q8_0" else Int4Linear
             new = cls.from_blocks(rows, b.shape[1])
         _replace(model, module, new)
     emb = model.model.embed_tokens
@@ -96,10 +98,11 @@ def _group_buffers(blocks: dict[str, Any], n_layers: int) -> dict[str, Tensor]:
             names = [f"model.layers.{i}.{g}.weight" for g in group]
             members = [blocks.get(n) for n in names]
             if any(m is None for m in members) or len({m.type_name for m in members}) != 1 \
-                    or len({m.rows.shape[1] for m in members}) != 1:
+                    or len({m.shape[1] for m in members}) != 1:
                 continue
-            buf = torch.empty(sum(m.rows.shape[0] for m in members), members[0].rows.shape[1],
-                              dtype=torch.uint8)
+            block = kernels.Q8_0_BYTES if members[0].type_name == "Q8_0" else kernels.Q4_1_BYTES
+            buf = torch.empty(sum(m.rows.shape[0] for m in members),
+                              members[0].shape[1] // kernels.QK * block, dtype=torch.uint8)
             start = 0
             for n, m in zip(names, members, strict=True):
                 outs[n] = buf[start: start + m.rows.shape[0]]

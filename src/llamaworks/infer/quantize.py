@@ -341,13 +341,25 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32,
     return model
 
 
+Q4_0_BYTES = 18  # GGUF Q4_0 block: fp16 d, 16 quant bytes; w = d * (q - 8)
+
+
 def packed_rows(gguf_rows: Tensor, type_name: str, order: Tensor | None = None,
                 out: Tensor | None = None) -> Tensor:
-    """GGUF Q4_1 / Q8_0 block rows uint8 [N, nb * block bytes] (rows `order` of them, if given)
-    -> our kernels' packed rows: the same bytes regrouped, quants first, then the fp16 scales (and
-    mins), written into `out` if given. No value is decoded; the output is the only full-size
-    allocation."""
+    """GGUF Q4_1 / Q8_0 / Q4_0 block rows uint8 [N, nb * block bytes] (rows `order` of them, if
+    given) -> our kernels' packed rows (Q4_1 or Q8_0): the same bytes regrouped, quants first, then
+    the fp16 scales (and mins), written into `out` if given. Q4_0 becomes Q4_1 exactly (same
+    nibbles and d, min = -8 d, exact in fp16). No weight is decoded; the output is the only
+    full-size allocation."""
     n = gguf_rows.shape[0]
+    if type_name == "Q4_0":
+        b = gguf_rows.reshape(n, -1, Q4_0_BYTES)
+        d = b[..., 0:2].contiguous().view(torch.float16)
+        m = (d.float() * -8).to(torch.float16)
+        if not torch.isfinite(m).all():
+            raise ValueError("Q4_0 scale too large for an fp16 Q4_1 min")
+        q41 = torch.cat([b[..., 0:2], m.view(torch.uint8), b[..., 2:]], -1)
+        return packed_rows(q41.reshape(n, -1), "Q4_1", order, out)
     if type_name == "Q4_1":  # per block: d, m (fp16), 16 quant bytes
         size, parts = kernels.Q4_1_BYTES, ((4, 20), (0, 2), (2, 4))
     elif type_name == "Q8_0":  # per block: d (fp16), 32 int8
