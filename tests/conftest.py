@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,16 @@ def smollm_tokenizer(smollm_gguf):
     from llamaworks.checkpoint import load_tokenizer
 
     return load_tokenizer(smollm_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_k_m(smollm_gguf, llama_cpp, tmp_path_factory) -> Path:
+    """SmolLM2 re-quantized by llama.cpp's own quantizer to its Q4_K_M recipe (as the files people
+    download are made): K-quant tensors, with Q5_0 where rows are not multiples of 256."""
+    path = tmp_path_factory.mktemp("q4km") / "smollm2-Q4_K_M.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True  # the source file is Q4_1
+    assert llama_cpp.llama_model_quantize(str(smollm_gguf).encode(), str(path).encode(),
+                                          ctypes.byref(params)) == 0
+    return path

@@ -292,3 +292,49 @@ def test_a_tier_that_fails_to_build_warns_naming_it_and_the_next_tier_runs(monke
     with pytest.warns(RuntimeWarning, match=f"could not build llamaworks' {top} CPU kernels"):
         assert kernels.load()
     assert kernels.tier() == kernels.host_tiers()[1]
+
+
+# -- the other GGUF types, kept in their own blocks (ggml_types.h) -----------------------------
+GGML_SIZES = {"F16": (1, 2), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_K": (256, 144),
+              "Q5_K": (256, 176), "Q6_K": (256, 210)}
+GGML_FP16_FIELDS = {"Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def ggml_blocks(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random valid block rows of a GGUF type: random quant bits, sane fp16 scales (gguf-py can
+    quantize none of the K-quants, and random bits exercise every bit of the formats)."""
+    rng = np.random.default_rng(seed)
+    block, size = GGML_SIZES[type_name]
+    if type_name == "F16":
+        return (rng.standard_normal((n, k)) * 0.1).astype(np.float16).view(np.uint8)
+    b = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for off in GGML_FP16_FIELDS[type_name]:
+        d = (rng.random((n, k // block)) * 0.01 + 1e-3).astype(np.float16)
+        b[..., off:off + 2] = d.view(np.uint8).reshape(n, k // block, 2)
+    return b.reshape(n, -1)
+
+
+@pytest.mark.parametrize("tier", kernels.host_tiers())
+@pytest.mark.parametrize("type_name", list(kernels.GGML_KINDS))
+@pytest.mark.parametrize("lead", [(1,), (3,)], ids=["decode", "batch"])
+def test_gguf_type_kernels_equal_gguf_py_dequantize_then_matmul(tier, type_name, lead):
+    import gguf
+
+    kind, k = kernels.GGML_KINDS[type_name], 768  # three K-quant super-blocks per row
+    raw = ggml_blocks(type_name, 37, k)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(37, k)
+    blocks = torch.from_numpy(raw)
+    assert torch.equal(kernels.dequant_rows(blocks, kind, k, tier), torch.from_numpy(ref))
+    x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(2))
+    y = kernels.gguf_linear(x, blocks, kind, tier)
+    want = x.double() @ torch.from_numpy(ref).double().T
+    # float32 weights and activations: only summation order differs from the float64 reference
+    torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_gguf_type_kernels_refuse_rows_that_do_not_fit_the_input_size():
+    blocks = torch.from_numpy(ggml_blocks("Q4_K", 4, 512))
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.gguf_linear(torch.randn(1, 256), blocks, kernels.GGML_KINDS["Q4_K"])
+    with pytest.raises(RuntimeError, match="unknown GGUF weight kind"):
+        kernels.gguf_linear(torch.randn(1, 512), blocks, 199)

@@ -28,7 +28,7 @@ F32, BF16, Q4_1, Q8_0 = 0, 1, 4, 8
 
 def _matrix(mod: nn.Module) -> tuple[Tensor, int] | None:
     """(weight tensor, kind) of a linear layer the fused step can run, else None."""
-    from llamaworks.infer.quantize import BF16Linear, Int4Linear, Int8Linear
+    from llamaworks.infer.quantize import BF16Linear, GGUFLinear, Int4Linear, Int8Linear
 
     if type(mod) is nn.Linear and mod.bias is None:
         w = mod.weight
@@ -38,6 +38,8 @@ def _matrix(mod: nn.Module) -> tuple[Tensor, int] | None:
         return mod.weight, BF16
     if isinstance(mod, (Int4Linear, Int8Linear)) and mod.blocks is not None:
         return mod.blocks, Q4_1 if isinstance(mod, Int4Linear) else Q8_0
+    if isinstance(mod, GGUFLinear):
+        return mod.blocks, mod.kind
     return None
 
 

@@ -2,12 +2,13 @@
 as the file stores them where our kernels run that type.
 
 `load_for_use(path)` is what `LLM(path)` and the inference verbs (chat, generate, score, serve,
-eval) call. For a GGUF file, Q4_1, Q4_0 and Q8_0 matrices (and such an embedding table, whose tied
-output head shares its blocks) become `Int4Linear` / `Int8Linear` / `BlockEmbedding` over the
-file's own blocks, regrouped byte for byte into the kernels' row format (Q4_0 as the Q4_1 it
-exactly is): no float32 copy is made, so model memory is about the file size. Tensors of types
-our kernels do not run yet (F16, BF16, the K-quants, Q5_0/Q5_1) are dequantized to float32, as
-`checkpoint.load_model` does.
+eval) call. For a GGUF file, every matrix of a type our kernels run stays in the file's own
+blocks, so model memory is about the file size: Q4_1, Q4_0 and Q8_0 become `Int4Linear` /
+`Int8Linear` over the blocks regrouped byte for byte into the integer kernels' row format (Q4_0 as
+the Q4_1 it exactly is); F16, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K become `GGUFLinear` over the bytes
+as stored (dequantize-row kernels); an embedding table in any of these is a `BlockEmbedding`,
+and a tied output head shares its blocks. Only the other types (BF16, Q2_K, Q3_K, IQ4) are
+dequantized to float32, as `checkpoint.load_model` does.
 `quant=` converts on load instead (everything through float32, then `quantize_model`); converting
 tensors that the file already stores quantized into another quantized type warns (double
 quantization). LoRA adapters are merged into a float32 base first, then `quant` applies.
@@ -27,6 +28,7 @@ from llamaworks.errors import CheckpointError
 from llamaworks.infer import kernels
 from llamaworks.infer.quantize import (
     BlockEmbedding,
+    GGUFLinear,
     Int4Linear,
     Int8Linear,
     fuse_projections,
@@ -36,9 +38,11 @@ from llamaworks.infer.quantize import (
 from llamaworks.model import Llama
 from llamaworks.train.allocator import return_freed_memory
 
-# GGUF types our kernels run as stored (Q4_0 as the Q4_1 it exactly is), and the `quant` mode that
-# gives back exactly that type's blocks from their float32 dequantization.
-KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8", "Q4_0": None}
+# GGUF types our kernels run as stored (Q4_0 as the Q4_1 it exactly is; the GGML_KINDS types by
+# dequantize-row kernels), and the `quant` mode that gives back exactly that type's blocks from
+# their float32 dequantization.
+KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8", "Q4_0": None,
+                **dict.fromkeys(kernels.GGML_KINDS)}
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -60,16 +64,15 @@ def load_as_stored(path: str | Path) -> Loaded:
         rows = packed_rows(b.rows, b.type_name, b.order, outs.get(name))
         b.release()
         module = name.removesuffix(".weight")
+        kind = _kind(b.type_name)
         if module == "model.embed_tokens":
-            new: nn.Module = BlockEmbedding(rows, 8 if b.type_name == "Q8_0" else 4, cfg.dim)
+            new: nn.Module = BlockEmbedding(rows, kind, cfg.dim)
         else:
-            cls = Int8Linear if b.type_name == "Q8_0" else Int4Linear
-            new = cls.from_blocks(rows, b.shape[1])
+            new = _linear(rows, kind, b.shape[1])
         _replace(model, module, new)
     emb = model.model.embed_tokens
     if cfg.tie_embeddings and isinstance(emb, BlockEmbedding):
-        cls = Int4Linear if emb.bits == 4 else Int8Linear
-        model.lm_head = cls.from_blocks(emb.blocks, cfg.dim)  # one table for both
+        model.lm_head = _linear(emb.blocks, emb.kind, cfg.dim)  # one table for both
     model.load_state_dict(floats, strict=False, assign=True)
     if not isinstance(emb, BlockEmbedding):
         model.tie_weights()
@@ -100,14 +103,40 @@ def _group_buffers(blocks: dict[str, Any], n_layers: int) -> dict[str, Tensor]:
             if any(m is None for m in members) or len({m.type_name for m in members}) != 1 \
                     or len({m.shape[1] for m in members}) != 1:
                 continue
-            block = kernels.Q8_0_BYTES if members[0].type_name == "Q8_0" else kernels.Q4_1_BYTES
-            buf = torch.empty(sum(m.rows.shape[0] for m in members),
-                              members[0].shape[1] // kernels.QK * block, dtype=torch.uint8)
+            kind = _kind(members[0].type_name)
+            row_bytes = members[0].rows.shape[1] if kind > 8 else \
+                members[0].shape[1] // kernels.QK * (kernels.Q8_0_BYTES if kind == 8
+                                                     else kernels.Q4_1_BYTES)
+            buf = torch.empty(sum(m.rows.shape[0] for m in members), row_bytes, dtype=torch.uint8)
             start = 0
             for n, m in zip(names, members, strict=True):
                 outs[n] = buf[start: start + m.rows.shape[0]]
                 start += m.rows.shape[0]
     return outs
+
+
+def with_float_head(model: Llama) -> Llama:
+    """`model` with its output head as a frozen float32 nn.Linear (dequantized once), for training
+    on a quantized base (QLoRA): the fused linear + cross-entropy loss reads the head's weight."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear):
+        w = head.dequantize()
+        model.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
+        model.lm_head.weight = nn.Parameter(w, requires_grad=False)
+    return model
+
+
+def _kind(type_name: str) -> int:
+    """The kernel kind a stored type runs as: 4 (Q4_1, Q4_0), 8 (Q8_0) or its GGML kind."""
+    return {"Q8_0": 8, "Q4_1": 4, "Q4_0": 4}.get(type_name) or kernels.GGML_KINDS[type_name]
+
+
+def _linear(rows: Tensor, kind: int, in_features: int) -> nn.Module:
+    if kind == 4:
+        return Int4Linear.from_blocks(rows, in_features)
+    if kind == 8:
+        return Int8Linear.from_blocks(rows, in_features)
+    return GGUFLinear(rows, kind, in_features)
 
 
 def _gguf_file(p: Path) -> Path:

@@ -55,20 +55,69 @@ GEMM_MIN_ROWS = 16
 GEMM_TILE_ROWS = 2048  # weight rows dequantized at a time (2048 x 4096 floats = 32 MB)
 
 
-def block_linear(x: Tensor, blocks: Tensor, bits: int, tier: str | None) -> Tensor:
-    """x [..., K] @ W.T for packed Q4_1 (bits 4) / Q8_0 (bits 8) rows W: the block kernels for
-    few rows (decode), tiled dequantize + float32 GEMM for many (prefill)."""
+def dequantize_blocks(blocks: Tensor, kind: int, k: int, tier: str | None = None) -> Tensor:
+    """float32 weights [N, k] of block rows of `kind`: 4 = our packed Q4_1, 8 = packed Q8_0, a
+    `kernels.GGML_KINDS` value = that GGUF type's own blocks."""
+    if kind == 4:
+        return kernels.unpack_q4_1(blocks)
+    if kind == 8:
+        return kernels.unpack_q8_0(blocks)
+    return kernels.dequant_rows(blocks, kind, k, tier)
+
+
+def block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tensor:
+    """x [..., K] @ W.T for block rows W of `kind` (4 = Q4_1, 8 = Q8_0, or a GGUF type's own
+    blocks, `kernels.GGML_KINDS`): the block kernels for few rows (decode), tiled dequantize +
+    float32 GEMM for many (prefill)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows < GEMM_MIN_ROWS or torch.compiler.is_compiling():
-        linear = kernels.q4_1_linear if bits == 4 else kernels.q8_0_linear
-        return linear(x, blocks, tier)
-    unpack = kernels.unpack_q4_1 if bits == 4 else kernels.unpack_q8_0
+        if kind in (4, 8):
+            linear = kernels.q4_1_linear if kind == 4 else kernels.q8_0_linear
+            return linear(x, blocks, tier)
+        return kernels.gguf_linear(x, blocks, kind, tier)
+
+    def unpack(b: Tensor) -> Tensor:
+        return dequantize_blocks(b, kind, x.shape[-1], tier)
+
     x2 = x.reshape(rows, x.shape[-1]).float()
     y = torch.empty(rows, blocks.shape[0], dtype=torch.float32, device=x.device)
     for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
         r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
         torch.mm(x2, unpack(blocks[r0:r1]).T, out=y[:, r0:r1])
     return y.reshape(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
+
+
+class _FrozenBlockMatmul(torch.autograd.Function):
+    """x @ W.T with W frozen in blocks: the gradient flows to x only (grad_x = grad_y @ W, over
+    weight tiles dequantized on the fly), so LoRA adapters train on a base that stays quantized
+    (QLoRA) and memory stays that of the blocks plus one tile."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tensor:
+        ctx.save_for_backward(blocks)
+        ctx.kind, ctx.tier, ctx.k = kind, tier, x.shape[-1]
+        return block_linear(x, blocks, kind, tier)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (blocks,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).float()
+        gx = torch.zeros(g.shape[0], ctx.k, dtype=torch.float32, device=grad.device)
+        for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
+            r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
+            gx.addmm_(g[:, r0:r1], dequantize_blocks(blocks[r0:r1], ctx.kind, ctx.k, ctx.tier))
+        return gx.reshape(*grad.shape[:-1], ctx.k).to(grad.dtype), None, None, None
+
+
+def frozen_block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tensor:
+    """`block_linear`, differentiable with respect to x when x needs a gradient."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenBlockMatmul.apply(x, blocks, kind, tier)
+    return block_linear(x, blocks, kind, tier)
+
+
+def _wants_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 class Int8Linear(nn.Module):
@@ -113,9 +162,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.blocks is not None:
             fused = getattr(self, "fused", None)
-            if fused is not None and not torch.compiler.is_compiling():
+            if fused is not None and not torch.compiler.is_compiling() and not _wants_grad(x):
                 return fused(x)[..., self.fused_span]
-            return block_linear(x, self.blocks, 8, self.tier)
+            return frozen_block_linear(x, self.blocks, 8, self.tier)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -192,9 +241,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.blocks is not None:
             fused = getattr(self, "fused", None)
-            if fused is not None and not torch.compiler.is_compiling():
+            if fused is not None and not torch.compiler.is_compiling() and not _wants_grad(x):
                 return fused(x)[..., self.fused_span]
-            return block_linear(x, self.blocks, 4, self.tier)
+            return frozen_block_linear(x, self.blocks, 4, self.tier)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if x2.is_cuda:
@@ -207,18 +256,47 @@ class Int4Linear(nn.Module):
 
 
 class BlockEmbedding(nn.Module):
-    """An embedding table kept in Q4_1 or Q8_0 blocks (as a GGUF file stores it): the looked-up
-    rows are dequantized to float32, never the whole table. A tied output head shares `blocks`."""
+    """An embedding table kept in blocks as a GGUF file stores it (`kind` as in `block_linear`):
+    the looked-up rows are dequantized to float32, never the whole table. A tied output head
+    shares `blocks`."""
 
-    def __init__(self, blocks: Tensor, bits: int, dim: int):
+    def __init__(self, blocks: Tensor, kind: int, dim: int):
         super().__init__()
-        self.bits, self.embedding_dim = bits, dim
+        self.kind, self.embedding_dim = kind, dim
         self.num_embeddings = blocks.shape[0]
         self.register_buffer("blocks", blocks)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        unpack = kernels.unpack_q4_1 if self.bits == 4 else kernels.unpack_q8_0
-        return unpack(self.blocks, tokens)
+        if self.kind in (4, 8):
+            unpack = kernels.unpack_q4_1 if self.kind == 4 else kernels.unpack_q8_0
+            return unpack(self.blocks, tokens)
+        flat = tokens.reshape(-1)
+        rows = kernels.dequant_rows(self.blocks[flat].contiguous(), self.kind, self.embedding_dim)
+        return rows.reshape(*tokens.shape, self.embedding_dim)
+
+
+class GGUFLinear(nn.Module):
+    """y = x @ W.T with W in a GGUF type's own blocks (F16, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K:
+    `kernels.GGML_KINDS`), as the file stores them: dequantize-row + dot kernels for decode,
+    float32 GEMMs over dequantized tiles for prompts (`block_linear`)."""
+
+    def __init__(self, blocks: Tensor, kind: int, in_features: int):
+        super().__init__()
+        self.in_features, self.out_features, self.kind = in_features, blocks.shape[0], kind
+        self.register_buffer("blocks", blocks)
+        self.tier = kernels.tier()
+
+    def dequantize(self) -> Tensor:
+        return dequantize_blocks(self.blocks, self.kind, self.in_features, self.tier)
+
+    def rows(self, idx: Tensor) -> Tensor:
+        flat = idx.reshape(-1)
+        w = dequantize_blocks(self.blocks[flat].contiguous(), self.kind, self.in_features,
+                              self.tier)
+        return w.reshape(*idx.shape, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frozen_block_linear(x, self.blocks, self.kind, self.tier)
 
 
 class RefinedHead(nn.Module):
@@ -349,9 +427,14 @@ def packed_rows(gguf_rows: Tensor, type_name: str, order: Tensor | None = None,
     """GGUF Q4_1 / Q8_0 / Q4_0 block rows uint8 [N, nb * block bytes] (rows `order` of them, if
     given) -> our kernels' packed rows (Q4_1 or Q8_0): the same bytes regrouped, quants first, then
     the fp16 scales (and mins), written into `out` if given. Q4_0 becomes Q4_1 exactly (same
-    nibbles and d, min = -8 d, exact in fp16). No weight is decoded; the output is the only
-    full-size allocation."""
+    nibbles and d, min = -8 d, exact in fp16). The `kernels.GGML_KINDS` types stay as stored. No
+    weight is decoded; the output is the only full-size allocation."""
     n = gguf_rows.shape[0]
+    if type_name in kernels.GGML_KINDS:  # kept exactly as stored (rows reordered if asked)
+        src = gguf_rows if order is None else gguf_rows.index_select(0, order)
+        if out is None:
+            return src.clone() if order is None else src
+        return out.copy_(src)
     if type_name == "Q4_0":
         b = gguf_rows.reshape(n, -1, Q4_0_BYTES)
         d = b[..., 0:2].contiguous().view(torch.float16)

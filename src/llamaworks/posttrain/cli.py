@@ -45,8 +45,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                         eval_every=args.eval_every, seed=args.seed, bf16=args.bf16)
     except ValueError as e:
         raise LlamaworksError(str(e)) from None
-    loaded = load_model(path)
-    model = loaded.model
+    if args.qlora:  # LoRA on the base as the file stores it (its blocks stay quantized)
+        if args.full or args.adapter:
+            raise LlamaworksError("--qlora trains LoRA adapters on the stored base: drop --full "
+                                  "/ --adapter (merge an adapter into an unquantized base first)")
+        from llamaworks.infer.load import load_as_stored, with_float_head
+
+        model = with_float_head(load_as_stored(path).model)
+    else:
+        model = load_model(path).model
     if args.adapter:  # continue from an adapter: merge it into the base first
         from llamaworks.posttrain.lora import load_adapter
 
@@ -160,6 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (adapter or checkpoint)")
     p.add_argument("--adapter", help="merge this adapter into the base before training")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--qlora", action="store_true",
+                   help="LoRA on the base as stored: a GGUF's quantized matrices stay in their "
+                   "blocks (backward through the dequantizing kernels)")
     _lora_flags(p)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (LoRA: 1e-3)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -57,12 +57,12 @@ class LoRALinear(nn.Module):
     """y = base(x) + (dropout(x) A^T B^T) * scaling, with A Kaiming-uniform and B zero (so a
     fresh adapter changes nothing). The base weight stays frozen."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.r, self.scaling = r, alpha / r
         # fp32 even over a bf16 base: the optimizer updates stay exact, the matmuls are tiny.
-        dev = base.weight.device
+        dev = next(iter([*base.parameters(), *base.buffers()])).device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default
@@ -95,7 +95,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Swap every target linear for a LoRALinear (in place); freeze everything else."""
     model.requires_grad_(False)
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in cfg.target_modules]
+               if _is_linear(m) and n.rsplit(".", 1)[-1] in cfg.target_modules]
     if not targets:
         raise ValueError(f"no linear layer named {cfg.target_modules} in the model")
     for name, lin in targets:
@@ -103,6 +103,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         new = LoRALinear(lin, cfg.r, cfg.alpha, cfg.dropout).train(lin.training)
         setattr(parent, child, new)
     return model
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """An nn.Linear, or a quantized linear kept in blocks (QLoRA: `infer.quantize`'s layers, which
+    have in/out features and `blocks`; the base stays frozen and quantized)."""
+    return isinstance(m, nn.Linear) or (
+        hasattr(m, "in_features") and hasattr(m, "out_features")
+        and getattr(m, "blocks", None) is not None and not isinstance(m, LoRALinear))
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
@@ -115,6 +123,9 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its base weight and put the plain nn.Linear back."""
     for name, m in list(lora_modules(model)):
+        if not isinstance(m.base, nn.Linear):
+            raise ValueError(f"{name}: the base is quantized; merge the adapter into the "
+                             "unquantized checkpoint (llamaworks merge --model BASE)")
         m.base.weight += m.delta().to(m.base.weight.dtype)
         parent, child = _parent(model, name)
         setattr(parent, child, m.base)

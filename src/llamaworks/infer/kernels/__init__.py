@@ -39,12 +39,16 @@ from torch import Tensor
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "qmatmul.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "blocks.h", HERE / "matvec.h"]
+HEADERS = [HERE / "blocks.h", HERE / "matvec.h", HERE / "ggml_types.h"]
 QK = 32  # weights per block
 Q4_1_BYTES = 20  # per block: 16 bytes of nibbles, fp16 d, fp16 m
 Q8_0_BYTES = 34  # per block: 32 int8, fp16 d
 # A packed row holds its blocks' bytes regrouped, quants first: Q4_1 [nb * 16 nibble bytes | nb fp16
 # d | nb fp16 m], Q8_0 [nb * 32 int8 | nb fp16 d], so the kernel reads long runs of each.
+
+# GGUF types kept in the file's own blocks, run by dequantize-row + dot kernels (ggml_types.h):
+# kind = 100 + the GGML type id.
+GGML_KINDS = {"F16": 101, "Q5_0": 106, "Q5_1": 107, "Q4_K": 112, "Q5_K": 113, "Q6_K": 114}
 
 TIERS = ("avx512", "avx2", "scalar")  # best first
 # CPU flags (as /proc/cpuinfo names them) each tier's code needs.
@@ -118,6 +122,10 @@ def _build(tier: str) -> None:
 
     @torch.library.register_fake(f"{ns}::q8_0_linear")
     def _q8_0_fake(x: Tensor, w: Tensor) -> Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake(f"{ns}::gguf_linear")
+    def _gguf_fake(x: Tensor, w: Tensor, kind: int) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
@@ -237,6 +245,16 @@ def q4_1_linear(x: Tensor, w: Tensor, tier: str | None = None) -> Tensor:
 def q8_0_linear(x: Tensor, w: Tensor, tier: str | None = None) -> Tensor:
     """x [..., K] @ W.T, W packed Q8_0 rows uint8 [N, K / 32 * 34] -> [..., N], x's dtype."""
     return ops(tier).q8_0_linear(x, w)
+
+
+def gguf_linear(x: Tensor, w: Tensor, kind: int, tier: str | None = None) -> Tensor:
+    """x [..., K] @ W.T for W in a GGUF type's own block rows uint8 [N, bytes] (`GGML_KINDS`)."""
+    return ops(tier).gguf_linear(x, w, kind)
+
+
+def dequant_rows(w: Tensor, kind: int, k: int, tier: str | None = None) -> Tensor:
+    """GGUF block rows uint8 [N, bytes] of `kind` -> float32 weights [N, k] (gguf-py's values)."""
+    return ops(tier).dequant_rows(w, kind, k)
 
 
 def rows_dot(x: Tensor, w: Tensor, idx: Tensor, bits: int, tier: str | None = None) -> Tensor:

@@ -28,22 +28,6 @@
 
 namespace {
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#ifdef LW_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#elif defined(LW_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  s = hsum(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // out = x / rms(x) * weight, per row (model.RMSNorm in float32).
 void rms_norm(const float* x, const float* w, int64_t B, int64_t D, double eps, float* out) {
   for (int64_t b = 0; b < B; ++b) {
@@ -83,7 +67,10 @@ Mat as_mat(const at::Tensor& w, int64_t kind, int64_t k, const char* what) {
       bytes = k / QK * (kind == KQ8_0 ? Q8_0_BYTES : Q4_1_BYTES);
       break;
     default:
-      TORCH_CHECK(false, what, ": unknown weight kind ", kind);
+      TORCH_CHECK(is_ggml_kind(kind), what, ": unknown weight kind ", kind);
+      TORCH_CHECK(w.scalar_type() == at::kByte && ggml_row_bytes(kind, k) > 0, what,
+                  ": GGUF block rows must be uint8 and the input size a multiple of the block");
+      bytes = ggml_row_bytes(kind, k);
   }
   TORCH_CHECK(w.size(1) * w.element_size() == bytes, what, ": weight rows of ",
               w.size(1) * w.element_size(), " bytes do not match an input size of ", k);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "ggml_types.h"
 
 // Each tier's build registers its ops under its own namespace (torch.ops.llamaworks_avx2, ...), so
 // several tiers can be loaded into one process (tests compare them); LW_NAMESPACE is set by the
@@ -28,6 +29,22 @@ struct Mat {
   const uint8_t* data;
   int64_t rows, row_bytes, kind;
 };
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef LW_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#elif defined(LW_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = hsum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
 
 // Dot products of x [k] with 4 consecutive float32 / bfloat16 rows (stride ld elements).
 inline void dot4_f32(const float* w, int64_t ld, const float* x, int64_t k, float* out) {
@@ -156,6 +173,19 @@ void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_
   int64_t base = 0;
   for (const Mat& m : mats) {
     const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
+    if (is_ggml_kind(m.kind)) {  // dequantize each row into a buffer, then one dot per input row
+      thread_local std::vector<float> buf;
+      if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+      const uint8_t* end = m.data + m.rows * m.row_bytes;
+      for (int64_t i = lo; i < hi; ++i) {
+        const uint8_t* w = m.data + (i - base) * m.row_bytes;
+        prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);
+        ggml_dequant_row(m.kind - GGML_KIND, w, K, buf.data());
+        for (int64_t b = 0; b < B; ++b) y[b * ldy + i] = dot_f32(buf.data(), x + b * K, K);
+      }
+      base += m.rows;
+      continue;
+    }
     int64_t i = lo;
     float four[4];
     const uint8_t* end = m.data + m.rows * m.row_bytes;

@@ -12,13 +12,22 @@
 namespace {
 
 // x [..., K] @ W.T for packed block rows W [N, blocks * bytes] of `kind` (Q4_1 or Q8_0).
+int64_t row_bytes(int64_t kind, int64_t k) {
+  if (kind == KQ4_1 || kind == KQ8_0)
+    return k % QK ? -1 : k / QK * (kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+  TORCH_CHECK(is_ggml_kind(kind), "unknown weight kind ", kind);
+  const int64_t bytes = ggml_row_bytes(kind, k);
+  int64_t block, size;
+  ggml_block(kind - GGML_KIND, &block, &size);
+  return k % block ? -1 : bytes;
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
-  const int64_t block_bytes = kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
   TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "weight blocks must be a contiguous uint8 [out, blocks * bytes] tensor");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qlinear runs on CPU tensors");
-  const int64_t k = x.size(-1), n = w.size(0), nb = k / QK;
-  TORCH_CHECK(k % QK == 0 && w.size(1) == nb * block_bytes,
+  const int64_t k = x.size(-1), n = w.size(0);
+  TORCH_CHECK(w.size(1) == row_bytes(kind, k),
               "input size ", k, " does not match weight blocks of ", w.size(1), " bytes");
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const std::vector<Mat> mats = {{w.data_ptr<uint8_t>(), n, w.size(1), kind}};
@@ -41,6 +50,29 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w) { return qlinear(x, w, KQ4_1); }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w) { return qlinear(x, w, KQ8_0); }
+
+// x @ W.T for W in a GGUF type's own blocks (kind = 100 + GGML type id; ggml_types.h).
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
+  TORCH_CHECK(is_ggml_kind(kind), "unknown GGUF weight kind ", kind);
+  return qlinear(x, w, kind);
+}
+
+// The float32 weights [N, k] of GGUF block rows W (kind as above), rows split across threads.
+at::Tensor dequant_rows(const at::Tensor& w, int64_t kind, int64_t k) {
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+              "weight blocks must be a contiguous uint8 [out, bytes] CPU tensor");
+  TORCH_CHECK(is_ggml_kind(kind), "unknown GGUF weight kind ", kind);
+  TORCH_CHECK(w.size(1) == row_bytes(kind, k), "input size ", k, " does not match rows of ",
+              w.size(1), " bytes");
+  at::Tensor out = at::empty({w.size(0), k}, at::kFloat);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t rb = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) ggml_dequant_row(kind - GGML_KIND, wp + r * rb, k, op + r * k);
+  });
+  return out;
+}
 
 // Exact float32 dot products of x [R, K] with the selected weight rows idx [R, k] (dequantized
 // in float32, no activation rounding): the output head's re-check of its top logits.
@@ -107,6 +139,8 @@ LW_LIBRARY(m) {
   m.def("q4_1_linear(Tensor x, Tensor w) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor w) -> Tensor");
   m.def("rows_dot(Tensor x, Tensor w, Tensor idx, int bits) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor w, int kind) -> Tensor");
+  m.def("dequant_rows(Tensor w, int kind, int k) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -114,4 +148,6 @@ LW_IMPL(m) {
   m.impl("q4_1_linear", &q4_1_linear);
   m.impl("q8_0_linear", &q8_0_linear);
   m.impl("rows_dot", &rows_dot);
+  m.impl("gguf_linear", &gguf_linear);
+  m.impl("dequant_rows", &dequant_rows);
 }
