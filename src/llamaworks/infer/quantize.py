@@ -468,7 +468,7 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, (BF16Linear, Int8Linear, Int4Linear)):  # a RefinedHead counts here
+        elif isinstance(m, (BF16Linear, Int8Linear, Int4Linear, GGUFLinear)):  # incl. RefinedHead's
             for name, b in m.named_buffers(recurse=False):
                 if name != "_q":
                     total += b.numel() * b.element_size()
