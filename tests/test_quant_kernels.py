@@ -328,8 +328,10 @@ def test_gguf_type_kernels_equal_gguf_py_dequantize_then_matmul(tier, type_name,
     x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(2))
     y = kernels.gguf_linear(x, blocks, kind, tier)
     want = x.double() @ torch.from_numpy(ref).double().T
-    # float32 weights and activations: only summation order differs from the float64 reference
-    torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    # F16: float32 weights and activations (only summation order differs); the others run
+    # integer dots on int16 activation blocks, as the Q4_1 kernel does (~1e-5 of the scale)
+    tol = 1e-5 if type_name == "F16" else 2e-4
+    torch.testing.assert_close(y.double(), want, atol=tol * want.abs().max().item(), rtol=0)
 
 
 def test_gguf_type_kernels_refuse_rows_that_do_not_fit_the_input_size():

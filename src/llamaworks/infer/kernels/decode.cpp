@@ -165,13 +165,15 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   }
 
   {  // every buffer the quantized inputs need, allocated here: nothing in the region may throw
-    bool need4 = false, need8 = false;
+    bool need4 = false, need8 = false, needp = false;
     for (const LayerMats& lm : layers)
       for (const auto* ms : {&lm.qkv, &lm.o, &lm.gu, &lm.d})
-        for (const Mat& m : *ms) need4 |= m.kind == KQ4_1, need8 |= m.kind == KQ8_0;
+        for (const Mat& m : *ms)
+          need4 |= m.kind == KQ4_1, need8 |= m.kind == KQ8_0, needp |= ggml_int_kernel(m.kind);
     const int64_t most = B * std::max({D, nq, H}), blocks = most / QK + 1;
     if (need4) in.q4.resize(most), in.d4.resize(blocks), in.s4.resize(blocks);
     if (need8) in.q8.resize(most), in.d8.resize(blocks), in.s8.resize(blocks);
+    if (needp) in.qp.resize(most), in.dp.resize(blocks), in.sp.resize(blocks);
   }
 
   // One parallel region for the whole step: the threads stay in it and meet at barriers (the

@@ -1,9 +1,11 @@
 // The other GGUF tensor types, kept in the file's own blocks: F16, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
 // (the types inside llama.cpp's Q4_K_M / Q5_K_M / Q6_K files besides Q4_0/Q4_1/Q8_0, which have
-// their own integer kernels). Each row is dequantized block by block into a float32 buffer that
-// stays in L1/L2, then dotted with the activation rows: written as plain loops that the compiler
-// vectorizes with each tier's flags (AVX-512, AVX2, portable). Layouts and formulas are
-// llama.cpp's ggml-quants.c ones (the reference is gguf-py's dequantize, which the tests use).
+// their own kernels). `ggml_dequant_row` decodes a row to float32 (prompts' GEMM tiles; F16's
+// matvec dots that buffer), as plain loops the compiler vectorizes with each tier's flags.
+// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matvecs are integer dots over the blocks as stored
+// (`ggml_int_dot`: int16 activation blocks in plain order, 256-bit code in the AVX2 and AVX-512
+// tiers, scalar loops otherwise). Layouts and formulas are llama.cpp's ggml-quants.c ones (the
+// reference is gguf-py's dequantize, which the tests use).
 //
 // A matrix of one of these types has kind GGML_KIND + its GGML type id (F16 1, Q5_0 6, Q5_1 7,
 // Q4_K 12, Q5_K 13, Q6_K 14).
@@ -151,6 +153,219 @@ void ggml_dequant_row(int64_t type, const uint8_t* row, int64_t k, float* y) {
     default:
       for (int64_t i = 0; i < k; ++i) y[i] = 0.f;
   }
+}
+
+// -- integer dot products over the blocks as stored (int16 activation blocks, plain order) -----
+// Q4_K: each 32-weight sub-block is unsigned 4-bit quants with a float scale d * sc and min
+// dmin * m, so its dot with an activation block is d*sc * dx * sum(q * xq) - dmin*m * sum(x):
+// one exact integer dot per sub-block, as the Q4_1 kernel does. Q5_K adds a fifth bit.
+// Q6_K: 16-weight sub-blocks of signed 6-bit quants (q - 32) with int8 scales: two integer dots
+// per activation block.
+// Q5_0 / Q5_1: 32-weight blocks of 5-bit quants (q - 16 with scale d; q * d + m): one integer dot
+// per block, the min's part from the block's exact activation sum.
+inline bool ggml_int_kernel(int64_t kind) {
+  const int64_t t = kind - GGML_KIND;
+  return t == T_Q4_K || t == T_Q5_K || t == T_Q6_K || t == T_Q5_0 || t == T_Q5_1;
+}
+
+#if defined(LW_AVX512) || defined(LW_AVX2)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256i i16_dot(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+#endif
+
+float q6_k_dot(const uint8_t* row, QuantRow x, int64_t k) {
+  float total = 0.f;
+#if defined(LW_AVX512) || defined(LW_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+  const __m256i off = _mm256_set1_epi8(32);
+#endif
+  for (int64_t sb = 0; sb < k / 256; ++sb) {
+    const uint8_t* p = row + sb * 210;
+    const uint8_t* ql = p;
+    const uint8_t* qh = p + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    const float d = fp16_to_fp32(p + 208);
+    for (int n = 0; n < 2; ++n, ql += 64, qh += 32, sc += 8) {
+      const int64_t y0 = sb * 256 + n * 128;  // first weight of this half
+#if defined(LW_AVX512) || defined(LW_AVX2)
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+      __m256i q[4];  // weights y0 + 32 g + l, l = 0..31, as bytes q - 32
+      q[0] = _mm256_or_si256(_mm256_and_si256(a0, low),
+                             _mm256_slli_epi16(_mm256_and_si256(h, three), 4));
+      q[1] = _mm256_or_si256(_mm256_and_si256(a1, low),
+                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), three), 4));
+      q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a0, 4), low),
+                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), three), 4));
+      q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a1, 4), low),
+                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), three), 4));
+      for (int g = 0; g < 4; ++g) {
+        const __m256i qs = _mm256_sub_epi8(q[g], off);
+        const int64_t b = (y0 + 32 * g) / QK;  // its activation block
+        const __m256i* av = reinterpret_cast<const __m256i*>(x.q + b * QK);
+        const __m256i p0 = i16_dot(_mm256_setzero_si256(),
+                                   _mm256_cvtepi8_epi16(_mm256_castsi256_si128(qs)),
+                                   _mm256_loadu_si256(av));
+        const __m256i p1 = i16_dot(_mm256_setzero_si256(),
+                                   _mm256_cvtepi8_epi16(_mm256_extracti128_si256(qs, 1)),
+                                   _mm256_loadu_si256(av + 1));
+        const float dx = d * x.d[b];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dx * sc[2 * g]), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dx * sc[2 * g + 1]), acc);
+      }
+#else
+      for (int g = 0; g < 4; ++g) {
+        const int64_t b = (y0 + 32 * g) / QK;
+        const int16_t* a = x.q + b * QK;
+        int s0 = 0, s1 = 0;
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t lo = g & 1 ? ql[l + 32] : ql[l];
+          const int q4 = g < 2 ? lo & 0xF : lo >> 4;
+          const int q6 = (q4 | (((qh[l] >> (2 * g)) & 3) << 4)) - 32;
+          (l < 16 ? s0 : s1) += q6 * a[l];
+        }
+        total += d * x.d[b] * (static_cast<float>(sc[2 * g]) * s0 +
+                               static_cast<float>(sc[2 * g + 1]) * s1);
+      }
+#endif
+    }
+  }
+#if defined(LW_AVX512) || defined(LW_AVX2)
+  total += hsum256(acc);
+#endif
+  return total;
+}
+
+float q5_dot(bool has_min, const uint8_t* row, QuantRow x, int64_t k) {
+  const int64_t bytes = has_min ? 24 : 22;
+  float total = 0.f;
+#if defined(LW_AVX512) || defined(LW_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bits = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i sixteen = _mm256_set1_epi8(16);
+#endif
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const uint8_t* p = row + b * bytes;
+    const float d = fp16_to_fp32(p);
+    uint32_t qh;
+    std::memcpy(&qh, p + (has_min ? 4 : 2), 4);
+    const uint8_t* qs = p + (has_min ? 8 : 6);
+    if (has_min) total += fp16_to_fp32(p + 2) * x.s[b];
+    const int16_t* a = x.q + b * QK;
+#if defined(LW_AVX512) || defined(LW_AVX2)
+    const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(n, 4), low),
+                                         _mm_and_si128(n, low));  // weights 0-15 | 16-31
+    __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), spread);
+    hb = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bits), bits), sixteen);
+    __m256i q = _mm256_or_si256(nib, hb);  // 0..31
+    if (!has_min) q = _mm256_sub_epi8(q, sixteen);  // -16..15
+    const __m256i* av = reinterpret_cast<const __m256i*>(a);
+    __m256i s32 = i16_dot(_mm256_setzero_si256(), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                          _mm256_loadu_si256(av));
+    s32 = i16_dot(s32, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
+                  _mm256_loadu_si256(av + 1));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(d * x.d[b]), acc);
+#else
+    const int off = has_min ? 0 : 16;
+    int sum = 0;
+    for (int j = 0; j < 16; ++j) {
+      const int x0 = (qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10);
+      const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
+      sum += (x0 - off) * a[j] + (x1 - off) * a[j + 16];
+    }
+    total += d * x.d[b] * static_cast<float>(sum);
+#endif
+  }
+#if defined(LW_AVX512) || defined(LW_AVX2)
+  total += hsum256(acc);
+#endif
+  return total;
+}
+
+float ggml_int_dot(int64_t kind, const uint8_t* row, QuantRow x, int64_t k) {
+  if (kind == GGML_KIND + T_Q6_K) return q6_k_dot(row, x, k);
+  if (kind == GGML_KIND + T_Q5_0 || kind == GGML_KIND + T_Q5_1)
+    return q5_dot(kind == GGML_KIND + T_Q5_1, row, x, k);
+  const bool five = kind == GGML_KIND + T_Q5_K;
+  const int64_t bytes = five ? 176 : 144;
+  float total = 0.f;
+#if defined(LW_AVX512) || defined(LW_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+#endif
+  for (int64_t sb = 0; sb < k / 256; ++sb) {
+    const uint8_t* p = row + sb * bytes;
+    const float d = fp16_to_fp32(p), dmin = fp16_to_fp32(p + 2);
+    const uint8_t* scales = p + 4;
+    const uint8_t* qh = p + 16;
+    const uint8_t* ql = p + (five ? 48 : 16);
+    for (int j = 0; j < 4; ++j, ql += 32) {  // sub-blocks 2j (low nibbles) and 2j + 1 (high)
+      const int64_t b = sb * 8 + 2 * j;        // the activation block of sub-block 2j
+      uint8_t sc0, m0, sc1, m1;
+      scale_min_k4(2 * j, scales, &sc0, &m0);
+      scale_min_k4(2 * j + 1, scales, &sc1, &m1);
+      const int16_t* a = x.q + b * QK;
+      total -= dmin * m0 * x.s[b] + dmin * m1 * x.s[b + 1];
+#if defined(LW_AVX512) || defined(LW_AVX2)
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+      __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      if (five) {  // bit 2j of qh[l] -> +16 on sub-block 2j, bit 2j + 1 -> on 2j + 1
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+        const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j)));
+        const __m256i b1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j + 1)));
+        const __m256i sixteen = _mm256_set1_epi8(16);
+        lo = _mm256_or_si256(lo, _mm256_and_si256(
+            _mm256_cmpeq_epi8(_mm256_and_si256(h, b0), b0), sixteen));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(
+            _mm256_cmpeq_epi8(_mm256_and_si256(h, b1), b1), sixteen));
+      }
+      const __m256i* av = reinterpret_cast<const __m256i*>(a);
+      __m256i p0 = i16_dot(_mm256_setzero_si256(),
+                           _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), _mm256_loadu_si256(av));
+      p0 = i16_dot(p0, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
+                   _mm256_loadu_si256(av + 1));
+      __m256i p1 = i16_dot(_mm256_setzero_si256(),
+                           _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), _mm256_loadu_si256(av + 2));
+      p1 = i16_dot(p1, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1)),
+                   _mm256_loadu_si256(av + 3));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc0 * x.d[b]), acc);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc1 * x.d[b + 1]), acc);
+#else
+      int s0 = 0, s1 = 0;
+      for (int l = 0; l < 32; ++l) {
+        const int h0 = five && (qh[l] >> (2 * j)) & 1 ? 16 : 0;
+        const int h1 = five && (qh[l] >> (2 * j + 1)) & 1 ? 16 : 0;
+        s0 += ((ql[l] & 0xF) + h0) * a[l];
+        s1 += ((ql[l] >> 4) + h1) * a[32 + l];
+      }
+      total += d * sc0 * x.d[b] * s0 + d * sc1 * x.d[b + 1] * s1;
+#endif
+    }
+  }
+#if defined(LW_AVX512) || defined(LW_AVX2)
+  total += hsum256(acc);
+#endif
+  return total;
 }
 
 }  // namespace

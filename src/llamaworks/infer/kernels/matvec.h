@@ -125,14 +125,20 @@ inline void dot4_bf16(const uint16_t* w, int64_t ld, const float* x, int64_t k, 
 struct Input {
   const float* x = nullptr;
   int64_t B = 0, K = 0;
-  std::vector<int16_t> q4, q8;     // int16 blocks, in the Q4_1 / Q8_0 kernels' orders
-  std::vector<float> d4, s4, d8, s8;
+  std::vector<int16_t> q4, q8, qp;  // int16 blocks, in the Q4_1 / Q8_0 kernels' orders, plain
+  std::vector<float> d4, s4, d8, s8, dp, sp;
 
   // (decode_layers sizes the vectors for its largest input first, so inside its parallel
   // region these resizes never allocate)
-  void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8) {
+  void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8,
+               bool needp = false) {
     x = x_, B = B_, K = K_;
     const int64_t nb = K / QK;
+    if (needp) {  // the K-quant integer kernels read the plain order
+      qp.resize(B * K), dp.resize(B * nb), sp.resize(B * nb);
+      for (int64_t b = 0; b < B; ++b)
+        quantize_row(x + b * K, K, Layout::Plain, &qp[b * K], &dp[b * nb], &sp[b * nb]);
+    }
     if (need4) {
       q4.resize(B * K), d4.resize(B * nb), s4.resize(B * nb);
       for (int64_t b = 0; b < B; ++b)
@@ -146,16 +152,18 @@ struct Input {
   }
   QuantRow row4(int64_t b) const { return {&q4[b * K], &d4[b * (K / QK)], &s4[b * (K / QK)]}; }
   QuantRow row8(int64_t b) const { return {&q8[b * K], &d8[b * (K / QK)], &s8[b * (K / QK)]}; }
+  QuantRow rowp(int64_t b) const { return {&qp[b * K], &dp[b * (K / QK)], &sp[b * (K / QK)]}; }
 };
 
 // Quantize the input rows for the kinds `mats` need (one thread).
 void prepare(Input& in, const std::vector<Mat>& mats) {
-  bool need4 = false, need8 = false;
+  bool need4 = false, need8 = false, needp = false;
   for (const Mat& m : mats) {
     need4 |= m.kind == KQ4_1;
     need8 |= m.kind == KQ8_0;
+    needp |= ggml_int_kernel(m.kind);
   }
-  in.prepare(in.x, in.B, in.K, need4, need8);
+  in.prepare(in.x, in.B, in.K, need4, need8, needp);
 }
 
 // y[b, n0:n1] of the concatenated outputs of `mats` for every input row b (y row stride ldy):
@@ -177,9 +185,14 @@ void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_
       thread_local std::vector<float> buf;
       if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
       const uint8_t* end = m.data + m.rows * m.row_bytes;
+      const bool integer = ggml_int_kernel(m.kind);
       for (int64_t i = lo; i < hi; ++i) {
         const uint8_t* w = m.data + (i - base) * m.row_bytes;
         prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);
+        if (integer) {  // an integer dot over the blocks as stored, on int16 activations
+          for (int64_t b = 0; b < B; ++b) y[b * ldy + i] = ggml_int_dot(m.kind, w, in.rowp(b), K);
+          continue;
+        }
         ggml_dequant_row(m.kind - GGML_KIND, w, K, buf.data());
         for (int64_t b = 0; b < B; ++b) y[b * ldy + i] = dot_f32(buf.data(), x + b * K, K);
       }
