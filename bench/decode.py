@@ -62,6 +62,17 @@ def _llama_cpp_isa() -> str:
                     if f.strip().endswith("= 1") and "AVX" in f)
 
 
+def _rss() -> float:
+    """This process's resident memory, bytes (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _rates(stamps: list[float], start: float) -> tuple[float, float]:
     """(first-token latency s, decode tok/s over the remaining tokens)."""
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -294,29 +305,40 @@ def main() -> None:
 
     path = a.model or default_model_path()
     prompt_ids = load_tokenizer(path).encode(PROMPT, bos=None)
-    loaded = load_model(path)
-    fp32_bytes = sum(m.weight.numel() * 4 for m in loaded.model.modules()
-                     if isinstance(m, torch.nn.Linear))
-    bandwidth = read_bandwidth(loaded.model)
-    floor = bandwidth / fp32_bytes
     rows: list[tuple[str, float, float, float]] = []  # name, first s, tok/s, weight bytes
     ours: dict[str, dict] = {}
-    if path.suffix == ".gguf":  # the default: the file's own types (Q4_1/Q8_0 blocks as stored)
+    memory: dict[str, float] = {}  # engine -> resident growth of loading it, bytes
+    if path.suffix == ".gguf":  # the default: the file's own types (blocks as stored)
         from llamaworks import LLM
 
+        gc.collect()
+        rss0 = _rss()
         t0 = time.perf_counter()
         llm = LLM(path)
         load_s = time.perf_counter() - t0
+        memory["llamaworks as stored"] = _rss() - rss0
         first, rate = decode_rate(llm, prompt_ids, a.new_tokens)
         from llamaworks.infer.quantize import weight_bytes
 
         name = "llamaworks as stored"
         ours[name] = {"first": first, "rate": rate, "bytes": weight_bytes(llm.model), "llm": llm}
         rows.append((name, first, rate, ours[name]["bytes"]))
-        print(f"# {name}: loaded in {load_s:.1f} s, {rate:.1f} tok/s decode", flush=True)
+        print(f"# {name}: loaded in {load_s:.1f} s, model memory "
+              f"{memory[name] / 1e6:.0f} MB (file {path.stat().st_size / 1e6:.0f} MB), "
+              f"{rate:.1f} tok/s decode", flush=True)
+    quants = [q for q in a.quants.split(",") if q]
+    # The float32 load (the other formats start from it; also the bandwidth probe): skipped when
+    # only the file as stored runs (an 8B float32 copy would not fit in memory).
+    loaded = load_model(path) if quants or "hf" not in a.skip else None
+    fp32_bytes = bandwidth = floor = None
+    if loaded is not None:
+        fp32_bytes = sum(m.weight.numel() * 4 for m in loaded.model.modules()
+                         if isinstance(m, torch.nn.Linear))
+        bandwidth = read_bandwidth(loaded.model)
+        floor = bandwidth / fp32_bytes
     compiled = [q for q in a.compile.split(",") if q]
     eager = [q for q in a.eager.split(",") if q]
-    for q in [q for q in a.quants.split(",") if q]:
+    for q in quants:
         variants = [("", {})] + [(" (eager ops)", {"fused": False})] * (q in eager) \
             + [(" compiled", {"compile": True})] * (q in compiled)
         if q in a.tier_quants.split(","):
@@ -341,7 +363,15 @@ def main() -> None:
         print(f"# HF: {rate:.1f} tok/s", flush=True)
         gc.collect()
     if "llama.cpp" not in a.skip:
-        first, rate = bench_llama_cpp(path, prompt_ids, a.new_tokens, a.threads)
+        import llama_cpp
+
+        gc.collect()
+        rss0 = _rss()
+        cpp_llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=a.threads,
+                                  n_threads_batch=a.threads, verbose=False)
+        first, rate = bench_llama_cpp(path, prompt_ids, a.new_tokens, a.threads, cpp_llm)
+        memory["llama.cpp"] = _rss() - rss0  # its mapped file pages, once read, count too
+        del cpp_llm
         rows.append((f"llama.cpp ({path.suffix[1:]} as shipped)", first, rate,
                      path.stat().st_size))
         print(f"# llama.cpp: {rate:.1f} tok/s", flush=True)
@@ -359,9 +389,10 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()} · llama.cpp library "
           f"{os.environ.get('LLAMA_CPP_LIB_PATH', 'as installed (native build)')} "
           f"({_llama_cpp_isa()})\n")
-    print(f"weight reading rate: {bandwidth / 1e9:.1f} GB/s (fp32 bound {floor:.1f} tok/s); the "
-          "bandwidth bound of each row is that rate over its weight bytes per token "
-          "(llama.cpp: the file size)\n")
+    if bandwidth:
+        print(f"weight reading rate: {bandwidth / 1e9:.1f} GB/s (fp32 bound {floor:.1f} tok/s); "
+              "the bandwidth bound of each row is that rate over its weight bytes per token "
+              "(llama.cpp: the file size)\n")
     ref = {name: rate for name, _, rate, _ in rows}
     hf = next((v for k, v in ref.items() if k.startswith("HF")), None)
     cpp = next((v for k, v in ref.items() if k.startswith("llama.cpp")), None)
@@ -369,10 +400,17 @@ def main() -> None:
           "| / HF fp32 | / llama.cpp |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, first, rate, nbytes in rows:
-        bound = bandwidth / nbytes
-        print(f"| {name} | {nbytes / 1e6:.0f} | {rate:.1f} | {100 * rate / bound:.0f}% | "
+        share = f"{100 * rate * nbytes / bandwidth:.0f}%" if bandwidth else "-"
+        print(f"| {name} | {nbytes / 1e6:.0f} | {rate:.1f} | {share} | "
               f"{first * 1000:.0f} | {f'{rate / hf:.2f}x' if hf else '-'} | "
               f"{f'{rate / cpp:.2f}x' if cpp else '-'} |")
+
+    if memory:
+        size = path.stat().st_size
+        print("\n| engine | model memory MB (resident growth: load + one decode for llama.cpp) "
+              "| / file size |\n|---|---:|---:|")
+        for name, m in memory.items():
+            print(f"| {name} | {m / 1e6:.0f} | {m / size:.2f}x |")
 
     if "prefill" not in a.skip:
         print("\n| engine | prefill tok/s (512-token prompt) |\n|---|---:|")
