@@ -1,8 +1,11 @@
 """Read llama-architecture GGUF files (parsed by `gguf_file`, decoded by the `gguf` package).
 
-Weights are dequantized to float32 by `gguf.quants.dequantize`; llama.cpp's converter permutes the
-Q and K projections (Meta's interleaved rotary pairs), so `unpermute_qk` restores the HF layout that
-`model.py` uses. Every failure raises `CheckpointError` naming the file and what is wrong.
+Weights are dequantized to float32 by `gguf.quants.dequantize`, except the matrices of the types a
+caller asks to keep (`load_gguf(path, keep=...)`: `StoredBlocks`, a view of the mapped file, as
+the inference loader `infer.load` uses them); llama.cpp's converter permutes the Q and K
+projections (Meta's interleaved rotary pairs), so `unpermute_qk` restores the HF layout that
+`model.py` uses (for kept blocks, by reordering whole rows). Every failure raises
+`CheckpointError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
