@@ -53,7 +53,8 @@ def detect_format(path: str | Path) -> str:
                           ".gguf file)")
 
 
-def _resolve(path: str | Path, fmt: str) -> Path:
+def resolve(path: str | Path, fmt: str) -> Path:
+    """The file or folder a path of format `fmt` names: a GGUF inside a folder, an HF folder."""
     p = Path(path)
     if fmt == "gguf" and p.is_dir():
         return sorted(p.glob("*.gguf"))[0]
@@ -65,7 +66,7 @@ def _resolve(path: str | Path, fmt: str) -> Path:
 def load_state_dict(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
     """(config, HF-named state dict, format) from any supported layout."""
     fmt = detect_format(path)
-    p = _resolve(path, fmt)
+    p = resolve(path, fmt)
     if fmt == "gguf":
         from llamaworks.checkpoint.gguf import load_gguf
 
@@ -107,15 +108,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Loaded:
     cfg, sd, fmt = load_state_dict(path)
     model = build_model(cfg, sd, str(path), device, dtype)
-    return Loaded(model=model, config=cfg, path=_resolve(path, fmt), format=fmt)
+    return Loaded(model=model, config=cfg, path=resolve(path, fmt), format=fmt)
 
 
 def load_tokenizer(path: str | Path) -> Any:
     """The model's own tokenizer: GGUF vocabulary, tokenizer.json or tokenizer.model."""
     from llamaworks.tokenizer import Tokenizer
 
-    return Tokenizer.load(_resolve(path, detect_format(path)))
+    return Tokenizer.load(resolve(path, detect_format(path)))
 
 
-__all__ = ["detect_format", "load_state_dict", "build_model", "load_model", "load_tokenizer",
-           "save_native", "export_gguf", "Loaded", "FORMATS"]
+__all__ = ["detect_format", "resolve", "load_state_dict", "build_model", "load_model",
+           "load_tokenizer", "save_native", "export_gguf", "Loaded", "FORMATS"]

@@ -6,9 +6,9 @@ eval) call. For a GGUF file, every matrix of a type our kernels run stays in the
 blocks, so model memory is about the file size: Q4_1, Q4_0 and Q8_0 become `Int4Linear` /
 `Int8Linear` over the blocks regrouped byte for byte into the integer kernels' row format (Q4_0 as
 the Q4_1 it exactly is); F16, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K become `GGUFLinear` over the bytes
-as stored (dequantize-row kernels); an embedding table in any of these is a `BlockEmbedding`,
-and a tied output head shares its blocks. Only the other types (BF16, Q2_K, Q3_K, IQ4) are
-dequantized to float32, as `checkpoint.load_model` does.
+as stored (integer dots over those blocks; F16 a float dot); an embedding table in any of these
+is a `BlockEmbedding`, and a tied output head shares its blocks. Only the other types (BF16,
+Q2_K, Q3_K, IQ4) are dequantized to float32, as `checkpoint.load_model` does.
 `quant=` converts on load instead (everything through float32, then `quantize_model`); converting
 tensors that the file already stores quantized into another quantized type warns (double
 quantization). LoRA adapters are merged into a float32 base first, then `quant` applies.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamaworks.checkpoint import Loaded, detect_format, load_model
+from llamaworks.checkpoint import Loaded, detect_format, load_model, resolve
 from llamaworks.errors import CheckpointError
 from llamaworks.infer import kernels
 from llamaworks.infer.quantize import (
@@ -32,6 +32,7 @@ from llamaworks.infer.quantize import (
     Int4Linear,
     Int8Linear,
     fuse_projections,
+    packed_row_bytes,
     packed_rows,
     quantize_model,
 )
@@ -39,7 +40,7 @@ from llamaworks.model import Llama
 from llamaworks.train.allocator import return_freed_memory
 
 # GGUF types our kernels run as stored (Q4_0 as the Q4_1 it exactly is; the GGML_KINDS types by
-# dequantize-row kernels), and the `quant` mode that gives back exactly that type's blocks from
+# kernels of ggml_types.h), and the `quant` mode that gives back exactly that type's blocks from
 # their float32 dequantization.
 KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8", "Q4_0": None,
                 **dict.fromkeys(kernels.GGML_KINDS)}
@@ -55,7 +56,7 @@ def load_as_stored(path: str | Path) -> Loaded:
     from llamaworks.checkpoint.gguf import StoredBlocks, load_gguf
 
     # (load_gguf checks every name, type and shape before anything is decoded)
-    cfg, sd, _ = load_gguf(_gguf_file(p), keep=tuple(KERNEL_TYPES))
+    cfg, sd, _ = load_gguf(resolve(p, "gguf"), keep=tuple(KERNEL_TYPES))
     blocks = {k: v for k, v in sd.items() if isinstance(v, StoredBlocks)}
     floats = {k: v for k, v in sd.items() if not isinstance(v, StoredBlocks)}
     model = Llama(cfg, device="meta")
@@ -103,10 +104,8 @@ def _group_buffers(blocks: dict[str, Any], n_layers: int) -> dict[str, Tensor]:
             if any(m is None for m in members) or len({m.type_name for m in members}) != 1 \
                     or len({m.shape[1] for m in members}) != 1:
                 continue
-            kind = _kind(members[0].type_name)
-            row_bytes = members[0].rows.shape[1] if kind > 8 else \
-                members[0].shape[1] // kernels.QK * (kernels.Q8_0_BYTES if kind == 8
-                                                     else kernels.Q4_1_BYTES)
+            row_bytes = packed_row_bytes(members[0].type_name, members[0].shape[1],
+                                         members[0].rows.shape[1])
             buf = torch.empty(sum(m.rows.shape[0] for m in members), row_bytes, dtype=torch.uint8)
             start = 0
             for n, m in zip(names, members, strict=True):
@@ -139,10 +138,6 @@ def _linear(rows: Tensor, kind: int, in_features: int) -> nn.Module:
     return GGUFLinear(rows, kind, in_features)
 
 
-def _gguf_file(p: Path) -> Path:
-    return p if p.is_file() else sorted(p.glob("*.gguf"))[0]
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -155,7 +150,7 @@ def stored_types(path: str | Path) -> set[str]:
         return set()
     from llamaworks.checkpoint.gguf_file import parse_gguf
 
-    f = parse_gguf(_gguf_file(p))
+    f = parse_gguf(resolve(p, "gguf"))
     return {t.type_name for t in f.tensors if len(t.shape) == 2}
 
 

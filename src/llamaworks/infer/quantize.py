@@ -17,6 +17,8 @@ Activations stay in the model's dtype; results are cast back to it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,22 @@ def dequantize_blocks(blocks: Tensor, kind: int, k: int, tier: str | None = None
     return kernels.dequant_rows(blocks, kind, k, tier)
 
 
+def gathered_rows(blocks: Tensor, idx: Tensor, kind: int, k: int, tier: str | None = None
+                  ) -> Tensor:
+    """float32 weights [..., k] of the block rows `idx` [...] (an embedding lookup, the head's
+    re-checked rows): only those rows are decoded."""
+    w = dequantize_blocks(blocks[idx.reshape(-1)], kind, k, tier)
+    return w.reshape(*idx.shape, k)
+
+
+def _weight_tiles(blocks: Tensor, kind: int, k: int, tier: str | None
+                  ) -> Iterator[tuple[int, int, Tensor]]:
+    """(r0, r1, float32 weights of rows r0:r1) over the block rows, GEMM_TILE_ROWS at a time."""
+    for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
+        r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
+        yield r0, r1, dequantize_blocks(blocks[r0:r1], kind, k, tier)
+
+
 def block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tensor:
     """x [..., K] @ W.T for block rows W of `kind` (4 = Q4_1, 8 = Q8_0, or a GGUF type's own
     blocks, `kernels.GGML_KINDS`): the block kernels for few rows (decode), tiled dequantize +
@@ -75,15 +93,10 @@ def block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tens
             linear = kernels.q4_1_linear if kind == 4 else kernels.q8_0_linear
             return linear(x, blocks, tier)
         return kernels.gguf_linear(x, blocks, kind, tier)
-
-    def unpack(b: Tensor) -> Tensor:
-        return dequantize_blocks(b, kind, x.shape[-1], tier)
-
     x2 = x.reshape(rows, x.shape[-1]).float()
     y = torch.empty(rows, blocks.shape[0], dtype=torch.float32, device=x.device)
-    for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
-        r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
-        torch.mm(x2, unpack(blocks[r0:r1]).T, out=y[:, r0:r1])
+    for r0, r1, w in _weight_tiles(blocks, kind, x.shape[-1], tier):
+        torch.mm(x2, w.T, out=y[:, r0:r1])
     return y.reshape(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
 
@@ -103,9 +116,8 @@ class _FrozenBlockMatmul(torch.autograd.Function):
         (blocks,) = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).float()
         gx = torch.zeros(g.shape[0], ctx.k, dtype=torch.float32, device=grad.device)
-        for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
-            r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
-            gx.addmm_(g[:, r0:r1], dequantize_blocks(blocks[r0:r1], ctx.kind, ctx.k, ctx.tier))
+        for r0, r1, w in _weight_tiles(blocks, ctx.kind, ctx.k, ctx.tier):
+            gx.addmm_(g[:, r0:r1], w)
         return gx.reshape(*grad.shape[:-1], ctx.k).to(grad.dtype), None, None, None
 
 
@@ -118,6 +130,16 @@ def frozen_block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) 
 
 def _wants_grad(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
+
+
+def _over_blocks(cls: type, blocks: Tensor, in_features: int) -> Any:
+    """An Int8Linear / Int4Linear over packed rows, built without a float weight to quantize."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, blocks.shape[0]
+    layer.register_buffer("blocks", blocks)
+    layer.tier = kernels.tier()
+    return layer
 
 
 class Int8Linear(nn.Module):
@@ -142,12 +164,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_blocks(cls, blocks: Tensor, in_features: int) -> Int8Linear:
         """A layer over packed Q8_0 rows (`kernels` row format), e.g. a GGUF tensor as stored."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.register_buffer("blocks", blocks)
-        self.tier = kernels.tier()
-        return self
+        return _over_blocks(cls, blocks, in_features)
 
     def dequantize(self) -> Tensor:
         if self.blocks is not None:
@@ -214,13 +231,9 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_blocks(cls, blocks: Tensor, in_features: int) -> Int4Linear:
         """A layer over packed Q4_1 rows (`kernels` row format), e.g. a GGUF tensor as stored."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.group_size = kernels.QK
-        self.register_buffer("blocks", blocks)
-        self.tier = kernels.tier()
-        return self
+        layer = _over_blocks(cls, blocks, in_features)
+        layer.group_size = kernels.QK
+        return layer
 
     def dequantize(self) -> Tensor:
         if self.blocks is not None:
@@ -267,17 +280,12 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("blocks", blocks)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        if self.kind in (4, 8):
-            unpack = kernels.unpack_q4_1 if self.kind == 4 else kernels.unpack_q8_0
-            return unpack(self.blocks, tokens)
-        flat = tokens.reshape(-1)
-        rows = kernels.dequant_rows(self.blocks[flat].contiguous(), self.kind, self.embedding_dim)
-        return rows.reshape(*tokens.shape, self.embedding_dim)
+        return gathered_rows(self.blocks, tokens, self.kind, self.embedding_dim)
 
 
 class GGUFLinear(nn.Module):
     """y = x @ W.T with W in a GGUF type's own blocks (F16, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K:
-    `kernels.GGML_KINDS`), as the file stores them: dequantize-row + dot kernels for decode,
+    `kernels.GGML_KINDS`), as the file stores them: integer-dot kernels (F16: float) for decode,
     float32 GEMMs over dequantized tiles for prompts (`block_linear`)."""
 
     def __init__(self, blocks: Tensor, kind: int, in_features: int):
@@ -290,10 +298,7 @@ class GGUFLinear(nn.Module):
         return dequantize_blocks(self.blocks, self.kind, self.in_features, self.tier)
 
     def rows(self, idx: Tensor) -> Tensor:
-        flat = idx.reshape(-1)
-        w = dequantize_blocks(self.blocks[flat].contiguous(), self.kind, self.in_features,
-                              self.tier)
-        return w.reshape(*idx.shape, self.in_features)
+        return gathered_rows(self.blocks, idx, self.kind, self.in_features, self.tier)
 
     def forward(self, x: Tensor) -> Tensor:
         return frozen_block_linear(x, self.blocks, self.kind, self.tier)
@@ -420,6 +425,18 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32,
 
 
 Q4_0_BYTES = 18  # GGUF Q4_0 block: fp16 d, 16 quant bytes; w = d * (q - 8)
+# Bytes per block of 32 of the kernels' packed rows a stored type becomes (Q4_0 becomes Q4_1).
+_PACKED_BLOCK_BYTES = {"Q4_1": kernels.Q4_1_BYTES, "Q4_0": kernels.Q4_1_BYTES,
+                       "Q8_0": kernels.Q8_0_BYTES}
+
+
+def packed_row_bytes(type_name: str, in_features: int, stored_row_bytes: int) -> int:
+    """Bytes per row of what `packed_rows` makes of a stored matrix of `type_name`."""
+    if type_name in kernels.GGML_KINDS:
+        return stored_row_bytes
+    if type_name not in _PACKED_BLOCK_BYTES:
+        raise ValueError(f"no block kernel for {type_name}")
+    return in_features // kernels.QK * _PACKED_BLOCK_BYTES[type_name]
 
 
 def packed_rows(gguf_rows: Tensor, type_name: str, order: Tensor | None = None,
@@ -435,30 +452,30 @@ def packed_rows(gguf_rows: Tensor, type_name: str, order: Tensor | None = None,
         if out is None:
             return src.clone() if order is None else src
         return out.copy_(src)
-    if type_name == "Q4_0":
+    if type_name == "Q4_0":  # per block: d (fp16), 16 quant bytes; its Q4_1 min is -8 d
         b = gguf_rows.reshape(n, -1, Q4_0_BYTES)
-        d = b[..., 0:2].contiguous().view(torch.float16)
-        m = (d.float() * -8).to(torch.float16)
+        d = b[..., 0:2]
+        m = (d.contiguous().view(torch.float16).float() * -8).to(torch.float16)
         if not torch.isfinite(m).all():
             raise ValueError("Q4_0 scale too large for an fp16 Q4_1 min")
-        q41 = torch.cat([b[..., 0:2], m.view(torch.uint8), b[..., 2:]], -1)
-        return packed_rows(q41.reshape(n, -1), "Q4_1", order, out)
-    if type_name == "Q4_1":  # per block: d, m (fp16), 16 quant bytes
-        size, parts = kernels.Q4_1_BYTES, ((4, 20), (0, 2), (2, 4))
+        parts = (b[..., 2:], d, m.view(torch.uint8))
+    elif type_name == "Q4_1":  # per block: d, m (fp16), 16 quant bytes
+        b = gguf_rows.reshape(n, -1, kernels.Q4_1_BYTES)
+        parts = (b[..., 4:], b[..., 0:2], b[..., 2:4])
     elif type_name == "Q8_0":  # per block: d (fp16), 32 int8
-        size, parts = kernels.Q8_0_BYTES, ((2, 34), (0, 2))
+        b = gguf_rows.reshape(n, -1, kernels.Q8_0_BYTES)
+        parts = (b[..., 2:], b[..., 0:2])
     else:
         raise ValueError(f"no block kernel for {type_name}")
-    nb = gguf_rows.shape[1] // size
-    src = gguf_rows.reshape(n, nb, size)
+    nb = b.shape[1]
     if out is None:
-        out = torch.empty(n, nb * size, dtype=torch.uint8)
+        out = torch.empty(n, sum(nb * p.shape[-1] for p in parts), dtype=torch.uint8)
     at = 0
-    for lo, hi in parts:
-        seg = out[:, at: at + nb * (hi - lo)].view(n, nb, hi - lo)
-        part = src[:, :, lo:hi]
+    for part in parts:  # each segment of the packed rows: one field of every block
+        width = part.shape[-1]
+        seg = out[:, at: at + nb * width].view(n, nb, width)
         seg.copy_(part if order is None else part.index_select(0, order))
-        at += nb * (hi - lo)
+        at += nb * width
     return out
 
 

@@ -46,8 +46,8 @@ Q8_0_BYTES = 34  # per block: 32 int8, fp16 d
 # A packed row holds its blocks' bytes regrouped, quants first: Q4_1 [nb * 16 nibble bytes | nb fp16
 # d | nb fp16 m], Q8_0 [nb * 32 int8 | nb fp16 d], so the kernel reads long runs of each.
 
-# GGUF types kept in the file's own blocks, run by dequantize-row + dot kernels (ggml_types.h):
-# kind = 100 + the GGML type id.
+# GGUF types kept in the file's own blocks, run by the kernels of ggml_types.h (integer dots over
+# the blocks; F16 a float dot): kind = 100 + the GGML type id.
 GGML_KINDS = {"F16": 101, "Q5_0": 106, "Q5_1": 107, "Q4_K": 112, "Q5_K": 113, "Q6_K": 114}
 
 TIERS = ("avx512", "avx2", "scalar")  # best first

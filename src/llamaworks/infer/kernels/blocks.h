@@ -183,6 +183,16 @@ float dot_q8_0(const uint8_t* row, QuantRow x, int64_t nb) {
   return total;
 }
 
+#ifdef LW_DOT4
+// The sum of a 256-bit float vector's lanes (both vector tiers).
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 #ifdef LW_AVX512
 inline __m512i dot_i16(__m512i acc, __m512i a, __m512i b) {
 #if defined(__AVX512VNNI__)
@@ -340,13 +350,6 @@ inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) {
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // n <= 8 fp16 values at p as 8 floats, zero past n.

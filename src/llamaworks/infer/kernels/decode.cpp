@@ -60,17 +60,12 @@ Mat as_mat(const at::Tensor& w, int64_t kind, int64_t k, const char* what) {
       TORCH_CHECK(w.scalar_type() == at::kBFloat16, what, ": kind 1 needs bfloat16 weights");
       bytes = k * 2;
       break;
-    case KQ4_1:
-    case KQ8_0:
-      TORCH_CHECK(w.scalar_type() == at::kByte && k % QK == 0, what,
-                  ": block kinds need uint8 rows and an input size divisible by 32");
-      bytes = k / QK * (kind == KQ8_0 ? Q8_0_BYTES : Q4_1_BYTES);
-      break;
     default:
-      TORCH_CHECK(is_ggml_kind(kind), what, ": unknown weight kind ", kind);
-      TORCH_CHECK(w.scalar_type() == at::kByte && ggml_row_bytes(kind, k) > 0, what,
-                  ": GGUF block rows must be uint8 and the input size a multiple of the block");
-      bytes = ggml_row_bytes(kind, k);
+      TORCH_CHECK(is_block_kind(kind), what, ": unknown weight kind ", kind);
+      bytes = block_row_bytes(kind, k);
+      TORCH_CHECK(w.scalar_type() == at::kByte && bytes > 0, what,
+                  ": block kinds need uint8 rows and an input size that is a multiple of the "
+                  "block");
   }
   TORCH_CHECK(w.size(1) * w.element_size() == bytes, what, ": weight rows of ",
               w.size(1) * w.element_size(), " bytes do not match an input size of ", k);

@@ -38,11 +38,11 @@ inline bool is_ggml_kind(int64_t kind) {
   return kind > GGML_KIND && block > 0;
 }
 
-// Bytes of one row of k weights of `kind` (k a multiple of the block size).
+// Bytes of one row of k weights of `kind`, or -1 if k is not a multiple of its block size.
 inline int64_t ggml_row_bytes(int64_t kind, int64_t k) {
   int64_t block, bytes;
   ggml_block(kind - GGML_KIND, &block, &bytes);
-  return block ? k / block * bytes : 0;
+  return block && k % block == 0 ? k / block * bytes : -1;
 }
 
 // The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (12 packed bytes).
@@ -168,28 +168,26 @@ inline bool ggml_int_kernel(int64_t kind) {
   return t == T_Q4_K || t == T_Q5_K || t == T_Q6_K || t == T_Q5_0 || t == T_Q5_1;
 }
 
-#if defined(LW_AVX512) || defined(LW_AVX2)
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+#ifdef LW_DOT4
+// Integer dots of byte weights (|q| < 128, sign-extended to int16) with int16 activations a, as
+// 8 int32 lanes: 32 weights, or 16 (one 128-bit half).
+inline __m256i dot_bytes32(__m256i q, const int16_t* a) {
+  const __m256i* av = reinterpret_cast<const __m256i*>(a);
+  const __m256i p = dot_i16(_mm256_setzero_si256(),
+                            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_loadu_si256(av));
+  return dot_i16(p, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
+                 _mm256_loadu_si256(av + 1));
 }
 
-inline __m256i i16_dot(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpwssd_epi32(acc, a, b);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpwssd_avx_epi32(acc, a, b);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
+inline __m256i dot_bytes16(__m128i q, const int16_t* a) {
+  return dot_i16(_mm256_setzero_si256(), _mm256_cvtepi8_epi16(q),
+                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
 }
 #endif
 
 float q6_k_dot(const uint8_t* row, QuantRow x, int64_t k) {
   float total = 0.f;
-#if defined(LW_AVX512) || defined(LW_AVX2)
+#ifdef LW_DOT4
   __m256 acc = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
   const __m256i off = _mm256_set1_epi8(32);
@@ -202,7 +200,7 @@ float q6_k_dot(const uint8_t* row, QuantRow x, int64_t k) {
     const float d = fp16_to_fp32(p + 208);
     for (int n = 0; n < 2; ++n, ql += 64, qh += 32, sc += 8) {
       const int64_t y0 = sb * 256 + n * 128;  // first weight of this half
-#if defined(LW_AVX512) || defined(LW_AVX2)
+#ifdef LW_DOT4
       const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
       const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
@@ -218,13 +216,9 @@ float q6_k_dot(const uint8_t* row, QuantRow x, int64_t k) {
       for (int g = 0; g < 4; ++g) {
         const __m256i qs = _mm256_sub_epi8(q[g], off);
         const int64_t b = (y0 + 32 * g) / QK;  // its activation block
-        const __m256i* av = reinterpret_cast<const __m256i*>(x.q + b * QK);
-        const __m256i p0 = i16_dot(_mm256_setzero_si256(),
-                                   _mm256_cvtepi8_epi16(_mm256_castsi256_si128(qs)),
-                                   _mm256_loadu_si256(av));
-        const __m256i p1 = i16_dot(_mm256_setzero_si256(),
-                                   _mm256_cvtepi8_epi16(_mm256_extracti128_si256(qs, 1)),
-                                   _mm256_loadu_si256(av + 1));
+        const int16_t* a = x.q + b * QK;
+        const __m256i p0 = dot_bytes16(_mm256_castsi256_si128(qs), a);  // two sub-blocks of 16
+        const __m256i p1 = dot_bytes16(_mm256_extracti128_si256(qs, 1), a + 16);
         const float dx = d * x.d[b];
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dx * sc[2 * g]), acc);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dx * sc[2 * g + 1]), acc);
@@ -246,8 +240,8 @@ float q6_k_dot(const uint8_t* row, QuantRow x, int64_t k) {
 #endif
     }
   }
-#if defined(LW_AVX512) || defined(LW_AVX2)
-  total += hsum256(acc);
+#ifdef LW_DOT4
+  total += hsum(acc);
 #endif
   return total;
 }
@@ -255,7 +249,7 @@ float q6_k_dot(const uint8_t* row, QuantRow x, int64_t k) {
 float q5_dot(bool has_min, const uint8_t* row, QuantRow x, int64_t k) {
   const int64_t bytes = has_min ? 24 : 22;
   float total = 0.f;
-#if defined(LW_AVX512) || defined(LW_AVX2)
+#ifdef LW_DOT4
   __m256 acc = _mm256_setzero_ps();
   const __m128i low = _mm_set1_epi8(0x0F);
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -271,7 +265,7 @@ float q5_dot(bool has_min, const uint8_t* row, QuantRow x, int64_t k) {
     const uint8_t* qs = p + (has_min ? 8 : 6);
     if (has_min) total += fp16_to_fp32(p + 2) * x.s[b];
     const int16_t* a = x.q + b * QK;
-#if defined(LW_AVX512) || defined(LW_AVX2)
+#ifdef LW_DOT4
     const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
     const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(n, 4), low),
                                          _mm_and_si128(n, low));  // weights 0-15 | 16-31
@@ -279,12 +273,7 @@ float q5_dot(bool has_min, const uint8_t* row, QuantRow x, int64_t k) {
     hb = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bits), bits), sixteen);
     __m256i q = _mm256_or_si256(nib, hb);  // 0..31
     if (!has_min) q = _mm256_sub_epi8(q, sixteen);  // -16..15
-    const __m256i* av = reinterpret_cast<const __m256i*>(a);
-    __m256i s32 = i16_dot(_mm256_setzero_si256(), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                          _mm256_loadu_si256(av));
-    s32 = i16_dot(s32, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
-                  _mm256_loadu_si256(av + 1));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(d * x.d[b]), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_bytes32(q, a)), _mm256_set1_ps(d * x.d[b]), acc);
 #else
     const int off = has_min ? 0 : 16;
     int sum = 0;
@@ -296,8 +285,8 @@ float q5_dot(bool has_min, const uint8_t* row, QuantRow x, int64_t k) {
     total += d * x.d[b] * static_cast<float>(sum);
 #endif
   }
-#if defined(LW_AVX512) || defined(LW_AVX2)
-  total += hsum256(acc);
+#ifdef LW_DOT4
+  total += hsum(acc);
 #endif
   return total;
 }
@@ -309,7 +298,7 @@ float ggml_int_dot(int64_t kind, const uint8_t* row, QuantRow x, int64_t k) {
   const bool five = kind == GGML_KIND + T_Q5_K;
   const int64_t bytes = five ? 176 : 144;
   float total = 0.f;
-#if defined(LW_AVX512) || defined(LW_AVX2)
+#ifdef LW_DOT4
   __m256 acc = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
 #endif
@@ -326,7 +315,7 @@ float ggml_int_dot(int64_t kind, const uint8_t* row, QuantRow x, int64_t k) {
       scale_min_k4(2 * j + 1, scales, &sc1, &m1);
       const int16_t* a = x.q + b * QK;
       total -= dmin * m0 * x.s[b] + dmin * m1 * x.s[b + 1];
-#if defined(LW_AVX512) || defined(LW_AVX2)
+#ifdef LW_DOT4
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
       __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       if (five) {  // bit 2j of qh[l] -> +16 on sub-block 2j, bit 2j + 1 -> on 2j + 1
@@ -339,15 +328,8 @@ float ggml_int_dot(int64_t kind, const uint8_t* row, QuantRow x, int64_t k) {
         hi = _mm256_or_si256(hi, _mm256_and_si256(
             _mm256_cmpeq_epi8(_mm256_and_si256(h, b1), b1), sixteen));
       }
-      const __m256i* av = reinterpret_cast<const __m256i*>(a);
-      __m256i p0 = i16_dot(_mm256_setzero_si256(),
-                           _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), _mm256_loadu_si256(av));
-      p0 = i16_dot(p0, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
-                   _mm256_loadu_si256(av + 1));
-      __m256i p1 = i16_dot(_mm256_setzero_si256(),
-                           _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), _mm256_loadu_si256(av + 2));
-      p1 = i16_dot(p1, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1)),
-                   _mm256_loadu_si256(av + 3));
+      // quants 0..31: the same as signed bytes
+      const __m256i p0 = dot_bytes32(lo, a), p1 = dot_bytes32(hi, a + 32);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc0 * x.d[b]), acc);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc1 * x.d[b + 1]), acc);
 #else
@@ -362,8 +344,8 @@ float ggml_int_dot(int64_t kind, const uint8_t* row, QuantRow x, int64_t k) {
 #endif
     }
   }
-#if defined(LW_AVX512) || defined(LW_AVX2)
-  total += hsum256(acc);
+#ifdef LW_DOT4
+  total += hsum(acc);
 #endif
   return total;
 }

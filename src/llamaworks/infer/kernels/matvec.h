@@ -30,6 +30,18 @@ struct Mat {
   int64_t rows, row_bytes, kind;
 };
 
+// Bytes of one row of k weights of a block kind (Q4_1, Q8_0 or a GGML kind), or -1 when k does
+// not fit the kind's blocks or the kind is not a block kind.
+inline int64_t block_row_bytes(int64_t kind, int64_t k) {
+  if (kind == KQ4_1 || kind == KQ8_0)
+    return k % QK ? -1 : k / QK * (kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+  return is_ggml_kind(kind) ? ggml_row_bytes(kind, k) : -1;
+}
+
+inline bool is_block_kind(int64_t kind) {
+  return kind == KQ4_1 || kind == KQ8_0 || is_ggml_kind(kind);
+}
+
 inline float dot_f32(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
@@ -181,11 +193,12 @@ void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_
   int64_t base = 0;
   for (const Mat& m : mats) {
     const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
-    if (is_ggml_kind(m.kind)) {  // dequantize each row into a buffer, then one dot per input row
-      thread_local std::vector<float> buf;
-      if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
-      const uint8_t* end = m.data + m.rows * m.row_bytes;
+    if (is_ggml_kind(m.kind)) {  // one row at a time: an integer dot over the stored blocks, or
+      // (F16) the row dequantized into a buffer, then one dot per input row
       const bool integer = ggml_int_kernel(m.kind);
+      thread_local std::vector<float> buf;
+      if (!integer && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+      const uint8_t* end = m.data + m.rows * m.row_bytes;
       for (int64_t i = lo; i < hi; ++i) {
         const uint8_t* w = m.data + (i - base) * m.row_bytes;
         prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);

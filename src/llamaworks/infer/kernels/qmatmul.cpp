@@ -11,17 +11,12 @@
 
 namespace {
 
-// x [..., K] @ W.T for packed block rows W [N, blocks * bytes] of `kind` (Q4_1 or Q8_0).
 int64_t row_bytes(int64_t kind, int64_t k) {
-  if (kind == KQ4_1 || kind == KQ8_0)
-    return k % QK ? -1 : k / QK * (kind == KQ4_1 ? Q4_1_BYTES : Q8_0_BYTES);
-  TORCH_CHECK(is_ggml_kind(kind), "unknown weight kind ", kind);
-  const int64_t bytes = ggml_row_bytes(kind, k);
-  int64_t block, size;
-  ggml_block(kind - GGML_KIND, &block, &size);
-  return k % block ? -1 : bytes;
+  TORCH_CHECK(is_block_kind(kind), "unknown weight kind ", kind);
+  return block_row_bytes(kind, k);
 }
 
+// x [..., K] @ W.T for block rows W [N, bytes] of `kind` (Q4_1, Q8_0 or a GGML kind).
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
   TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
               "weight blocks must be a contiguous uint8 [out, blocks * bytes] tensor");
