@@ -261,6 +261,9 @@ def builtin_tool(name: str) -> Tool:
 
         return Tool(calc.NAME, calc.DESCRIPTION, calc.PARAMETERS, calc.calculator)
     if name == "python":
+        from llamaworks.tools.sandbox import check_isolation
+
+        check_isolation()  # strict mode without every layer: a clear error before any model loads
         return Tool("python", inspect.getdoc(python_tool).replace("\n", " "), PYTHON_PARAMETERS,
                     python_tool)
     raise ToolError(f"unknown built-in tool {name!r}; choose from {', '.join(BUILTINS)}")
