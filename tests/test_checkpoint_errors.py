@@ -238,12 +238,19 @@ def test_hf_invalid_config_json(tmp_path, base, text, expect):
     assert str(path) in fails(d, expect)
 
 
-@pytest.mark.parametrize("model_type, arch", [("mistral", "MistralForCausalLM"),
+@pytest.mark.parametrize("model_type, arch", [("phi3", "Phi3ForCausalLM"),
                                               ("gpt2", "GPT2LMHeadModel")])
 def test_hf_unknown_model_type(tmp_path, base, model_type, arch):
     d = copy(base["hf"], tmp_path / "m")
     edit_config(d, model_type=model_type, architectures=[arch])
-    fails(d, f"model_type={model_type!r}", "Llama-architecture models only")
+    fails(d, f"model_type={model_type!r}", "llamaworks reads llama, mistral, qwen2, qwen3, "
+          "gemma3_text")
+
+
+def test_hf_gemma3_with_vision_is_refused_naming_the_text_model_type(tmp_path, base):
+    d = copy(base["hf"], tmp_path / "m")
+    edit_config(d, model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
+    fails(d, "Gemma 3 with vision", "'gemma3_text'")
 
 
 @pytest.mark.parametrize("changes, expect", [
@@ -251,7 +258,7 @@ def test_hf_unknown_model_type(tmp_path, base, model_type, arch):
     ({"num_attention_heads": 5, "head_dim": None}, "invalid model config"),
     ({"vocab_size": None}, "missing required key 'vocab_size'"),
     ({"num_hidden_layers": "two"}, "invalid model config"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"hidden_act": "gelu"}, "activation 'gelu' is not supported"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
 ])
 def test_hf_invalid_config_values(tmp_path, base, changes, expect):

@@ -13,10 +13,15 @@ from typing import Any
 
 from llamaworks.errors import CheckpointError
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # HF model_type values
+SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer_types values
+
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of one Llama-family model."""
+    """Shape and numerics of one decoder-only model: Llama and the families that differ from it
+    only in the switches below (Mistral, Qwen2/2.5, Qwen3, Gemma 3 text); `family` is the HF
+    model_type, which decides the config.json and GGUF spellings."""
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -37,6 +42,20 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     name: str = ""
+    family: str = "llama"
+    # -- where the families differ from Llama (defaults: Llama) --
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm as x_hat * (1 + w) in float32 (Gemma)
+    sandwich_norm: bool = False  # norms after attention and MLP as well as before (Gemma 3)
+    activation: str = "silu"  # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(dim))
+    attn_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim)
+    sliding_window: int | None = None  # keys closer than this to the query, on sliding layers
+    layer_types: list[str] | None = None  # per layer SLIDING or FULL; None = all SLIDING if a
+    #                                       window is set (Mistral), else all FULL
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None = same
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # pass-through HF keys
 
     def __post_init__(self) -> None:
@@ -55,18 +74,44 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads "
                              f"{self.n_kv_heads}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "llama3") not in (
-            "llama3", "default"
+            "llama3", "linear", "default"
         ):
-            raise ValueError(f"unsupported rope_scaling {self.rope_scaling}; only 'llama3' is "
-                             "implemented")
+            raise ValueError(f"unsupported rope_scaling {self.rope_scaling}; 'llama3' and "
+                             "'linear' are implemented")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; choose one of {FAMILIES}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - {SLIDING, FULL}:
+                raise ValueError(f"layer_types must list {SLIDING!r} or {FULL!r} for each of the "
+                                 f"{self.n_layers} layers")
+            if SLIDING in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding layers need a sliding_window")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends only to the last `sliding_window` positions."""
+        if not self.sliding_window:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == SLIDING
+
+    @property
+    def llama_layers(self) -> bool:
+        """True when every layer is plain Llama (what the fused C++ decode step runs)."""
+        return not (self.qkv_bias or self.o_bias or self.qk_norm or self.norm_plus_one
+                    or self.sandwich_norm or self.activation != "silu" or self.embed_scale
+                    or self.attn_scale or self.sliding_window)
 
     # -- derived ---------------------------------------------------------------------------
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count, as papers report it (embeddings included, lm_head once if tied)."""
         hd, d = self.head_dim, self.dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        attn += (self.n_heads + 2 * self.n_kv_heads) * hd * self.qkv_bias + d * self.o_bias
+        attn += 2 * hd * self.qk_norm
         mlp = 3 * d * self.hidden_dim
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + mlp + (4 if self.sandwich_norm else 2) * d
         n = self.n_layers * per_layer + d
         if include_embeddings:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -84,12 +129,15 @@ class ModelConfig:
 
     # -- HF config.json --------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        """transformers' LlamaConfig keys (legacy `rope_theta`/`rope_scaling` spelling, which
-        both transformers 4.x/5.x and llama.cpp's converter read)."""
+        """The family's own config.json keys, as transformers writes them (legacy `rope_theta` /
+        `rope_scaling` spelling, which transformers 4.x/5.x and llama.cpp's converter read)."""
         d: dict[str, Any] = dict(self.extra)
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM"}[self.family]
         d.update(
-            architectures=["LlamaForCausalLM"],
-            model_type="llama",
+            architectures=[arch],
+            model_type=self.family,
             vocab_size=self.vocab_size,
             hidden_size=self.dim,
             intermediate_size=self.hidden_dim,
@@ -97,71 +145,131 @@ class ModelConfig:
             num_attention_heads=self.n_heads,
             num_key_value_heads=self.n_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act="silu" if self.activation == "silu" else "gelu_pytorch_tanh",
             max_position_embeddings=self.max_seq_len,
             rms_norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
             tie_word_embeddings=self.tie_embeddings,
-            attention_bias=False,
-            mlp_bias=False,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
         )
+        if self.family in ("llama", "qwen3"):
+            d["attention_bias"] = self.qkv_bias
+        if self.family == "llama":
+            d["mlp_bias"] = False
+        if self.family == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.family in ("qwen2", "qwen3"):
+            sliding = [i for i in range(self.n_layers) if self.is_sliding(i)]
+            d.update(use_sliding_window=bool(sliding), sliding_window=self.sliding_window,
+                     max_window_layers=sliding[0] if sliding else self.n_layers,
+                     layer_types=self._layer_types())
+        if self.family == "gemma3_text":
+            del d["hidden_act"]
+            d.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window,
+                     layer_types=self._layer_types(),
+                     rope_local_base_freq=self.rope_local_theta or self.rope_theta,
+                     query_pre_attn_scalar=round((self.attn_scale or self.head_dim ** -0.5) ** -2),
+                     final_logit_softcapping=None, attn_logit_softcapping=None,
+                     attention_bias=self.qkv_bias)
         return d
+
+    def _layer_types(self) -> list[str]:
+        return [SLIDING if self.is_sliding(i) else FULL for i in range(self.n_layers)]
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        arch = d.get("model_type")
+        """Read transformers' config.json of any supported family (see FAMILIES)."""
+        family = d.get("model_type")
         archs = d.get("architectures") or []
-        if arch != "llama" and "LlamaForCausalLM" not in archs:
+        if family is None and "LlamaForCausalLM" in archs:
+            family = "llama"
+        if family == "gemma3":
+            raise CheckpointError(f"{source}: model_type 'gemma3' is Gemma 3 with vision; "
+                                  "llamaworks reads the text models (model_type 'gemma3_text')")
+        if family not in FAMILIES:
             raise CheckpointError(
-                f"{source}: unsupported architecture model_type={arch!r} architectures={archs}; "
-                "llamaworks reads Llama-architecture models only")
-        for flag in ("attention_bias", "mlp_bias"):
-            if d.get(flag):
-                raise CheckpointError(f"{source}: {flag}=true is not supported by llamaworks")
-        if d.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{source}: hidden_act={d['hidden_act']!r} is not supported")
+                f"{source}: unsupported architecture model_type={family!r} architectures={archs}; "
+                f"llamaworks reads {', '.join(FAMILIES)}")
+        gemma = family == "gemma3_text"
+        if d.get("mlp_bias"):
+            raise CheckpointError(f"{source}: mlp_bias=true is not supported by llamaworks")
+        act = d.get("hidden_activation" if gemma else "hidden_act",
+                    "gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"{source}: activation {act!r} is not supported")
+        for key in ("final_logit_softcapping", "attn_logit_softcapping",
+                    "use_bidirectional_attention"):
+            if d.get(key):
+                raise CheckpointError(f"{source}: {key}={d[key]!r} is not supported")
+        n_layers = int(d.get("num_hidden_layers", 0))
         rope = d.get("rope_parameters") or {}
-        scaling = d.get("rope_scaling") or None
-        if scaling is None and rope.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling is not None:
-            scaling = dict(scaling)
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind != "llama3":
-                raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
-                                      "(only 'llama3')")
-            else:
-                scaling.pop("type", None)
-                scaling["rope_type"] = "llama3"
+        local_theta = None
+        if gemma:
+            full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+            theta = float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0)))
+            local_theta = float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0)))
+            scaling = _rope_scaling(d.get("rope_scaling") or full, source)
+        else:
+            theta = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
+            scaling = _rope_scaling(d.get("rope_scaling") or rope, source)
+        window = d.get("sliding_window")
+        if family in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
+            window = None
+        if family == "llama":
+            window = None
+        layer_types = d.get("layer_types")
+        if window and layer_types is None:
+            if gemma:
+                pattern = int(d.get("sliding_window_pattern", 6))
+                layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+            elif family in ("qwen2", "qwen3"):
+                first = int(d.get("max_window_layers", 0))
+                layer_types = [SLIDING if i >= first else FULL for i in range(n_layers)]
+        if not window or (layer_types is not None and SLIDING not in layer_types):
+            window, layer_types = None, None
+        bias = bool(d.get("attention_bias", False))
         known = {
             "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-            "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
-            "bos_token_id", "eos_token_id",
+            "hidden_act", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
+            "rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq",
+            "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id",
+            "sliding_window", "sliding_window_pattern", "layer_types", "use_sliding_window",
+            "max_window_layers", "query_pre_attn_scalar", "final_logit_softcapping",
+            "attn_logit_softcapping", "use_bidirectional_attention",
         }
         try:
+            hidden = int(d["hidden_size"])
             return cls(
                 vocab_size=int(d["vocab_size"]),
-                dim=int(d["hidden_size"]),
+                dim=hidden,
                 n_layers=int(d["num_hidden_layers"]),
                 n_heads=int(d["num_attention_heads"]),
                 n_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
                 hidden_dim=int(d["intermediate_size"]),
                 head_dim=d.get("head_dim"),
                 norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                rope_theta=theta,
                 rope_scaling=scaling,
                 max_seq_len=int(d.get("max_position_embeddings", 2048)),
-                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_embeddings=bool(d.get("tie_word_embeddings", gemma)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
                 name=str(d.get("_name_or_path", "")),
+                family=family,
+                qkv_bias=bias or family == "qwen2",
+                o_bias=bias,
+                qk_norm=family in ("qwen3", "gemma3_text"),
+                norm_plus_one=gemma,
+                sandwich_norm=gemma,
+                activation="silu" if act == "silu" else "gelu_tanh",
+                embed_scale=hidden ** 0.5 if gemma else None,
+                attn_scale=float(d.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+                sliding_window=int(window) if window else None,
+                layer_types=layer_types,
+                rope_local_theta=local_theta,
                 extra={k: v for k, v in d.items() if k not in known and k.startswith("_") is False
                        and k not in ("torch_dtype", "dtype", "transformers_version", "use_cache",
                                      "pretraining_tp", "initializer_range")},
@@ -239,6 +347,19 @@ class ModelConfig:
             rope_scaling=scaling,
             max_seq_len=int(p.get("max_seq_len", 2048)),
         )
+
+
+def _rope_scaling(params: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """RoPE scaling from HF's `rope_scaling` or `rope_parameters`: None, llama3 or linear."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("llama3", "linear"):
+        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
+                              "(only 'llama3' and 'linear')")
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = kind
+    return scaling
 
 
 _LLAMA3_SCALING_1B = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,

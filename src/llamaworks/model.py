@@ -1,11 +1,16 @@
-"""The Llama transformer (Touvron et al., 2023; Llama 2/3 and SmolLM2 share it).
+"""The Llama transformer (Touvron et al., 2023) and the families built like it.
 
-Pre-norm decoder: RMSNorm, rotary position embeddings (with Llama-3 frequency scaling), grouped-
-query attention on `F.scaled_dot_product_attention`, SwiGLU MLP, tied or untied embeddings, and an
-optional preallocated KV cache for incremental decoding. Module and parameter names are
-transformers' (`model.layers.0.self_attn.q_proj.weight`, ...), so our state dict *is* the HF
-checkpoint layout and needs no renaming. No I/O, parallelism or quantization in here: those wrap
-the model from outside.
+Pre-norm decoder: RMSNorm, rotary position embeddings (with Llama-3 or linear frequency scaling),
+grouped-query attention on `F.scaled_dot_product_attention`, a gated MLP, tied or untied
+embeddings, and an optional preallocated KV cache for incremental decoding. Llama 2/3, SmolLM2,
+Mistral, Qwen2/2.5, Qwen3 and Gemma 3 differ only in switches of `ModelConfig`, read here in one
+place each (litgpt's way: one model with flags, not a module per family): q/k/v biases (Qwen2),
+per-head q/k norms (Qwen3, Gemma 3), sliding-window layers (Mistral, Gemma 3's 5 local : 1 global
+with their own RoPE base), Gemma's (1 + w) norms, norms after attention and MLP, GeGLU, scaled
+embeddings and its attention scale. Module and parameter names are transformers'
+(`model.layers.0.self_attn.q_proj.weight`, ...), so our state dict *is* the HF checkpoint layout
+and needs no renaming. No I/O, parallelism or quantization in here: those wrap the model from
+outside.
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ from llamaworks.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 as the reference implementations do."""
+    """x / rms(x) * weight, computed in float32 as the reference implementations do; Gemma's
+    `plus_one` form is (x / rms(x) * (1 + weight)) in float32, then cast."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, device: torch.device | str | None = None):
+    def __init__(self, dim: int, eps: float = 1e-5, device: torch.device | str | None = None,
+                 plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.full((dim,), 0.0 if plus_one else 1.0, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -41,6 +50,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> T
     if not scaling or scaling.get("rope_type", "llama3") == "default":
         return inv_freq
     factor = float(scaling["factor"])
+    if scaling.get("rope_type") == "linear":  # positions divided by `factor`
+        return inv_freq / factor
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_ctx = float(scaling["original_max_position_embeddings"])
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
@@ -110,16 +121,34 @@ class KVCache(nn.Module):
         return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
 
+def _window_mask(mask: Tensor | None, query_pos: Tensor, kv_len: int, window: int) -> Tensor:
+    """`mask` (causal if None) narrowed to keys within `window` of each query, as HF and llama.cpp
+    do: key k is seen from query q when q - window < k <= q. query_pos: cache positions [T] or
+    [B, T] (per-row writes)."""
+    key = torch.arange(kv_len, device=query_pos.device)
+    q = query_pos[..., None]
+    near = key > q - window
+    if mask is None:
+        near = near & (key <= q)
+    if query_pos.dim() == 2:
+        near = near[:, None]  # [B, 1, T, kv_len]
+    return near if mask is None else mask & near
+
+
 # -- blocks ------------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, device=None):
         super().__init__()
         self.layer, self.n_heads, self.n_kv = layer, cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False, device=device)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False, device=device)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False, device=device)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False, device=device)
+        self.head_dim, self.scale = cfg.head_dim, cfg.attn_scale
+        q, kv, bias = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.dim, q, bias=bias, device=device)
+        self.k_proj = nn.Linear(cfg.dim, kv, bias=bias, device=device)
+        self.v_proj = nn.Linear(cfg.dim, kv, bias=bias, device=device)
+        self.o_proj = nn.Linear(q, cfg.dim, bias=cfg.o_bias, device=device)
+        if cfg.qk_norm:  # over each head's features, before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, device, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, device, cfg.norm_plus_one)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
@@ -127,6 +156,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v, kv_len)
@@ -134,35 +165,52 @@ class Attention(nn.Module):
         # Grouped-query attention: each K/V head serves n_heads / n_kv query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and t > 1,
+                                           scale=self.scale,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with tanh-GELU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False, device=device)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False, device=device)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False, device=device)
+        self.gelu = cfg.activation == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)). With sandwich norms (Gemma 3) each branch's output
+    is normed too: HF names them input / post_attention / pre_feedforward / post_feedforward, and
+    `post_attention_layernorm` is then the attention output's norm, not the MLP input's."""
+
     def __init__(self, cfg: ModelConfig, layer: int, device=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, device, cfg.norm_plus_one)
+        self.sliding = cfg.is_sliding(layer)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, device)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg, device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, input_pos: Tensor | None, kv_len: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
+        if not hasattr(self, "pre_feedforward_layernorm"):
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Backbone(nn.Module):
@@ -172,7 +220,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, device=device)
         self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device, cfg.norm_plus_one)
 
 
 class Llama(nn.Module):
@@ -186,6 +234,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device=device)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2, device=device),
                              persistent=False)
+        if cfg.rope_local_theta is not None:  # sliding layers' own base (Gemma 3)
+            self.register_buffer("inv_freq_local", torch.empty(cfg.head_dim // 2, device=device),
+                                 persistent=False)
         if device is None or torch.device(device).type != "meta":
             self.reset_rope()
         self.tie_weights()
@@ -209,15 +260,18 @@ class Llama(nn.Module):
         cfg = self.config
         device = self.device  # not the buffer's: it may be on meta
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        if cfg.rope_local_theta is not None:  # unscaled, as HF's local rotary embedding
+            self.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta).to(device)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Fresh weights: N(0, std) for matrices (output projections scaled by 1/sqrt(2L), as in
-        GPT-2/torchtitan), ones for norms. Materialize from meta with `to_empty` first."""
+        GPT-2/torchtitan), neutral norms (ones; zeros in the 1 + w form), zero biases. Materialize
+        from meta with `to_empty` first."""
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0)
+                p.fill_(0.0 if name.endswith("bias") or self.config.norm_plus_one else 1.0)
             else:
                 s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 p.normal_(0.0, s, generator=generator)
@@ -245,7 +299,12 @@ class Llama(nn.Module):
         if default_pos:
             input_pos = torch.arange(t, device=tokens.device)
         x = self.model.embed_tokens(tokens)
+        cfg = self.config
+        if cfg.embed_scale is not None:  # in the activations' dtype, as HF does
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, x.dtype)
+        local = (rope_cos_sin(self.inv_freq_local, input_pos, x.dtype)
+                 if cfg.rope_local_theta is not None else (cos, sin))
         mask = attn_mask
         per_row = cache is not None and cache.per_row
         write_pos = input_pos if input_pos.dim() == 1 or per_row else input_pos[0]
@@ -259,8 +318,16 @@ class Llama(nn.Module):
                     and int(write_pos[-1]) == t - 1))):
                 key_pos = torch.arange(kv_len, device=tokens.device)
                 mask = key_pos[None, :] <= write_pos[:, None]  # [T, kv_len]
+        kv_len = kv_len or t
+        window = cfg.sliding_window
+        near = (_window_mask(mask, write_pos, kv_len, window)
+                if window and kv_len > window and any(b.sliding for b in self.model.layers)
+                else mask)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, write_pos, kv_len or t)
+            if layer.sliding:
+                x = layer(x, *local, near, cache, write_pos, kv_len)
+            else:
+                x = layer(x, cos, sin, mask, cache, write_pos, kv_len)
         x = self.model.norm(x)
         if hidden_only:
             return x

@@ -7,10 +7,11 @@ norm and the output head stay PyTorch modules (the head keeps its own re-check o
 everything between them is one op. The model's own tensors are passed by reference (no copies), so
 the step sees in-place weight updates, but not modules swapped after it was built.
 
-It takes float32 CPU models whose linear layers are `nn.Linear` (float32 or bfloat16 weights) or
-our quantized `BF16Linear` / `Int8Linear` / `Int4Linear` on the Q8_0 / Q4_1 block kernels, with a
-float32 KV cache. Anything else (CUDA, LoRA wrappers, PyTorch's packed int4, a bf16 residual
-stream) returns None from `FusedDecoder.build`, and callers run the model eagerly.
+It takes float32 CPU models of plain Llama layers (`ModelConfig.llama_layers`: no biases, q/k
+norms, sliding windows or Gemma norms) whose linear layers are `nn.Linear` (float32 or bfloat16
+weights) or our quantized `BF16Linear` / `Int8Linear` / `Int4Linear` on the Q8_0 / Q4_1 block
+kernels, with a float32 KV cache. Anything else (CUDA, LoRA wrappers, PyTorch's packed int4, a bf16
+residual stream) returns None from `FusedDecoder.build`, and callers run the model eagerly.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class FusedDecoder:
         """The fused step for `model`, or None if some part of it is not supported (see module
         docstring) or the kernels are unavailable. LLAMAWORKS_NO_FUSED=1 also gives None."""
         if os.environ.get("LLAMAWORKS_NO_FUSED") or not isinstance(model, Llama):
+            return None
+        if not model.config.llama_layers:  # biases, q/k norms, windows, Gemma's norms: eager
             return None
         if model.device.type != "cpu" or model.dtype != torch.float32 or not kernels.preferred():
             return None

@@ -29,6 +29,18 @@ from llamaworks.infer import kernels
 QUANT_MODES = ("bf16", "int8", "int4")
 
 
+def _keep_bias(layer: nn.Module, linear: nn.Linear | None) -> None:
+    """Every quantized layer keeps the float bias of the linear it replaces (Qwen2's q/k/v) as a
+    `bias` buffer (None when it has none); `_biased` adds it to the output."""
+    bias = None if linear is None or linear.bias is None else linear.bias.detach()
+    layer.register_buffer("bias", bias)
+
+
+def _biased(layer: nn.Module, y: Tensor) -> Tensor:
+    b = layer.bias
+    return y if b is None else y + b.to(y.dtype)
+
+
 class BF16Linear(nn.Module):
     """y = x @ W.T with W stored in bfloat16."""
 
@@ -36,12 +48,13 @@ class BF16Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        _keep_bias(self, linear)
 
     def rows(self, idx: Tensor) -> Tensor:
         return self.weight[idx].float()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return _biased(self, F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype))
 
 
 def _kernel_ok(linear: nn.Linear) -> bool:
@@ -138,6 +151,7 @@ def _over_blocks(cls: type, blocks: Tensor, in_features: int) -> Any:
     nn.Module.__init__(layer)
     layer.in_features, layer.out_features = in_features, blocks.shape[0]
     layer.register_buffer("blocks", blocks)
+    _keep_bias(layer, None)
     layer.tier = kernels.tier()
     return layer
 
@@ -150,6 +164,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("blocks", None)
+        _keep_bias(self, linear)
         self.tier = None  # the kernel tier the blocks run on (fixed when built)
         if _kernel_ok(linear):
             self.register_buffer("blocks", kernels.pack_q8_0(linear.weight))
@@ -177,6 +192,9 @@ class Int8Linear(nn.Module):
         return self.weight[idx].float() * self.scales[idx].float()[..., None]
 
     def forward(self, x: Tensor) -> Tensor:
+        return _biased(self, self._matmul(x))
+
+    def _matmul(self, x: Tensor) -> Tensor:
         if self.blocks is not None:
             fused = getattr(self, "fused", None)
             if fused is not None and not torch.compiler.is_compiling() and not _wants_grad(x):
@@ -205,6 +223,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         g = self.group_size = int4_group_size(linear.in_features, group_size)
         self.register_buffer("blocks", None)
+        _keep_bias(self, linear)
         self.tier = None  # the kernel tier the blocks run on (fixed when built)
         if g == kernels.QK and _kernel_ok(linear):
             self.register_buffer("blocks", kernels.pack_q4_1(linear.weight))
@@ -252,6 +271,9 @@ class Int4Linear(nn.Module):
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
     def forward(self, x: Tensor) -> Tensor:
+        return _biased(self, self._matmul(x))
+
+    def _matmul(self, x: Tensor) -> Tensor:
         if self.blocks is not None:
             fused = getattr(self, "fused", None)
             if fused is not None and not torch.compiler.is_compiling() and not _wants_grad(x):
@@ -292,6 +314,7 @@ class GGUFLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, blocks.shape[0], kind
         self.register_buffer("blocks", blocks)
+        _keep_bias(self, None)
         self.tier = kernels.tier()
 
     def dequantize(self) -> Tensor:
@@ -301,7 +324,7 @@ class GGUFLinear(nn.Module):
         return gathered_rows(self.blocks, idx, self.kind, self.in_features, self.tier)
 
     def forward(self, x: Tensor) -> Tensor:
-        return frozen_block_linear(x, self.blocks, self.kind, self.tier)
+        return _biased(self, frozen_block_linear(x, self.blocks, self.kind, self.tier))
 
 
 class RefinedHead(nn.Module):
