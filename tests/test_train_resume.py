@@ -84,12 +84,19 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(b))
 
 
+def _append(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
 DAMAGE = {  # what is damaged -> the step a resume must continue from
     "truncated trainer_state.pt": (lambda d: _truncate(d / "checkpoints/step_000030/"
                                                        "trainer_state.pt"), 20),
     "a flipped byte in model.safetensors": (lambda d: _flip_a_byte(
         d / "checkpoints/step_000030/model.safetensors"), 20),
     "half-written latest.json": (lambda d: _truncate(d / "latest.json"), 30),
+    "a half-written last line in metrics.jsonl (kill -9 mid-append)": (
+        lambda d: _append(d / "metrics.jsonl", '{"step": 31, "lo'), 30),
 }
 
 
@@ -100,10 +107,12 @@ def test_resume_skips_a_damaged_checkpoint_and_continues_bit_exactly_from_the_ne
     shutil.copytree(stopped_at_30, out)
     harm, want_start = DAMAGE[damage]
     harm(out)
-    if want_start == 30:
+    warned = "metrics.jsonl:31: not a metrics row" if "metrics" in damage else \
+        "skipping damaged checkpoint .*step_000030"
+    if "latest.json" in damage:
         s = train(get_preset("tiny"), small_train_config(), data, out, resume=True)
     else:
-        with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_000030"):
+        with pytest.warns(UserWarning, match=warned):
             s = train(get_preset("tiny"), small_train_config(), data, out, resume=True)
     assert s["start_step"] == want_start and s["step"] == 40
     assert _losses(out, range(1, 41)) == _losses(straight, range(1, 41))
