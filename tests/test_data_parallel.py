@@ -104,8 +104,8 @@ def _interrupt_reader(monkeypatch, after: int) -> None:
     """The `mixed` source's reader fails after `after` documents, like a lost mount."""
     real = pipeline.read_source
 
-    def read_source(kind, path, text_field="text"):
-        docs = real(kind, path, text_field)
+    def read_source(kind, path, text_field="text", **kw):
+        docs = real(kind, path, text_field, **kw)
         if not path.endswith("mixed.jsonl"):
             return docs
 
@@ -294,8 +294,8 @@ _SLOW_CLI = """
 import sys, time
 import llamaworks.data.pipeline as P
 real = P.read_source
-def slow(kind, path, text_field="text"):
-    for d in real(kind, path, text_field):
+def slow(kind, path, text_field="text", **kw):
+    for d in real(kind, path, text_field, **kw):
         if path.endswith("mixed.jsonl"):
             time.sleep(0.02)  # slow enough to be caught inside this source
         yield d

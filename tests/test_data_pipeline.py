@@ -89,3 +89,50 @@ def test_exact_and_near_duplicates_across_sources_are_dropped(tmp_path):
 
     stats = _clean_sources(load_recipe(r), tmp_path / "out", progress=False)
     assert stats["copies"]["dropped"] == {"exact_dup": 1, "near_dup": 5}
+
+
+def _with_bad_lines(tmp_path, setting: str | None):
+    """A recipe whose `kjv` source has 20 documents with 3 bad lines among them (lines 3, 8,
+    14), and `[data] bad_records = setting`."""
+    src = small_sources(tmp_path, n_kjv=20, n_jargon=40)
+    lines = src["kjv"].read_bytes().splitlines(keepends=True)
+    for at, bad in ((2, b"[1, 2]\n"), (7, b"3.5\n"), (13, b'{"text": "\xff\xfe"}\n')):
+        lines.insert(at, bad)
+    src["kjv"].write_bytes(b"".join(lines))
+    r = write_recipe(tmp_path, src, {"kjv": 0.5, "jargon": 0.5})
+    if setting is not None:
+        r.write_text(r.read_text().replace("[data]\n", f'[data]\nbad_records = "{setting}"\n'))
+    return r, src["kjv"]
+
+
+def test_prepare_stops_at_a_bad_record_by_default_naming_file_and_line(tmp_path, capsys):
+    from llamaworks.cli import main
+
+    recipe, kjv = _with_bad_lines(tmp_path, None)
+    assert main(["data", "prepare", "--config", str(recipe), "--out", str(tmp_path / "out"),
+                 "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{kjv}:3: an array, not a JSON object" in err and 'bad_records = "skip"' in err
+
+
+def test_prepare_with_bad_records_skip_counts_them_in_the_report(tmp_path, capsys):
+    from llamaworks.cli import main
+
+    recipe, kjv = _with_bad_lines(tmp_path, "skip")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as warned:
+        assert main(["data", "prepare", "--config", str(recipe), "--out", str(out),
+                     "--workers", "1", "--no-progress"]) == 0
+    assert [str(w.message).split(": ")[0] for w in warned] == [f"{kjv}:{n}" for n in (3, 8, 14)]
+    s = read_manifest(out)["sources"]["kjv"]
+    assert s["read"] == 23 and s["dropped"]["bad_record"] == 3
+    assert s["kept"] + sum(s["dropped"].values()) == 23
+    assert "bad_record 3" in capsys.readouterr().out
+
+
+def test_an_unknown_bad_records_setting_is_a_recipe_error(tmp_path):
+    from llamaworks.errors import LlamaworksError
+
+    recipe, _ = _with_bad_lines(tmp_path, "ignore")
+    with pytest.raises(LlamaworksError, match=r"bad_records = 'ignore'; use 'stop' or 'skip'"):
+        load_recipe(recipe)

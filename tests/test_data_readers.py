@@ -81,3 +81,55 @@ def test_mediawiki_dump_keeps_articles_strips_markup_skips_redirects_and_talk(tm
 def test_clean_text_normalizes_to_nfc_and_drops_control_characters():
     assert clean_text("Cafe\u0301\x00 ok\x1b\r\nnext  \n") == "Caf\u00e9 ok\nnext"
     assert clean_text("tab\tkept") == "tab\tkept"
+
+
+GOOD = json.dumps({"text": "a good line"}).encode() + b"\n"
+BAD_LINES = {  # what line 2 of a JSONL file holds -> what the error says about it
+    "an array": (b"[1, 2, 3]\n", "an array, not a JSON object"),
+    "a number": (b"42\n", "a number, not a JSON object"),
+    "invalid UTF-8": (b'{"text": "caf\xe9"}\n', "invalid UTF-8 (byte 0xe9)"),
+    "binary data": (b"\x00\x01\x02\xff\x00\n", "binary data (a NUL byte)"),
+    "a null text": (b'{"text": null}\n', "field 'text' is null, not a string"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LINES))
+def test_a_bad_jsonl_line_stops_the_reader_naming_the_file_the_line_and_the_setting(tmp_path,
+                                                                                    bad):
+    line, says = BAD_LINES[bad]
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(GOOD + line + GOOD)
+    with pytest.raises(LlamaworksError) as info:
+        list(read_jsonl(p))
+    msg = str(info.value)
+    assert msg.startswith(f"{p}:2: ") and says in msg and 'bad_records = "skip"' in msg
+
+
+def test_skipping_bad_records_keeps_their_places_and_warns_naming_each(tmp_path):
+    p = tmp_path / "x.jsonl.gz"
+    p.write_bytes(gzip.compress(GOOD + b"[1]\n" + GOOD + b"7\n"))
+    with pytest.warns(UserWarning) as warned:
+        docs = list(read_jsonl(p, skip_bad=True))
+    assert [d["text"] for d in docs] == ["a good line", None, "a good line", None]
+    assert [d["id"] for d in docs if d["text"] is None] == [f"{p}:2", f"{p}:4"]
+    assert [str(w.message).split(": ")[0] for w in warned] == [f"{p}:2", f"{p}:4"]
+
+
+def test_a_binary_txt_file_is_a_bad_record_named_with_its_line(tmp_path):
+    (tmp_path / "a.txt").write_text("fine text")
+    (tmp_path / "b.txt").write_bytes(b"one\ntwo\n\x00\x00\xff")
+    with pytest.raises(LlamaworksError, match=r"b\.txt:3: binary data"):
+        list(read_txt_dir(tmp_path))
+    with pytest.warns(UserWarning, match=r"b\.txt:3"):
+        assert [d["text"] for d in read_txt_dir(tmp_path, skip_bad=True)] == ["fine text", None]
+
+
+def test_a_truncated_gzip_or_a_broken_xml_dump_stops_naming_the_file(tmp_path):
+    p = tmp_path / "x.jsonl.gz"
+    p.write_bytes(gzip.compress(GOOD * 2000)[:-40])
+    with pytest.raises(LlamaworksError, match=rf"{p}: unreadable after line \d+ \(EOFError"):
+        list(read_jsonl(p))
+    x = tmp_path / "dump.xml"
+    x.write_text("<mediawiki>\n<page><title>A</title>\n<text>body</oops>\n")
+    with pytest.raises(LlamaworksError, match=rf"{x}:3: invalid XML"):
+        list(read_mediawiki(x))

@@ -147,9 +147,8 @@ def test_lora_run_lowers_heldout_loss_and_saves_a_loadable_adapter(tmp_path, mon
     assert sft.trainable_parameters(model) > 0
 
 
-def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path,
-                                                                          monkeypatch):
-    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
+def _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_after, damage=None):
+    """8 LoRA steps straight vs. stopped after `stop_after`, `damage(part_dir)`, resumed."""
     convs = [{"messages": [{"role": "user", "content": f"{a}*{b}"},
                            {"role": "assistant", "content": f"{a * b}"}]}
              for a in range(6) for b in range(6)]
@@ -158,7 +157,10 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_pa
     whole = tiny_model(std=0.1)
     finetune(whole, _ChatBytes(), convs, cfg, tmp_path / "whole", progress=False)
     part = tiny_model(std=0.1)
-    finetune(part, _ChatBytes(), convs, cfg, tmp_path / "part", progress=False, stop_after=4)
+    finetune(part, _ChatBytes(), convs, cfg, tmp_path / "part", progress=False,
+             stop_after=stop_after)
+    if damage is not None:
+        damage(tmp_path / "part")
     resumed = tiny_model(std=0.1)
     summary = finetune(resumed, _ChatBytes(), convs, cfg, tmp_path / "part", progress=False,
                        resume=True)
@@ -170,6 +172,26 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_pa
     ref = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in ref]
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
+    _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_after=4)
+
+
+def test_resume_skips_a_truncated_state_and_continues_bit_for_bit_from_the_one_before(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
+
+    def truncate_newest(part):
+        states = sorted(p.name for p in (part / "checkpoints").iterdir())
+        assert states == ["step_000004", "step_000006"]  # the last two kept
+        newest = part / "checkpoints" / "step_000006" / "sft_state.pt"
+        newest.write_bytes(newest.read_bytes()[:100])
+
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_000006.*sft_state"):
+        _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, 6, truncate_newest)
 
 
 def test_shared_prefix_stops_before_the_first_trained_token_even_inside_a_common_turn():

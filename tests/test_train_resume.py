@@ -1,9 +1,13 @@
 """Exact resume on CPU: stopped at step 20 (cleanly, by SIGTERM, or by kill -9) and resumed to
-40, a run logs bit-identical losses to an uninterrupted 40-step run."""
+40, a run logs bit-identical losses to an uninterrupted 40-step run; a damaged newest checkpoint
+is skipped (with a warning naming it) and the run continues bit-exactly from the one before."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +18,7 @@ from train_fixtures import prepare_small, read_metrics, small_train_config
 
 from llamaworks.checkpoint import load_state_dict
 from llamaworks.config import get_preset
+from llamaworks.errors import CheckpointError
 from llamaworks.train.checkpoints import latest
 from llamaworks.train.loop import train
 
@@ -48,6 +53,87 @@ def test_stop_at_20_then_resume_to_40_reproduces_every_loss_and_the_weights(data
     _, a, _ = load_state_dict(tmp_path)
     _, b, _ = load_state_dict(straight)
     assert all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_30(data, tmp_path_factory):
+    """A run stopped at step 30: checkpoints step_000020 and step_000030 (keep_last=2)."""
+    out = tmp_path_factory.mktemp("stopped30")
+    train(get_preset("tiny"), small_train_config(stop_at=30), data, out)
+    return out
+
+
+def test_each_checkpoint_records_every_files_size_and_sha256_in_its_manifest(stopped_at_30):
+    d = stopped_at_30 / "checkpoints" / "step_000030"
+    files = json.loads((d / "manifest.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                     if p.is_file() and p.name != "manifest.json")
+    assert sorted(files) == on_disk and "trainer_state.pt" in files
+    for rel, rec in files.items():
+        data = (d / rel).read_bytes()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path):
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def _append(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
+DAMAGE = {  # what is damaged -> the step a resume must continue from
+    "truncated trainer_state.pt": (lambda d: _truncate(d / "checkpoints/step_000030/"
+                                                       "trainer_state.pt"), 20),
+    "a flipped byte in model.safetensors": (lambda d: _flip_a_byte(
+        d / "checkpoints/step_000030/model.safetensors"), 20),
+    "half-written latest.json": (lambda d: _truncate(d / "latest.json"), 30),
+    "a half-written last line in metrics.jsonl (kill -9 mid-append)": (
+        lambda d: _append(d / "metrics.jsonl", '{"step": 31, "lo'), 30),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_skips_a_damaged_checkpoint_and_continues_bit_exactly_from_the_newest_intact(
+        data, straight, stopped_at_30, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_at_30, out)
+    harm, want_start = DAMAGE[damage]
+    harm(out)
+    warned = "metrics.jsonl:31: not a metrics row" if "metrics" in damage else \
+        "skipping damaged checkpoint .*step_000030"
+    if "latest.json" in damage:
+        s = train(get_preset("tiny"), small_train_config(), data, out, resume=True)
+    else:
+        with pytest.warns(UserWarning, match=warned):
+            s = train(get_preset("tiny"), small_train_config(), data, out, resume=True)
+    assert s["start_step"] == want_start and s["step"] == 40
+    assert _losses(out, range(1, 41)) == _losses(straight, range(1, 41))
+    _, a, _ = load_state_dict(out)
+    _, b, _ = load_state_dict(straight)
+    assert all(a[k].equal(b[k]) for k in a)
+    assert latest(out)[0] == 40
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error_that_changes_nothing(
+        data, stopped_at_30, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_at_30, out)
+    _truncate(out / "checkpoints/step_000030/trainer_state.pt")
+    (out / "checkpoints/step_000020/manifest.json").unlink()
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.warns(UserWarning), pytest.raises(
+            CheckpointError, match=r"no intact checkpoint.*step_000030: trainer_state.pt has "
+                                   r"\d+ bytes.*step_000020: no manifest.json"):
+        train(get_preset("tiny"), small_train_config(), data, out, resume=True)
+    assert (out / "metrics.jsonl").read_bytes() == before
 
 
 def test_the_loss_goes_down_and_metrics_have_the_documented_fields(straight):

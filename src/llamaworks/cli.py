@@ -279,25 +279,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from llamaworks.checkpoint import export_gguf, load_state_dict, save_native
+    from llamaworks.checkpoint.convert import convert
 
-    cfg, sd, fmt = load_state_dict(args.src)
-    if args.to == "gguf":
-        if fmt != "gguf":
-            raise LlamaworksError("--to gguf needs a GGUF source for the vocabulary for now (it "
-                                  "copies the tokenizer.* metadata); convert HF checkpoints with "
-                                  "llama.cpp's convert_hf_to_gguf.py")
-        from llamaworks.checkpoint.gguf import read_metadata
-
-        out = export_gguf(args.out, cfg, sd, read_metadata(args.src), args.gguf_type)
-        print(f"wrote {out} (GGUF {args.gguf_type}); llama.cpp and llamaworks open it")
-        return 0
-    tok = _tokenizer(argparse.Namespace(model=args.src))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
-    out = save_native(args.out, cfg, sd, tokenizer=tok, dtype=dtype)
-    print(f"wrote {out} ({fmt} -> native, {args.dtype}); transformers' "
-          "AutoModelForCausalLM.from_pretrained opens it")
+    out, fmt = convert(args.src, args.out, args.to, dtype, args.gguf_type)
+    if args.to == "gguf":
+        print(f"wrote {out} (GGUF {args.gguf_type}; loaded back and checked); llama.cpp and "
+              "llamaworks open it")
+    else:
+        print(f"wrote {out} ({fmt} -> native, {args.dtype}; loaded back and checked); "
+              "transformers' AutoModelForCausalLM.from_pretrained opens this layout")
     return 0
 
 

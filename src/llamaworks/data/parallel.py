@@ -179,11 +179,15 @@ class CleanSpec:
 CleanResult = tuple[str | None, bytes, bytes | None, np.ndarray | None]
 
 
-def clean_chunk(docs: list[tuple[str, str]], spec: CleanSpec) -> list[CleanResult]:
+def clean_chunk(docs: list[tuple[str, str | None]], spec: CleanSpec) -> list[CleanResult]:
     """Clean, filter and key `(id, raw text)` documents. Dedup is left to the caller, which
-    sees the results in order; documents failing a quality rule carry no keys."""
+    sees the results in order; documents failing a quality rule carry no keys, and a record the
+    reader skipped (text None) is dropped as `bad_record`."""
     out: list[CleanResult] = []
     for doc_id, raw in docs:
+        if raw is None:
+            out.append(("bad_record", b"", None, None))
+            continue
         text = clean_text(raw)
         reason = quality_reason(text, spec.filters)
         if reason is not None:

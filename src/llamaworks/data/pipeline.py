@@ -159,7 +159,8 @@ def _clean_source(recipe: Recipe, out: Path, index: int, exact: ExactDedup | Non
             read, kept, dropped = 0, 0, Counter()
     with contextlib.ExitStack() as stack:
         stack.callback(files.close)
-        docs = read_source(src.kind, src.path, src.text_field)
+        docs = read_source(src.kind, src.path, src.text_field,
+                           skip_bad=recipe.bad_records == "skip")
         todo = ((d["id"], d["text"]) for d in itertools.islice(docs, read, None))
         since = 0
         bar = stack.enter_context(tqdm(desc=f"clean {src.name}", unit="doc", initial=read,

@@ -12,6 +12,8 @@ from llamaworks.data.filters import QualityThresholds
 from llamaworks.data.readers import KINDS
 from llamaworks.errors import LlamaworksError
 
+BAD_RECORDS = ("stop", "skip")
+
 
 @dataclass
 class Source:
@@ -35,6 +37,7 @@ class Recipe:
     vocab_size: int = 512
     tokenizer: str | None = None  # an existing tokenizer.json / dir; None = train a BPE
     shard_tokens: int = 1 << 26
+    bad_records: str = "stop"  # a record no reader can read: "stop", or "skip" (counted)
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -79,6 +82,10 @@ def load_recipe(path: str | Path, paths: dict[str, str] | None = None) -> Recipe
         filters = QualityThresholds.from_dict(d.get("filters", {}))
     except ValueError as e:
         raise LlamaworksError(f"recipe {p}: {e}") from None
+    bad_records = data.get("bad_records", "stop")
+    if bad_records not in BAD_RECORDS:
+        raise LlamaworksError(f"recipe {p}: [data] bad_records = {bad_records!r}; use "
+                              f"{' or '.join(map(repr, BAD_RECORDS))}")
     tok_path = tk.get("path") or None
     if tok_path and not Path(tok_path).is_absolute():
         tok_path = str((p.parent / tok_path).resolve())
@@ -88,4 +95,5 @@ def load_recipe(path: str | Path, paths: dict[str, str] | None = None) -> Recipe
                   val_fraction=float(data.get("val_fraction", 0.01)),
                   seed=int(data.get("seed", 0)), vocab_size=int(tk.get("vocab_size", 512)),
                   tokenizer=tok_path, shard_tokens=int(data.get("shard_tokens", 1 << 26)),
+                  bad_records=bad_records,
                   model=dict(d.get("model", {})), train=dict(d.get("train", {})), path=p)

@@ -186,7 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bf16 autocast (GPU, or a CPU with AVX-512 BF16/AMX: ~3x faster matmuls)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/sft_state.pt (saved at every eval), bit-exactly on CPU")
+                   help="continue from the newest intact OUT/checkpoints/step_N/sft_state.pt "
+                        "(saved at every eval), bit-exactly on CPU")
     p.add_argument("--stop-after", type=int, help="stop after this step, schedule unchanged")
     p.set_defaults(fn=cmd_finetune)
 

@@ -191,7 +191,8 @@ def train_grpo(model: Llama, tokenizer: Any, problems: list[Problem], cfg: GRPOC
                out: str | Path, base_model: str | None = None, progress: bool = True,
                resume: bool = False) -> dict[str, Any]:
     """Run GRPO and write the LoRA adapter, metrics.jsonl and reward.png into `out`; every 5
-    steps also `grpo_state.pt`, from which `resume=True` continues."""
+    steps also `checkpoints/step_N/grpo_state.pt` (the last 2 kept), from which `resume=True`
+    continues (from the newest intact one)."""
     from tqdm import tqdm
 
     from llamaworks.posttrain.sft import load_state, save_state
@@ -201,8 +202,8 @@ def train_grpo(model: Llama, tokenizer: Any, problems: list[Problem], cfg: GRPOC
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tr = GRPOTrainer(model, tokenizer, problems, cfg)
-    state = out / "grpo_state.pt"
-    start = load_state(tr, state) if resume and state.exists() else 0
+    state = "grpo_state.pt"
+    start = load_state(tr, out, state) if resume else 0
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc="grpo", disable=not progress, initial=start,
@@ -216,7 +217,7 @@ def train_grpo(model: Llama, tokenizer: Any, problems: list[Problem], cfg: GRPOC
         if (s + 1) % 5 == 0 or s + 1 == cfg.steps or out_of_time:
             plot_rewards(log.rows, out / "reward.png")
             save_adapter(model, cfg.lora, out, base_model=base_model)
-            save_state(tr, s + 1, state)
+            save_state(tr, s + 1, out, state)
         if out_of_time:
             break
     plot_rewards(log.rows, out / "reward.png")

@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamaworks.atomic import atomic_path
-from llamaworks.errors import LlamaworksError
+from llamaworks.errors import CheckpointError, LlamaworksError
 from llamaworks.model import Llama
 from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter
 from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
@@ -294,25 +293,36 @@ def split_eval(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict
 
 
 STATE_NAME = "sft_state.pt"
+STATE_KEEP = 2  # the newest state and the one before it, to fall back to if it is damaged
 
 
-def save_state(tr: SFTTrainer, step: int, path: Path) -> None:
-    """Everything a bit-exact resume needs: trainable weights, optimizer, RNGs, data order."""
+def save_state(tr: SFTTrainer, step: int, out: Path, name: str = STATE_NAME) -> None:
+    """Everything a bit-exact resume needs (trainable weights, optimizer, RNGs, data order), in
+    `out/checkpoints/step_N/name`, sealed by a manifest like a pretraining checkpoint."""
+    from llamaworks.train import checkpoints as ckpt
+
     state = {"step": step, "order": list(tr.order), "py_rng": tr.rng.getstate(),
              "torch_rng": torch.get_rng_state(), "optim": tr.opt.state_dict(),
              "trainable": {n: p.detach().clone() for n, p in tr.model.named_parameters()
                            if p.requires_grad}}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    ckpt.save_trainer_state(ckpt.begin(out, step) / name, state)
+    ckpt.commit(out, step, STATE_KEEP)
 
 
-def load_state(tr: SFTTrainer, path: Path) -> int:
-    """Restore `save_state`'s snapshot (weights_only: no code runs); returns the step."""
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        raise DataError(f"{path}: cannot resume from it ({e}); delete it to start over") from e
+def load_state(tr: SFTTrainer, out: Path, name: str = STATE_NAME) -> int:
+    """Restore the newest intact `save_state` snapshot under `out` (damaged newer ones are
+    skipped with a warning); returns its step, 0 when there is none."""
+    from llamaworks.train import checkpoints as ckpt
+
+    found = ckpt.newest_intact(out, require=(name,))
+    if found is None:
+        return 0
+    path = found[1] / name
+    state = ckpt.load_trainer_state(path)
     params = dict(tr.model.named_parameters())
+    if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
+        raise CheckpointError(f"{path} holds other trainable weights than this run's model; "
+                              "resume with the same model and LoRA settings")
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)
@@ -329,7 +339,8 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
              resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune and save into `out`: a LoRA adapter (adapter_config.json +
     adapter_model.safetensors) or, for full fine-tuning, a native checkpoint. Also writes
-    metrics.jsonl, loss.png, sft_config.json and, at every eval, `sft_state.pt`, from which
+    metrics.jsonl, loss.png, sft_config.json and, at every eval,
+    `checkpoints/step_N/sft_state.pt` (the last 2 kept), from which
     `resume=True` continues bit-exactly (on CPU). `stop_after` ends early with the schedule
     unchanged. Returns a summary."""
     from tqdm import tqdm
@@ -343,9 +354,7 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     torch.manual_seed(cfg.seed)
     tr = SFTTrainer(model, encode_all(tokenizer, train_c, cfg.max_len, fmt),
                     encode_all(tokenizer, eval_c, cfg.max_len, fmt), cfg)
-    start = 0
-    if resume and (out / STATE_NAME).exists():
-        start = load_state(tr, out / STATE_NAME)
+    start = load_state(tr, out) if resume else 0
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     if start:
         first_eval = next((r.get("val_loss") for r in log.rows if r["step"] == 0), None)
@@ -369,7 +378,7 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
                     last_eval = tr.evaluate()
                     if last_eval is not None:
                         row["val_loss"] = last_eval
-                    save_state(tr, s + 1, out / STATE_NAME)
+                    save_state(tr, s + 1, out)
                 log.log(row)
                 bar.set_postfix(loss=f"{loss:.3f}",
                                 val=f"{last_eval:.3f}" if last_eval else "-")

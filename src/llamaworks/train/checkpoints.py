@@ -1,12 +1,17 @@
 """Training checkpoints: `OUT/checkpoints/step_NNNNNN/` holds a native checkpoint (config.json,
 model.safetensors in fp32, tokenizer) plus `trainer_state.pt` (optimizer, scheduler, RNG, data
-position) or, under torchrun, a DCP sharded `dcp/` folder. `OUT/latest.json` names the newest
-complete one and is written last, atomically, so a crash mid-save leaves the previous one valid."""
+position) or, under torchrun, a DCP sharded `dcp/` folder; SFT and GRPO keep their state files
+(`sft_state.pt`, `grpo_state.pt`) in the same layout. Each folder's `manifest.json` (sizes and
+sha256, `train/manifest.py`) is written after its files; `OUT/latest.json` names the newest one
+and is written last. A resume verifies folders newest first and continues from the first intact
+one (`newest_intact`), so a crash mid-save or a damaged file falls back to the one before."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +20,32 @@ import torch
 from llamaworks.atomic import atomic_path, atomic_write_json
 from llamaworks.checkpoint.native import save_native
 from llamaworks.config import ModelConfig
+from llamaworks.errors import CheckpointError
+from llamaworks.train.manifest import seal, unseal, verify
 
 LATEST = "latest.json"
+STATE = "trainer_state.pt"
+_STEP = re.compile(r"step_(\d+)")
 
 
 def step_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:06d}"
+
+
+def begin(out: Path, step: int) -> Path:
+    """The folder for `step`, unsealed: whatever a crash leaves in it now reads as damaged."""
+    d = step_dir(out, step)
+    d.mkdir(parents=True, exist_ok=True)
+    unseal(d)
+    return d
+
+
+def commit(out: Path, step: int, keep_last: int) -> None:
+    """Seal `step`'s folder, point latest.json at it, prune: the end of every save."""
+    d = step_dir(out, step)
+    seal(d)
+    atomic_write_json(out / LATEST, {"step": step, "dir": str(d.relative_to(out))})
+    prune(out, keep_last)
 
 
 def save_trainer_state(path: Path, state: dict[str, Any]) -> None:
@@ -30,30 +55,58 @@ def save_trainer_state(path: Path, state: dict[str, Any]) -> None:
 
 def save_checkpoint(out: Path, step: int, cfg: ModelConfig, sd: dict[str, torch.Tensor],
                     tokenizer: Any, state: dict[str, Any] | None, keep_last: int) -> Path:
-    """Write the native weights + trainer state for `step`, point latest.json at it, prune."""
-    d = step_dir(out, step)
+    """Write the native weights + trainer state for `step`, seal it, point latest.json at it,
+    prune."""
+    d = begin(out, step)
     save_native(d, cfg, sd, tokenizer=tokenizer, dtype=torch.float32)
     if state is not None:
-        save_trainer_state(d / "trainer_state.pt", state)
-    atomic_write_json(out / LATEST, {"step": step, "dir": str(d.relative_to(out))})
-    prune(out, keep_last)
+        save_trainer_state(d / STATE, state)
+    commit(out, step, keep_last)
     return d
 
 
+def _step_dirs(out: Path) -> list[tuple[int, Path]]:
+    root = out / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP.fullmatch(p.name))] if root.is_dir() else []
+    return sorted(found)
+
+
 def prune(out: Path, keep_last: int) -> None:
-    dirs = sorted((out / "checkpoints").glob("step_*"))
-    for old in dirs[:-keep_last] if keep_last > 0 else []:
+    dirs = _step_dirs(out)
+    for _, old in dirs[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(out: Path) -> tuple[int, Path] | None:
-    """(step, folder) of the newest complete checkpoint, or None."""
-    p = out / LATEST
-    if not p.exists():
+    """(step, folder) that latest.json names, or None when it is missing or unreadable."""
+    try:
+        d = json.loads((out / LATEST).read_text())
+        return int(d["step"]), out / d["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    d = json.loads(p.read_text())
-    return int(d["step"]), out / d["dir"]
 
 
-def load_trainer_state(d: Path) -> dict[str, Any]:
-    return torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)
+def newest_intact(out: Path, require: tuple[str, ...] = (STATE,)) -> tuple[int, Path] | None:
+    """(step, folder) of the newest checkpoint whose files all match its manifest and which
+    holds every file in `require`; each newer damaged one is named in a warning. None when
+    there are no checkpoints; CheckpointError when there are some and none is intact."""
+    skipped: list[str] = []
+    for step, d in reversed(_step_dirs(out)):
+        problem = verify(d, require)
+        if problem is None:
+            return step, d
+        skipped.append(f"{d.name}: {problem}")
+        warnings.warn(f"skipping damaged checkpoint {d}: {problem}", stacklevel=2)
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {out / 'checkpoints'} "
+                              f"({'; '.join(skipped)}); move the folder away to start over")
+    return None
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """A state file written by `save_trainer_state` (weights_only: no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - intact by its manifest, yet not ours
+        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: {e})") from e

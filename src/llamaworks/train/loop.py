@@ -121,7 +121,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
     model = Llama(cfg, device="meta")
     model.to_empty(device=dev)
     start_step, state = 0, None
-    found = ckpt.latest(out) if resume else None
+    found = ckpt.newest_intact(out) if resume else None
     if resume and found is None and info.is_main:
         print(f"no checkpoint in {out} to resume from; starting fresh")
     if found is not None:
@@ -136,8 +136,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
                                   "resume with the same preset and overrides") from None
         model.reset_rope()
         model.tie_weights()
-        if (cdir / "trainer_state.pt").exists():
-            state = ckpt.load_trainer_state(cdir)
+        state = ckpt.load_trainer_state(cdir / ckpt.STATE)
     else:
         model.init_weights(tc.init_std, generator=torch.Generator(dev).manual_seed(tc.seed))
     if tc.activation_checkpointing:
@@ -184,6 +183,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
             "tokenizer_sha256": manifest.get("tokenizer_sha256"), "world_size": info.world_size})
 
     def save(step: int) -> None:
+        if info.is_main:
+            ckpt.begin(out, step)  # unsealed before any rank rewrites it
         sd = D.full_state_dict(model, info)
         st = None
         if not info.enabled:

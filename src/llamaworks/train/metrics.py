@@ -79,6 +79,24 @@ def peak_flops(device: torch.device) -> float:
     return torch.get_num_threads() * 2.5e9 * 64
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line that is no step's row (the half-written last line a
+    kill -9 mid-append leaves) is dropped with a warning naming it."""
+    import warnings
+
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+                continue
+        except json.JSONDecodeError:
+            pass
+        warnings.warn(f"{path}:{n}: not a metrics row ({line[:40]!r}); dropped", stacklevel=3)
+    return rows
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to `metrics.jsonl`; on resume, lines after the
     resumed step are dropped so the file reads like one uninterrupted run."""
@@ -87,8 +105,7 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and path.exists():
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines())
-                         if r["step"] <= resume_step]
+            self.rows = [r for r in _read_rows(path) if r["step"] <= resume_step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict[str, Any]) -> None:
