@@ -25,7 +25,7 @@ MSGS = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def server(smollm, smollm_tokenizer):
-    engine = ContinuousEngine(LLM(smollm, smollm_tokenizer), max_batch=1, max_queue=1,
+    engine = ContinuousEngine(LLM(smollm, smollm_tokenizer), max_batch=1, max_queue=2,
                               context=CONTEXT)
     app = create_app(engine, MODEL, api_key=KEY, max_body_bytes=8192, retry_after=3)
     with BackgroundServer(app) as url:
@@ -145,24 +145,61 @@ def test_oversized_body_is_413(server):
     assert status == 413 and _shape(body)["code"] == "request_too_large"
 
 
-def test_full_queue_is_429_with_retry_after(server, client):
-    _, engine = server
-    long = SamplingParams(max_tokens=CONTEXT - 10, ignore_eos=True)
-    busy = [engine.submit("Count forever:", long, lambda ev: None)]
-    try:  # one request holds the only row, one waits: the queue (1) is full
-        deadline = time.monotonic() + 30
-        while engine.free_slots and time.monotonic() < deadline:
+LONG = SamplingParams(max_tokens=CONTEXT - 10, ignore_eos=True)
+
+
+class _Busy:
+    """`with _Busy(engine, waiting=k):` one request holds the only row and k more wait."""
+
+    def __init__(self, engine: ContinuousEngine, waiting: int):
+        self.engine, self.waiting, self.reqs = engine, waiting, []
+
+    def __enter__(self) -> _Busy:
+        self.deadline = time.monotonic() + 30
+        self.reqs.append(self.engine.submit("Count forever:", LONG, lambda ev: None))
+        while self.engine.free_slots and time.monotonic() < self.deadline:
             time.sleep(0.01)
-        busy.append(engine.submit("Count forever:", long, lambda ev: None))
+        self.reqs += [self.engine.submit("Count forever:", LONG, lambda ev: None)
+                      for _ in range(self.waiting)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for r in self.reqs:
+            r.cancel()
+        while ((self.engine.free_slots == 0 or self.engine._waiting)
+               and time.monotonic() < self.deadline):
+            time.sleep(0.01)
+
+
+def test_full_queue_is_429_with_retry_after(server, client):
+    with _Busy(server[1], waiting=2):  # the queue (2) is full
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)
         assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "3"
         assert e.value.code == "queue_full"
-    finally:
-        for r in busy:
-            r.cancel()
-        while (engine.free_slots == 0 or engine.queue_depth) and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+
+def test_a_request_refused_with_429_leaves_nothing_queued(server, client, monkeypatch):
+    _, engine = server
+    decode = engine._decode
+
+    def slow_decode() -> None:  # steps as long as a bigger model's: the scheduler's own
+        time.sleep(1.0)         # clean-up between steps comes too late to hide a leftover
+        decode()
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    with _Busy(engine, waiting=1):  # one of the two queue places is free
+        with pytest.raises(openai.RateLimitError):  # two prompts do not fit
+            client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=1)
+        assert engine.queue_depth == 1
+        stream = client.completions.create(model=MODEL, prompt="a", max_tokens=1, stream=True)
+        stream.close()  # accepted (no spurious 429): the free place is still free
+
+
+def test_more_prompts_than_the_queue_holds_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=1)
+    assert e.value.param == "prompt" and "--max-queue" in e.value.message
 
 
 def test_unknown_path_is_an_openai_shaped_404(server):

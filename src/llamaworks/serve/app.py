@@ -137,8 +137,8 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(retry_after)}) from None
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from None
+        except ValueError as e:  # more prompts than the whole queue holds
+            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
 
     async def answer(request: Request, job: ChatJob | CompletionJob) -> Any:
         sub = submit(job)

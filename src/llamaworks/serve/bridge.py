@@ -25,20 +25,15 @@ class RequestTimeout(Exception):
 
 
 class Submission:
-    """Several prompts (e.g. a /v1/completions list) submitted together; events are tagged with
-    the prompt's position."""
+    """Several prompts (e.g. a /v1/completions list) submitted together, all or none (a full
+    queue leaves nothing behind); events are tagged with the prompt's position."""
 
     def __init__(self, engine: ContinuousEngine, prompts: Sequence[Prompt],
                  params: SamplingParams):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.requests: list[Request] = []
-        try:
-            for j, prompt in enumerate(prompts):
-                self.requests.append(engine.submit(prompt, params, self._sink(loop, j)))
-        except BaseException:
-            self.cancel()
-            raise
+        self.requests: list[Request] = engine.submit_all(
+            prompts, params, [self._sink(loop, j) for j in range(len(prompts))])
         self.open = len(self.requests)
 
     def _sink(self, loop: asyncio.AbstractEventLoop, j: int) -> Callable[[Event], None]:
