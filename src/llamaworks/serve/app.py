@@ -8,6 +8,7 @@ serving; a client that disconnects cancels its request, which frees its cache ro
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -146,14 +147,16 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
         if job.stream:
             return StreamingResponse(stream(sub, job, start), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        watch = asyncio.create_task(sub.watch(request.receive))
         try:
-            async for j, ev in sub.events(request_timeout, request.is_disconnected):
+            async for j, ev in sub.events(request_timeout):
                 job.on_event(j, ev)
         except RequestTimeout as e:
             raise APIError(504, str(e), "timeout_error", code="timeout") from None
         except ClientGone:
             return JSONResponse({}, 499)
         finally:
+            watch.cancel()
             if sub.open:
                 sub.cancel()
         observe(sub, start)
