@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from llamaworks.serve.schemas import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    parse_json,
     validation_error,
 )
 
@@ -116,12 +116,7 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
             raw += part
             if len(raw) > max_body_bytes:
                 raise too_big
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        obj = parse_json(bytes(raw))
         try:
             body = model.model_validate(obj)
         except ValidationError as e:
