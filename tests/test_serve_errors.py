@@ -1,9 +1,11 @@
 """Every bad request gets an OpenAI-shaped error (`{"error": {message, type, param, code}}`) with
 the right status, seen through the official `openai` client where it can send the request, and
-the server keeps serving afterwards. Real SmolLM2, small context and queue."""
+the server keeps serving afterwards (on the same keep-alive connection). Real SmolLM2, small
+context and queue."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -25,9 +27,9 @@ MSGS = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def server(smollm, smollm_tokenizer):
-    engine = ContinuousEngine(LLM(smollm, smollm_tokenizer), max_batch=1, max_queue=1,
+    engine = ContinuousEngine(LLM(smollm, smollm_tokenizer), max_batch=1, max_queue=2,
                               context=CONTEXT)
-    app = create_app(engine, MODEL, api_key=KEY, max_body_bytes=8192, retry_after=3)
+    app = create_app(engine, MODEL, api_key=KEY, max_body_bytes=16384, retry_after=3)
     with BackgroundServer(app) as url:
         yield url, engine
     engine.shutdown()
@@ -145,26 +147,132 @@ def test_oversized_body_is_413(server):
     assert status == 413 and _shape(body)["code"] == "request_too_large"
 
 
-def test_full_queue_is_429_with_retry_after(server, client):
-    _, engine = server
-    long = SamplingParams(max_tokens=CONTEXT - 10, ignore_eos=True)
-    busy = [engine.submit("Count forever:", long, lambda ev: None)]
-    try:  # one request holds the only row, one waits: the queue (1) is full
-        deadline = time.monotonic() + 30
-        while engine.free_slots and time.monotonic() < deadline:
+LONG = SamplingParams(max_tokens=CONTEXT - 10, ignore_eos=True)
+
+
+class _Busy:
+    """`with _Busy(engine, waiting=k):` one request holds the only row and k more wait."""
+
+    def __init__(self, engine: ContinuousEngine, waiting: int):
+        self.engine, self.waiting, self.reqs = engine, waiting, []
+
+    def __enter__(self) -> _Busy:
+        self.deadline = time.monotonic() + 30
+        self.reqs.append(self.engine.submit("Count forever:", LONG, lambda ev: None))
+        while self.engine.free_slots and time.monotonic() < self.deadline:
             time.sleep(0.01)
-        busy.append(engine.submit("Count forever:", long, lambda ev: None))
+        self.reqs += [self.engine.submit("Count forever:", LONG, lambda ev: None)
+                      for _ in range(self.waiting)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for r in self.reqs:
+            r.cancel()
+        while ((self.engine.free_slots == 0 or self.engine._waiting)
+               and time.monotonic() < self.deadline):
+            time.sleep(0.01)
+
+
+def test_full_queue_is_429_with_retry_after(server, client):
+    with _Busy(server[1], waiting=2):  # the queue (2) is full
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)
         assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "3"
         assert e.value.code == "queue_full"
-    finally:
-        for r in busy:
-            r.cancel()
-        while (engine.free_slots == 0 or engine.queue_depth) and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+
+def test_a_request_refused_with_429_leaves_nothing_queued(server, client, monkeypatch):
+    _, engine = server
+    decode = engine._decode
+
+    def slow_decode() -> None:  # steps as long as a bigger model's: the scheduler's own
+        time.sleep(1.0)         # clean-up between steps comes too late to hide a leftover
+        decode()
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    with _Busy(engine, waiting=1):  # one of the two queue places is free
+        with pytest.raises(openai.RateLimitError):  # two prompts do not fit
+            client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=1)
+        assert engine.queue_depth == 1
+        stream = client.completions.create(model=MODEL, prompt="a", max_tokens=1, stream=True)
+        stream.close()  # accepted (no spurious 429): the free place is still free
+
+
+def test_more_prompts_than_the_queue_holds_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=1)
+    assert e.value.param == "prompt" and "--max-queue" in e.value.message
 
 
 def test_unknown_path_is_an_openai_shaped_404(server):
     status, _, body = _raw(server[0], "/v1/nope", None)
     assert status == 404 and _shape(body)["type"] == "not_found_error"
+
+
+def _conn(url: str) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=60)
+
+
+def _send(conn: http.client.HTTPConnection, path: str, body: bytes | None,
+          headers: dict | None = None) -> tuple[int, dict]:
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
+    conn.request("POST" if body is not None else "GET", path, body, h)
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def _chat(**fields: object) -> bytes:
+    return json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": 1, **fields}).encode()
+
+
+DEEP = b'{"model": "smollm2", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+SURROGATE = '"\\ud800"'  # a JSON escape of half a UTF-16 pair: no Unicode character
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", DEEP),
+    ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "x"}]).replace(
+        b'"x"', SURROGATE.encode())),
+    ("/v1/chat/completions", _chat(stop="x").replace(b'"x"', SURROGATE.encode())),
+    ("/v1/completions", _chat(prompt="x").replace(b'"x"', SURROGATE.encode())),
+    ("/v1/chat/completions", _chat().replace(b'"max_tokens": 1', b'"temperature": NaN')),
+    ("/v1/chat/completions", _chat().replace(b'"max_tokens": 1', b'"top_p": Infinity')),
+], ids=["5000-levels", "surrogate-content", "surrogate-stop",
+        "surrogate-prompt", "nan", "infinity"])
+def test_hostile_json_is_400_and_the_connection_stays_usable(server, path, body):
+    conn = _conn(server[0])
+    status, err = _send(conn, path, body)
+    sock = conn.sock
+    assert status == 400 and _shape(err)["code"] == "invalid_json"
+    assert _send(conn, "/v1/models", None)[0] == 200 and conn.sock is sock  # same connection
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"temperature": True}, "temperature"),
+    ({"logprobs": "true"}, "logprobs"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"seed": 10**30}, "seed"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}]},
+     "messages.1"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
+])
+def test_values_openai_rejects_are_400_naming_the_field(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1,
+                                       extra_body=extra)
+    assert e.value.status_code == 400 and e.value.param.startswith(param)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"echo": "no"}, "echo"),
+    ({"logprobs": True}, "logprobs"),
+])
+def test_completion_values_openai_rejects_are_400_naming_the_field(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body=extra)
+    assert e.value.status_code == 400 and e.value.param.startswith(param)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible server driven by the official `openai` client, on the real SmolLM2:
 plain, streamed, n > 1, stop strings, logprobs (checked against transformers), the legacy
 completions endpoint, a tools round trip, usage counts, 32 concurrent streaming clients equal to
-one-at-a-time greedy decoding, a client disconnect that frees its row, and /metrics."""
+one-at-a-time greedy decoding, a client disconnect (streaming or not) that frees its row, and
+/metrics."""
 
 from __future__ import annotations
 
@@ -221,6 +222,30 @@ def test_client_disconnect_mid_stream_frees_its_row(server, client):
     assert engine.stats.cancelled == cancelled + 1
     r = client.chat.completions.create(model=MODEL, messages=_ask("Hi"), max_tokens=2)
     assert r.choices[0].message.content is not None  # still serving
+
+
+def test_client_disconnect_without_streaming_frees_its_row_within_a_second(server, client):
+    url, engine = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": MODEL, "messages": _ask("Write a long story about a dragon."),
+            "max_tokens": 900, "temperature": 0}
+    tokens, cancelled = engine.stats.generation_tokens, engine.stats.cancelled
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while engine.stats.generation_tokens < tokens + 5 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the answer is being generated
+    assert engine.free_slots == MAX_BATCH - 1
+    conn.sock.close()  # the client goes away, no byte of the answer sent yet
+    conn.close()
+    gone = time.monotonic()
+    while engine.free_slots != MAX_BATCH and time.monotonic() < gone + 5:
+        time.sleep(0.01)
+    freed = time.monotonic() - gone
+    assert engine.free_slots == MAX_BATCH and engine.stats.cancelled == cancelled + 1
+    assert freed < 1.0, f"the row was freed {freed:.2f} s after the disconnect"
+    assert engine.stats.generation_tokens - tokens < 900  # cancelled, not finished
 
 
 def test_metrics_are_prometheus_text(server, client):

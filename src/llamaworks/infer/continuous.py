@@ -148,7 +148,9 @@ class ContinuousEngine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for a row (a cancelled one no longer counts, though the scheduler
+        drops it only before its next step)."""
+        return sum(not r.cancelled.is_set() for r in self._waiting)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Prompt ids as `LLM` makes them; ValueError if empty or too long for a row."""
@@ -160,20 +162,34 @@ class ContinuousEngine:
 
     def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink) -> Request:
         """Queue a request; events go to `sink` from the scheduler thread."""
+        return self.submit_all([prompt], params, [sink])[0]
+
+    def submit_all(self, prompts: Sequence[Prompt], params: SamplingParams,
+                   sinks: Sequence[Sink]) -> list[Request]:
+        """Queue several prompts (one sink each) all together or none of them: QueueFullError
+        when the queue lacks room for all, so a refused request leaves nothing behind that
+        would refuse the next ones; ValueError when they are more than the whole queue."""
         if params.n > self.max_batch:
             raise ValueError(f"n={params.n} exceeds the server's batch of {self.max_batch} rows")
-        ids = self.encode(prompt)
-        res = RequestOutput(prompt if isinstance(prompt, str) else None, ids)
-        req = Request(res, params, sink)
-        req.rows = self.llm._rows([res], [params])
+        if len(prompts) > max(self.max_queue, 1):
+            raise ValueError(f"{len(prompts)} prompts are more than this server queues at once "
+                             f"({self.max_queue}, --max-queue)")
+        reqs = []
+        for prompt, sink in zip(prompts, sinks, strict=True):
+            ids = self.encode(prompt)
+            res = RequestOutput(prompt if isinstance(prompt, str) else None, ids)
+            req = Request(res, params, sink)
+            req.rows = self.llm._rows([res], [params])
+            reqs.append(req)
         with self._cv:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the queue is full ({len(self._waiting)} requests wait "
-                                     "for a batch row, the --max-queue limit); retry shortly")
-            self._waiting.append(req)
+            waiting = self.queue_depth
+            if waiting + len(reqs) > self.max_queue:
+                raise QueueFullError(f"the queue is full ({waiting} requests wait for a batch "
+                                     "row, the --max-queue limit); retry shortly")
+            self._waiting.extend(reqs)
             self.stats.queue_depth = len(self._waiting)
             self._cv.notify_all()
-        return req
+        return reqs
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
                  timeout: float | None = None) -> list[RequestOutput]:

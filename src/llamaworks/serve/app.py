@@ -3,20 +3,23 @@
 `create_app(engine, model_name)` serves `GET /` (the chat page), `/health`, `/v1/models`,
 `/metrics`, `POST /v1/chat/completions` and `/v1/completions` over a `ContinuousEngine` (whose
 scheduler thread it starts). Every error is answered in OpenAI's shape and leaves the server
-serving; a client that disconnects cancels its request, which frees its cache rows.
+serving (and the connection open); a client that disconnects cancels its request, which frees its
+cache rows. POST bodies must be JSON (415 otherwise) and `exposure.HostOriginGuard` refuses other
+web sites, so a page in the user's browser cannot drive a local server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,11 +28,13 @@ from llamaworks.infer.continuous import ContinuousEngine, QueueFullError
 from llamaworks.serve import responses as R
 from llamaworks.serve.bridge import ClientGone, RequestTimeout, Submission
 from llamaworks.serve.chat import ChatJob, CompletionJob
+from llamaworks.serve.exposure import HostOriginGuard, allowed_hosts
 from llamaworks.serve.metrics import Metrics
 from llamaworks.serve.schemas import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    parse_json,
     validation_error,
 )
 
@@ -63,15 +68,31 @@ class _CountRequests:
             self.metrics.request_done(path, status)
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
 def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, request_timeout: float = 600.0,
-               default_max_tokens: int = 1024, retry_after: int = 1) -> FastAPI:
+               default_max_tokens: int = 1024, retry_after: int = 1, host: str = "127.0.0.1",
+               extra_hosts: Collection[str] = (), cors_origins: Collection[str] = ()
+               ) -> FastAPI:
     """The app. `api_key`: require `Authorization: Bearer KEY` on /v1/*. `max_body_bytes`:
     larger bodies get 413. `request_timeout`: seconds before a request is cancelled.
-    `default_max_tokens`: the chat budget when a request sets none (bounded by the context)."""
+    `default_max_tokens`: the chat budget when a request sets none (bounded by the context).
+    `host`: the address it is bound to; with `extra_hosts`, the Host names it answers to
+    (`exposure.allowed_hosts`). `cors_origins`: web origins allowed to call it from a browser."""
     engine.start()
     metrics = Metrics()
     app = FastAPI(title="llamaworks", docs_url=None, redoc_url=None, openapi_url=None)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostOriginGuard, hosts=allowed_hosts(host, extra_hosts),
+                       cors_origins=cors_origins)
     app.add_middleware(_CountRequests, metrics=metrics)
     app.state.engine, app.state.metrics = engine, metrics
 
@@ -115,12 +136,12 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
             raw += part
             if len(raw) > max_body_bytes:
                 raise too_big
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        ctype = request.headers.get("content-type", "")
+        if not _is_json(ctype):  # what browsers send cross-site without asking (CORS)
+            raise APIError(415, f"the body must be JSON, sent with 'Content-Type: "
+                           f"application/json' (not {ctype or 'none'!r})",
+                           code="unsupported_media_type")
+        obj = parse_json(bytes(raw))
         try:
             body = model.model_validate(obj)
         except ValidationError as e:
@@ -137,8 +158,8 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(retry_after)}) from None
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from None
+        except ValueError as e:  # more prompts than the whole queue holds
+            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
 
     async def answer(request: Request, job: ChatJob | CompletionJob) -> Any:
         sub = submit(job)
@@ -146,14 +167,16 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
         if job.stream:
             return StreamingResponse(stream(sub, job, start), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        watch = asyncio.create_task(sub.watch(request.receive))
         try:
-            async for j, ev in sub.events(request_timeout, request.is_disconnected):
+            async for j, ev in sub.events(request_timeout):
                 job.on_event(j, ev)
         except RequestTimeout as e:
             raise APIError(504, str(e), "timeout_error", code="timeout") from None
         except ClientGone:
             return JSONResponse({}, 499)
         finally:
+            watch.cancel()
             if sub.open:
                 sub.cancel()
         observe(sub, start)

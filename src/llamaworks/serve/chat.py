@@ -204,8 +204,12 @@ class CompletionJob:
         for q in prompts:
             if not isinstance(q, str) and any(not 0 <= t < vocab for t in q):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            ids = self.tok.encode(q, bos=None) if isinstance(q, str) else list(q)
+            if not ids:
+                raise APIError(400, "a prompt is empty (and this model adds no BOS token)",
+                               param="prompt", code="invalid_value")
             try:
-                self.prompts.append(engine.encode(q))
+                self.prompts.append(engine.encode(ids))
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt",
                                code="context_length_exceeded") from None

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from llamaworks.errors import LlamaworksError
+
+KEY_ENV = "LLAMAWORKS_API_KEY"
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
@@ -31,16 +36,44 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
     return engine, name
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file (first line) or $LLAMAWORKS_API_KEY, in that
+    order; the last two keep it out of the process list."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise LlamaworksError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlamaworksError(f"cannot read the API key file {args.api_key_file}: "
+                                  f"{e}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise LlamaworksError(f"the API key file {args.api_key_file} is empty")
+        return key
+    return args.api_key if args.api_key is not None else os.environ.get(KEY_ENV) or None
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values as one list."""
+    return [v.strip() for arg in values or [] for v in arg.split(",") if v.strip()]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llamaworks.serve.app import create_app
+    from llamaworks.serve.exposure import allowed_hosts, warnings
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise LlamaworksError("--max-batch must be >= 1 and --max-queue >= 0")
+    key, hosts, origins = api_key(args), _names(args.allowed_hosts), _names(args.cors_origin)
     engine, name = build_engine(args)
-    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     request_timeout=args.timeout)
+    app = create_app(engine, name, api_key=key, max_body_bytes=args.max_body_bytes,
+                     request_timeout=args.timeout, host=args.host, extra_hosts=hosts,
+                     cors_origins=origins)
+    for line in warnings(args.host, key, allowed_hosts(args.host, hosts)):
+        print(line, file=sys.stderr, flush=True)
     print(f"serving {name} on http://{args.host}:{args.port} (web chat at /, OpenAI API at "
           f"/v1; {args.max_batch} rows, queue {args.max_queue}, context {engine.context})",
           flush=True)
@@ -64,7 +97,16 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: open)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: open, or "
+                   f"${KEY_ENV})")
+    p.add_argument("--api-key-file", default=None,
+                   help="read the key from this file's first line (keeps it out of `ps`)")
+    p.add_argument("--allowed-hosts", action="append", default=None, metavar="NAMES",
+                   help="Host names the server answers to besides its address (and localhost "
+                   "when on loopback); comma-separated or repeated; '*' = any")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGINS",
+                   help="web origins (e.g. https://app.example) whose pages may call the API "
+                   "from a browser; comma-separated or repeated; '*' = any")
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences decoded together (KV-cache rows)")
     p.add_argument("--max-queue", type=int, default=64,

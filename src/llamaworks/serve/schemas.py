@@ -1,15 +1,19 @@
 """Request bodies of the OpenAI API (the subset we serve), as pydantic models, and OpenAI-shaped
-errors. Unknown fields are ignored (clients send many we do not use); wrong types and values out
-of range are rejected with the offending field named in `param`."""
+errors. Unknown fields are ignored (clients send many we do not use); wrong types (strictly: no
+`"yes"` for a boolean, no `"5"` for an integer) and values out of range are rejected with the
+offending field named in `param`. `parse_json` turns a raw body into a JSON object or a 400."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_DEPTH = 64  # JSON nesting a body may have; real tool schemas stay far below it
+INT64 = 2**63
 
 
 class APIError(Exception):
@@ -27,6 +31,53 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+def _bad_json(message: str) -> APIError:
+    return APIError(400, f"the body is not valid JSON: {message}", code="invalid_json")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_tree(obj: Any, max_depth: int) -> None:
+    """Walk the parsed body (iteratively: a deep body must not exhaust the stack) and reject
+    nesting deeper than `max_depth` and strings that are not Unicode text (lone surrogates such
+    as "\\ud800", which no tokenizer or UTF-8 encoder takes)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad_json("a string holds a lone surrogate escape (such as \\ud800), "
+                                "which is not a Unicode character") from None
+            continue
+        if not isinstance(node, dict | list):
+            continue
+        if depth > max_depth:
+            raise _bad_json(f"it is nested deeper than {max_depth} levels")
+        items = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node]
+        stack += [(k, depth) for k, _ in items if k is not None]
+        stack += [(v, depth + 1) for _, v in items]
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 (`invalid_json`) naming what is wrong: not UTF-8,
+    not JSON (NaN and Infinity are not JSON), nested deeper than `max_depth`, a lone
+    surrogate, or not an object."""
+    try:
+        obj = json.loads(raw, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise _bad_json(str(e)) from None
+    except RecursionError:
+        raise _bad_json(f"it is nested deeper than {max_depth} levels") from None
+    _check_tree(obj, max_depth)
+    if not isinstance(obj, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return obj
+
+
 def validation_error(e: ValidationError) -> APIError:
     """The first pydantic problem as a 400, naming the field (`messages.0.role`)."""
     err = e.errors()[0]
@@ -36,7 +87,7 @@ def validation_error(e: ValidationError) -> APIError:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class FunctionCall(_Body):
@@ -78,6 +129,12 @@ class Message(_Body):
         if self.name and role == "tool":
             out["name"] = self.name
         return out
+
+    @model_validator(mode="after")
+    def _tool_reply(self) -> Message:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
 
 class FunctionDef(_Body):
@@ -132,7 +189,7 @@ class _Sampling(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
