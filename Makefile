@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 # Test references: transformers (numerics) and llama.cpp (tokenization, speed), plus the
 # vocabulary-only GGUFs that llama.cpp ships in its source distribution.
-$(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done pyproject.toml
+$(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/convert/.done pyproject.toml
 	$(PIP) install -e '.[test]'
 	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
@@ -48,6 +48,11 @@ $(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done pyproject.toml
 
 $(CACHE)/vocab/.done: | $(PY)
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --vocab-only
+	touch $@
+
+# llama.cpp's own HF -> GGUF converter, from the same source distribution (the families' GGUF tests).
+$(CACHE)/convert/.done: | $(PY)
+	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --converter $(CACHE)/convert
 	touch $@
 
 lint: $(VENV)/.installed-test

@@ -187,8 +187,14 @@ def test_gguf_missing_tensor(tmp_path, base):
 
 def test_gguf_unexpected_tensor(tmp_path, base):
     p = rewrite_gguf(base["gguf"], tmp_path / "extra.gguf",
+                     replace={"blk.0.attn_q_norm.weight": np.zeros(16, dtype=np.float32)})
+    fails(p, "unexpected tensor 'blk.0.attn_q_norm.weight' for the llama architecture")
+
+
+def test_gguf_bias_on_one_layer_only(tmp_path, base):
+    p = rewrite_gguf(base["gguf"], tmp_path / "bias.gguf",
                      replace={"blk.0.attn_q.bias": np.zeros(64, dtype=np.float32)})
-    fails(p, "unexpected tensor 'blk.0.attn_q.bias'")
+    fails(p, "missing tensors", "blk.1.attn_q.bias")
 
 
 def test_gguf_tensor_with_wrong_shape(tmp_path, base):

@@ -154,3 +154,101 @@ def load_model_from(hf) -> torch.nn.Module:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         return load_model(d).model
+
+
+GGUF_CASES = {  # converter arch: (transformers config, its kwargs)
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=40,
+                                  tie_word_embeddings=False)),
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        query_pre_attn_scalar=32, sliding_window=6,
+                                        tie_word_embeddings=True)),
+    "llama (mistral)": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                              sliding_window=None, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_made_by_llama_cpps_converter_loads_with_transformers_logits(case, tmp_path,
+                                                                         smollm_tokenizer):
+    """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, extracted by `make`)
+    turns a random tiny checkpoint into GGUF; we load that file with HF's logits. The vocabulary
+    is SmolLM2's (the converter needs a real tokenizer); 6 layers, so Gemma 3's 5 local : 1 global
+    pattern, which llama.cpp assumes for GGUF files, holds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    converter = Path(__file__).resolve().parents[1] / ".cache" / "convert" / "convert_hf_to_gguf.py"
+    if not converter.exists():
+        pytest.fail(f"{converter} missing: run `make test` (it extracts llama.cpp's converter)")
+    cls_name, kw = GGUF_CASES[case]
+    cfg = getattr(transformers, cls_name)(vocab_size=49152, hidden_size=64, intermediate_size=96,
+                                          num_hidden_layers=6, max_position_embeddings=128,
+                                          rms_norm_eps=1e-6, **kw)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0.0, 0.25)
+            if "norm" in name and cls_name != "Gemma3TextConfig":
+                p.add_(1.0)
+    hf.save_pretrained(tmp_path / "hf")
+    smollm_tokenizer.save(tmp_path / "hf")
+    out = tmp_path / "model.gguf"
+    run = subprocess.run([sys.executable, str(converter), str(tmp_path / "hf"), "--outtype",
+                          "f32", "--outfile", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = load_model(out).model
+    assert ours.config.family == {"qwen3": "qwen3", "gemma3": "gemma3_text"}.get(case, "llama")
+    tokens = torch.randint(0, 49152, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = ours(tokens), hf(tokens).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+EXPORT_CASES = ["qwen2-bias-tied", "qwen3-mqa-head-dim", "gemma3-local-global",
+                "llama-attention-bias"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_our_gguf_export_runs_in_llama_cpp_with_our_logits(case, tmp_path, llama_cpp):
+    """Each family exported by us to an F32 GGUF of llama.cpp's architecture for it; llama.cpp's
+    logits (F32 KV cache) equal ours, past Gemma's sliding window, and our loader reads it back."""
+    import numpy as np
+
+    from llamaworks.checkpoint import export_gguf
+
+    ours = load_model_from(_hf_model(case))
+    cfg = ours.config
+    if case.startswith("gemma3"):  # llama.cpp's scale for Gemma 3 is 1/sqrt(head_dim)
+        ours.config = cfg = cfg.replace(attn_scale=cfg.head_dim ** -0.5)
+        for layer in ours.model.layers:
+            layer.self_attn.scale = cfg.attn_scale
+    path = export_gguf(tmp_path / "m.gguf", cfg, ours.state_dict(), None, "F32")
+    toks = _tokens(seed=6, batch=1)[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64,
+                          verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(toks)
+    theirs = np.array(llm.scores[: len(toks)], dtype=np.float32)
+    llm.close()
+    with torch.no_grad():
+        want = ours(torch.tensor([toks]))[0].numpy()
+        back = load_model(path).model(torch.tensor([toks]))[0].numpy()
+    # ggml's CPU GELU looks its input up in an fp16 table: ~1e-3 on Gemma's logits
+    np.testing.assert_allclose(theirs, want, atol=5e-3 if cfg.activation != "silu" else 2e-4,
+                               rtol=0)
+    np.testing.assert_allclose(back, want, atol=1e-5, rtol=0)
+
+
+def test_export_refuses_a_window_llama_cpp_would_ignore(tmp_path):
+    from llamaworks.checkpoint import export_gguf
+    from llamaworks.errors import CheckpointError
+
+    ours = load_model_from(_hf_model("mistral-sliding-gqa"))
+    with pytest.raises(CheckpointError, match="has no sliding window"):
+        export_gguf(tmp_path / "m.gguf", ours.config, ours.state_dict(), None, "F32")
+    assert not list(tmp_path.iterdir())

@@ -4,7 +4,9 @@ llama-cpp-python has no CPU wheel on PyPI, so it is built from its source distri
 minutes on two cores). The wheel is cached in `.cache/wheels` (git-ignored) and in a per-user
 cache, so later runs and fresh clones on the same machine install it in seconds. The same source
 distribution also ships llama.cpp's vocabulary-only GGUFs (`models/ggml-vocab-*.gguf`), which the
-tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3 and GPT-2 vocabularies.
+tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3 and GPT-2 vocabularies, and
+llama.cpp's own HF -> GGUF converter (`convert_hf_to_gguf.py` with its `conversion/` and `gguf-py/`
+packages), which the family tests use to make GGUF files we did not write.
 """
 
 from __future__ import annotations
@@ -65,6 +67,32 @@ def extract_vocab(sdist: Path, out: Path) -> None:
         sys.exit(f"error: {sdist} lacks vocab files: {sorted(wanted)}")
 
 
+CONVERTER = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def extract_converter(sdist: Path, out: Path) -> None:
+    """llama.cpp's convert_hf_to_gguf.py and the packages it imports, into `out` (atomically: a
+    temporary folder renamed into place)."""
+    prefix = "/vendor/llama.cpp/"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            at = member.name.find(prefix)
+            rel = member.name[at + len(prefix):] if at >= 0 else ""
+            if member.isfile() and rel.startswith(CONVERTER) and ".." not in rel:
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                with open(dest, "wb") as f:
+                    shutil.copyfileobj(src, f)
+    if not (tmp / CONVERTER[0]).exists():
+        shutil.rmtree(tmp)
+        sys.exit(f"error: {sdist} lacks vendor/llama.cpp/{CONVERTER[0]}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def find_wheel(version: str, dirs: list[Path], folder: str = "wheels") -> Path | None:
     for d in dirs:
         hits = sorted(glob.glob(str(d / folder / f"llama_cpp_python-{version}-*.whl")))
@@ -118,6 +146,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(".cache"))
     ap.add_argument("--user-cache", type=Path, default=Path.home() / ".cache" / "llamaworks")
     ap.add_argument("--vocab-only", action="store_true", help="only extract the vocab GGUFs")
+    ap.add_argument("--converter", type=Path, default=None, metavar="DIR",
+                    help="only extract llama.cpp's convert_hf_to_gguf.py (and its packages) to DIR")
     ap.add_argument("--install", action="store_true", help="build if needed, then install")
     ap.add_argument("--avx2-lib", type=Path, default=None, metavar="DIR",
                     help="build (if needed) a llama.cpp without AVX-512 and put its shared "
@@ -135,6 +165,10 @@ def main() -> None:
                 if name.startswith("llama_cpp/lib/") and not name.endswith("/"):
                     (a.avx2_lib / Path(name).name).write_bytes(z.read(name))
         print(a.avx2_lib)
+        return
+    if a.converter:
+        a.converter.parent.mkdir(parents=True, exist_ok=True)
+        extract_converter(find_sdist(a.version, dirs), a.converter)
         return
     if a.vocab_only:
         if not all((a.cache / "vocab" / f"ggml-vocab-{v}.gguf").exists() for v in VOCABS):

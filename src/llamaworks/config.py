@@ -15,6 +15,8 @@ from llamaworks.errors import CheckpointError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # HF model_type values
 SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer_types values
+# GGUF general.architecture -> family. llama.cpp writes Mistral as `llama` (without its window).
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 
 
 @dataclass
@@ -280,44 +282,75 @@ class ModelConfig:
     # -- GGUF metadata ---------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, md: dict[str, Any], source: str = "GGUF") -> ModelConfig:
-        """Build from GGUF key/values (see `checkpoint.gguf.read_metadata`)."""
+        """Build from GGUF key/values (see `checkpoint.gguf.read_metadata`), for the
+        architectures in GGUF_ARCHS (llama, which Mistral files use too; qwen2; qwen3; gemma3),
+        as llama.cpp reads them. Biases are not in the metadata: the loader sets `qkv_bias` /
+        `o_bias` from the tensors present, and `tie_embeddings` from `output.weight`."""
         arch = md.get("general.architecture")
-        if arch != "llama":
+        if arch not in GGUF_ARCHS:
             raise CheckpointError(f"{source}: unsupported GGUF architecture {arch!r}; llamaworks "
-                                  "reads general.architecture = 'llama' only")
+                                  f"reads general.architecture = {', '.join(GGUF_ARCHS)}")
+        family = GGUF_ARCHS[arch]
 
         def get(key: str, default: Any = None) -> Any:
-            v = md.get(f"llama.{key}", default)
+            v = md.get(f"{arch}.{key}", default)
             if v is None:
-                raise CheckpointError(f"{source}: missing GGUF key 'llama.{key}'")
+                raise CheckpointError(f"{source}: missing GGUF key '{arch}.{key}'")
             return v
 
         n_heads = int(get("attention.head_count"))
         dim = int(get("embedding_length"))
-        head_dim = int(md.get("llama.attention.key_length", md.get("llama.rope.dimension_count",
-                                                                   dim // n_heads)))
+        n_layers = int(get("block_count"))
+        head_dim = int(md.get(f"{arch}.attention.key_length",
+                              md.get(f"{arch}.rope.dimension_count", dim // n_heads)))
         tokens = md.get("tokenizer.ggml.tokens")
-        vocab = int(md.get("llama.vocab_size", len(tokens) if tokens is not None else 0))
+        vocab = int(md.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
         if not vocab:
             raise CheckpointError(f"{source}: cannot tell the vocabulary size")
-        scaling_type = md.get("llama.rope.scaling.type")
-        if scaling_type not in (None, "none"):
+        scaling = None
+        scaling_type = md.get(f"{arch}.rope.scaling.type")
+        if scaling_type == "linear":
+            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        elif scaling_type not in (None, "none"):
             raise CheckpointError(f"{source}: rope scaling type {scaling_type!r} is not supported")
+        gemma = family == "gemma3_text"
+        kw: dict[str, Any] = {}
+        if gemma:
+            window = int(md.get(f"{arch}.attention.sliding_window", 0))
+            pattern = md.get(f"{arch}.attention.sliding_window_pattern", 6)
+            if isinstance(pattern, list):  # one flag per layer: sliding or not
+                sliding = [bool(x) for x in pattern]
+            else:  # llama.cpp's set_swa_pattern: the last of every n layers is global
+                n = int(pattern)
+                sliding = [n == 0 or i % n < n - 1 for i in range(n_layers)]
+            # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(dim/heads)
+            scale = (dim // n_heads) ** -0.5 if n_layers == 62 else head_dim ** -0.5
+            kw = dict(norm_plus_one=True, sandwich_norm=True, qk_norm=True,
+                      activation="gelu_tanh", embed_scale=dim ** 0.5, attn_scale=scale)
+            if window and any(sliding):
+                kw.update(sliding_window=window,
+                          layer_types=[SLIDING if x else FULL for x in sliding],
+                          rope_local_theta=float(md.get(f"{arch}.rope.freq_base_swa", 10000.0)))
+        if family == "qwen3":
+            kw["qk_norm"] = True
         return cls(
             vocab_size=vocab,
             dim=dim,
-            n_layers=int(get("block_count")),
+            n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=int(md.get("llama.attention.head_count_kv", n_heads)),
+            n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
             hidden_dim=int(get("feed_forward_length")),
             head_dim=head_dim,
             norm_eps=float(f"{float(get('attention.layer_norm_rms_epsilon', 1e-5)):.7g}"),
             rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
             max_seq_len=int(get("context_length", 2048)),
             tie_embeddings=True,  # the loader sets False when output.weight is present
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
             name=str(md.get("general.name", "")),
+            family=family,
+            **kw,
         )
 
     # -- Meta params.json ------------------------------------------------------------------

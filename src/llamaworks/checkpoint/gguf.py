@@ -1,11 +1,13 @@
-"""Read llama-architecture GGUF files (parsed by `gguf_file`, decoded by the `gguf` package).
+"""Read GGUF files of the llama, qwen2, qwen3 and gemma3 architectures (parsed by `gguf_file`,
+decoded by the `gguf` package), with tensor names as llama.cpp writes them per architecture.
 
 Weights are dequantized to float32 by `gguf.quants.dequantize`, except the matrices of the types a
 caller asks to keep (`load_gguf(path, keep=...)`: `StoredBlocks`, a view of the mapped file, as
-the inference loader `infer.load` uses them); llama.cpp's converter permutes the Q and K
-projections (Meta's interleaved rotary pairs), so `unpermute_qk` restores the HF layout that
-`model.py` uses (for kept blocks, by reordering whole rows). Every failure raises
-`CheckpointError` naming the file and what is wrong.
+the inference loader `infer.load` uses them); for the `llama` architecture only, llama.cpp's
+converter permutes the Q and K projections (Meta's interleaved rotary pairs), so `unpermute_qk`
+restores the HF layout that `model.py` uses (for kept blocks, by reordering whole rows); Gemma
+files store each norm as 1 + w, and we keep HF's w. Every failure raises `CheckpointError` naming
+the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -43,6 +45,28 @@ _LAYER_MAP = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture names things differently (llama.cpp's tensor names per architecture).
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_ARCH_MAPS = {
+    "llama": _LAYER_MAP,
+    "qwen2": _LAYER_MAP,
+    "qwen3": {**_LAYER_MAP, **_QK_NORMS},
+    "gemma3": {**_LAYER_MAP, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+}
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    """The GGUF architecture llama.cpp uses for `cfg`'s family (Mistral is `llama`)."""
+    return {"mistral": "llama", "gemma3_text": "gemma3"}.get(cfg.family, cfg.family)
+
+
+def layer_map(arch: str) -> dict[str, str]:
+    """llama.cpp tensor name parts -> HF module names for a GGUF architecture."""
+    return _ARCH_MAPS[arch]
+
+
 _GLOBAL_MAP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -222,25 +246,33 @@ def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
         cfg = ModelConfig.from_gguf_metadata(md, source=str(p))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: invalid llama metadata ({e})") from None
+    arch = md["general.architecture"]
+    layer_map = _ARCH_MAPS[arch]
     tensors = {t.name: t for t in f.tensors}
     cfg.tie_embeddings = "output.weight" not in tensors
+    cfg.qkv_bias = "blk.0.attn_q.bias" in tensors
+    cfg.o_bias = "blk.0.attn_output.bias" in tensors
     # Names, types and shapes are all checked before any tensor is decoded.
     by_hf: dict[str, TensorInfo] = {}
     for name, t in tensors.items():
-        hf = None if name == "rope_freqs.weight" else _hf_name(name)
+        hf = None if name == "rope_freqs.weight" else _hf_name(name, layer_map)
         if hf is None and name != "rope_freqs.weight":
-            raise CheckpointError(f"{p}: unexpected tensor {name!r} for the llama architecture")
+            raise CheckpointError(f"{p}: unexpected tensor {name!r} for the {arch} architecture")
         if t.type_name not in SUPPORTED_TYPES:
             raise CheckpointError(f"{p}: tensor {name!r} has type {t.type_name}, which "
                                   "llamaworks does not support (supported: "
                                   f"{', '.join(SUPPORTED_TYPES)})")
         if hf is not None:
             by_hf[hf] = t
-    missing = sorted(_expected_names(cfg) - set(by_hf))
+    shapes = expected_shapes(cfg)
+    missing = sorted(set(shapes) - set(by_hf))
     if missing:
-        raise CheckpointError(f"{p}: missing tensors {[gguf_name(m) for m in missing[:5]]} "
-                              f"({len(missing)} in all)")
-    for hf, shape in expected_shapes(cfg).items():
+        names = [gguf_name(m, layer_map) for m in missing[:5]]
+        raise CheckpointError(f"{p}: missing tensors {names} ({len(missing)} in all)")
+    unexpected = sorted(set(by_hf) - set(shapes))
+    if unexpected:
+        raise CheckpointError(f"{p}: unexpected tensors {unexpected[:5]} for this {arch} model")
+    for hf, shape in shapes.items():
         if by_hf[hf].shape != shape:
             raise CheckpointError(f"{p}: tensor {by_hf[hf].name!r} has shape "
                                   f"{by_hf[hf].shape}, the metadata implies {shape}")
@@ -252,12 +284,16 @@ def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
     sd: dict[str, torch.Tensor] = {}
     for hf, t in tqdm(by_hf.items(), desc="loading GGUF", unit="tensor", leave=False,
                       disable=len(by_hf) < 64 or not _tty()):
-        heads = cfg.n_heads if hf.endswith("q_proj.weight") else \
-            cfg.n_kv_heads if hf.endswith("k_proj.weight") else None
+        heads = None
+        if arch == "llama":  # the only architecture llama.cpp permutes
+            heads = cfg.n_heads if ".q_proj." in hf else cfg.n_kv_heads if ".k_proj." in hf \
+                else None
         if t.type_name in keep and len(t.shape) == 2:
             sd[hf] = _stored(f, t, heads)
             continue
         w = torch.from_numpy(np.array(_dequantize(f, t), dtype=np.float32, order="C"))
+        if cfg.norm_plus_one and hf.endswith("norm.weight"):
+            w = w - 1.0  # the file stores 1 + w
         sd[hf] = w if heads is None else unpermute_qk(w, heads)
     return cfg, sd, md
 
@@ -268,36 +304,28 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, layer_map: dict[str, str] = _LAYER_MAP) -> str | None:
     if name in _GLOBAL_MAP:
         return _GLOBAL_MAP[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_MAP:
-        return f"model.layers.{int(parts[1])}.{_LAYER_MAP[parts[2]]}.weight"
+    if (len(parts) == 4 and parts[0] == "blk" and parts[3] in ("weight", "bias")
+            and parts[2] in layer_map and parts[1].isdigit()):
+        return f"model.layers.{int(parts[1])}.{layer_map[parts[2]]}.{parts[3]}"
     return None
 
 
-def _expected_names(cfg: ModelConfig) -> set[str]:
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not cfg.tie_embeddings:
-        names.add("lm_head.weight")
-    for i in range(cfg.n_layers):
-        names.update(f"model.layers.{i}.{v}.weight" for v in _LAYER_MAP.values())
-    return names
-
-
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, layer_map: dict[str, str] = _LAYER_MAP) -> str:
     """HF name -> llama.cpp name (for export)."""
     inv = {v: k for k, v in _GLOBAL_MAP.items()}
     if hf in inv:
         return inv[hf]
-    parts = hf.split(".")  # model.layers.{i}.<module...>.weight
+    parts = hf.split(".")  # model.layers.{i}.<module...>.weight|bias
     i, module = int(parts[2]), ".".join(parts[3:-1])
-    rev = {v: k for k, v in _LAYER_MAP.items()}
+    rev = {v: k for k, v in layer_map.items()}
     if parts[:2] != ["model", "layers"] or module not in rev:
         raise KeyError(hf)
-    return f"blk.{i}.{rev[module]}.weight"
+    return f"blk.{i}.{rev[module]}.{parts[-1]}"
 
 
 __all__ = ["load_gguf", "StoredBlocks", "read_metadata", "parse_gguf", "unpermute_qk", "permute_qk",
-           "gguf_name", "SUPPORTED_TYPES"]
+           "gguf_name", "gguf_arch", "layer_map", "SUPPORTED_TYPES"]

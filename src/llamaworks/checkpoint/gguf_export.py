@@ -1,8 +1,12 @@
-"""Write a llama-architecture GGUF file that llama.cpp and `checkpoint.gguf` both load.
+"""Write a GGUF file that llama.cpp and `checkpoint.gguf` both load, in the architecture llama.cpp
+uses for the model's family (llama, also for Mistral; qwen2; qwen3; gemma3).
 
-Tensors get llama.cpp's names (`gguf_name`), Q/K rows are permuted into llama.cpp's rotary layout
-(`permute_qk`), 1-D tensors (norms, `rope_freqs`) stay F32, and Llama-3 rope scaling is stored as
-the `rope_freqs` tensor as llama.cpp's converter does. Tensors are converted and written one at a
+Tensors get llama.cpp's names for that architecture (`gguf_name`); for `llama` the Q/K rows are
+permuted into llama.cpp's rotary layout (`permute_qk`); Gemma's norms are stored as 1 + w; 1-D
+tensors (norms, biases, `rope_freqs`) stay F32, and Llama-3 rope scaling is stored as the
+`rope_freqs` tensor as llama.cpp's converter does. What llama.cpp cannot represent (a sliding
+window in the llama or Qwen architectures, a Gemma attention scale other than the one llama.cpp
+assumes) is refused rather than written wrong. Tensors are converted and written one at a
 time, into a temporary file that is renamed into place when complete.
 """
 
@@ -21,7 +25,9 @@ from llamaworks.atomic import atomic_path
 from llamaworks.checkpoint.gguf import (
     ROPE_SCALING_KEYS,
     ROPE_SCALING_PREFIX,
+    gguf_arch,
     gguf_name,
+    layer_map,
     permute_qk,
 )
 from llamaworks.checkpoint.shapes import check_state_dict
@@ -109,24 +115,43 @@ def _tensor_plan(cfg: ModelConfig, sd: dict[str, torch.Tensor]
     plan: list[tuple[str, str | None, tuple[int, ...]]] = []
     if _llama3(cfg):
         plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,)))
+    names = layer_map(gguf_arch(cfg))
     for hf, t in sd.items():
         if not (cfg.tie_embeddings and hf == "lm_head.weight"):
-            plan.append((gguf_name(hf), hf, tuple(t.shape)))
+            plan.append((gguf_name(hf, names), hf, tuple(t.shape)))
     return plan
 
 
 def _array(cfg: ModelConfig, sd: dict[str, torch.Tensor], hf: str | None) -> np.ndarray:
-    """One tensor as float32 in llama.cpp's layout (Q/K permuted)."""
+    """One tensor as float32 in llama.cpp's layout (Q/K permuted for `llama`, Gemma's norms as
+    1 + w)."""
     if hf is None:
         from llamaworks.model import llama3_freq_factors
 
         return llama3_freq_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).numpy()
     w = sd[hf].detach().to("cpu", torch.float32)
-    if hf.endswith("q_proj.weight"):
+    if gguf_arch(cfg) == "llama" and ".q_proj." in hf:
         w = permute_qk(w, cfg.n_heads)
-    elif hf.endswith("k_proj.weight"):
+    elif gguf_arch(cfg) == "llama" and ".k_proj." in hf:
         w = permute_qk(w, cfg.n_kv_heads)
+    if cfg.norm_plus_one and hf.endswith("norm.weight"):
+        w = w + 1.0
     return np.ascontiguousarray(w.numpy(), dtype=np.float32)
+
+
+def _check_representable(cfg: ModelConfig, source: str) -> None:
+    """Refuse what llama.cpp would run differently from us."""
+    arch = gguf_arch(cfg)
+    if cfg.sliding_window and arch != "gemma3":
+        raise CheckpointError(f"{source}: llama.cpp's {arch} architecture has no sliding window; "
+                              f"this model attends over {cfg.sliding_window} positions on some "
+                              "layers, which a GGUF file of it would silently ignore")
+    if arch == "gemma3":
+        head = (cfg.dim // cfg.n_heads) if cfg.n_layers == 62 else cfg.head_dim
+        if not math.isclose(cfg.attn_scale or cfg.head_dim ** -0.5, head ** -0.5, rel_tol=1e-6):
+            raise CheckpointError(f"{source}: llama.cpp gives a {cfg.n_layers}-layer Gemma 3 the "
+                                  f"attention scale 1/sqrt({head}), this model uses "
+                                  f"{cfg.attn_scale}")
 
 
 def _ggml_type(shape: tuple[int, ...], file_type: str) -> Any:
@@ -161,10 +186,11 @@ def export_gguf(path: str | os.PathLike[str], cfg: ModelConfig, state_dict: dict
     out = Path(path)
     source = f"export to {out}"
     check_state_dict(cfg, state_dict, source)
+    _check_representable(cfg, source)
     tok_kv = [(k, *_value_type(k, v, source))
               for k, v in _tokenizer_kv(cfg, tokenizer_metadata, source).items()]
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(tmp, arch="llama")
+        w = gguf.GGUFWriter(tmp, arch=gguf_arch(cfg))
         try:
             _write(w, cfg, state_dict, file_type, tok_kv)
         finally:
@@ -186,10 +212,23 @@ def _write(w: Any, cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], fil
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.dim // cfg.n_heads:
+    if cfg.head_dim != cfg.dim // cfg.n_heads or gguf_arch(cfg) == "gemma3":
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if cfg.sliding_window:  # Gemma 3 (the only architecture _check_representable lets through)
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
+        for n in range(1, cfg.n_layers + 1):  # llama.cpp's set_swa_pattern(n), if one fits
+            if sliding == [i % n < n - 1 for i in range(cfg.n_layers)]:
+                w.add_sliding_window_pattern(n)
+                break
+        else:
+            w.add_sliding_window_pattern(sliding)
     if _llama3(cfg):  # exact parameters beside rope_freqs, for our loader
         for key in ROPE_SCALING_KEYS:
             value = cfg.rope_scaling[key]

@@ -74,7 +74,13 @@ def load_as_stored(path: str | Path) -> Loaded:
     emb = model.model.embed_tokens
     if cfg.tie_embeddings and isinstance(emb, BlockEmbedding):
         model.lm_head = _linear(emb.blocks, emb.kind, cfg.dim)  # one table for both
-    model.load_state_dict(floats, strict=False, assign=True)
+    for name in [n for n in floats if n.endswith(".bias")]:
+        owner = model.get_submodule(name.removesuffix(".bias"))
+        if not isinstance(owner, nn.Linear):  # a block layer's bias buffer (Qwen2's q/k/v)
+            owner.bias = floats.pop(name)
+    unexpected = model.load_state_dict(floats, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise CheckpointError(f"{p}: nowhere to load {unexpected[:5]}")
     if not isinstance(emb, BlockEmbedding):
         model.tie_weights()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
