@@ -109,6 +109,75 @@ def test_chat_repl_keeps_history_and_handles_reset_and_exit(monkeypatch, capsys,
     assert "history cleared" in out.err
 
 
+def test_chat_without_threads_rechecks_the_free_cores_before_each_reply(monkeypatch, capsys):
+    import io
+
+    import llamaworks.infer.threads as threads
+
+    calls: list[int] = []
+
+    def one_free_core(*a, **kw) -> int:
+        calls.append(1)
+        return 1
+
+    monkeypatch.setattr(threads, "decode_threads", one_free_core)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHello\n"))
+    saved = torch.get_num_threads()
+    try:
+        assert main(["chat", "--temperature", "0", "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+    assert len(calls) == 3  # at load, then before each of the two replies
+    capsys.readouterr()
+
+
+def _chat_params(monkeypatch, shipped: dict, *argv: str):
+    """The SamplingParams `chat -p Hi` generates with when the checkpoint ships `shipped`."""
+    import llamaworks.checkpoint.generation as generation
+    import llamaworks.infer.generate as gen
+
+    seen = []
+
+    def recording(model, ids, n, params, **kw):
+        seen.append(params)
+        return iter([])
+
+    monkeypatch.setattr(gen, "generate_tokens", recording)
+    monkeypatch.setattr(generation, "sampling_defaults", lambda path: shipped)
+    assert main(["chat", "-p", "Hi", "-n", "4", *argv]) == 0
+    return seen[0]
+
+
+def test_chat_defaults_add_a_repeat_penalty_over_the_last_64_tokens(monkeypatch, capsys):
+    p = _chat_params(monkeypatch, {})
+    assert (p.temperature, p.top_p, p.top_k) == (0.2, 0.9, 0)
+    assert (p.repetition_penalty, p.penalty_last_n) == (1.1, 64)
+
+
+def test_chat_takes_the_checkpoints_own_sampling_values_and_flags_override_them(monkeypatch,
+                                                                                capsys):
+    shipped = {"temperature": 0.7, "repetition_penalty": 1.3}
+    p = _chat_params(monkeypatch, shipped)
+    assert (p.temperature, p.repetition_penalty, p.top_p) == (0.7, 1.3, 0.9)  # top-p: ours
+    p = _chat_params(monkeypatch, shipped, "--temperature", "0", "--repeat-penalty", "1",
+                     "--repeat-last-n", "16", "--top-k", "5")
+    assert (p.temperature, p.repetition_penalty, p.penalty_last_n, p.top_k) == (0, 1, 16, 5)
+
+
+def test_repl_help_lists_the_commands_and_does_not_reach_the_model(monkeypatch, capsys):
+    import io
+
+    from llamaworks.cli import chat_repl
+
+    turns: list[str] = []
+    monkeypatch.setattr("sys.stdin", io.StringIO("/help\n/exit\n"))
+    chat_repl("banner", turns.append, lambda: None)
+    err = capsys.readouterr().err
+    assert turns == []
+    assert all(c in err for c in ("/help", "/reset", "/exit"))
+
+
 def test_console_script_reports_a_missing_model_clearly(tmp_path):
     exe = str(Path(sys.executable).parent / "llamaworks")
     r = subprocess.run([exe, "tokenize", "--model", str(tmp_path / "nope.gguf"), "--text", "hi"],

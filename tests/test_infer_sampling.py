@@ -66,6 +66,43 @@ def test_repetition_penalty_equals_transformers_over_prompt_and_output(penalty):
     assert torch.allclose(ours, ref)
 
 
+@pytest.mark.parametrize("last_n", [1, 3, 5, 100])
+def test_repeat_last_n_penalizes_what_transformers_penalizes_over_those_tokens(last_n):
+    x = _logits(4, rows=1)[0]
+    prompt, output = [3, 7, 7, 11], [11, 20, 3, 30]
+    p = SamplingParams(repetition_penalty=1.1, penalty_last_n=last_n)
+    ours = apply_penalties(x, p, prompt, output)
+    window = (prompt + output)[-last_n:]  # llama.cpp's --repeat-last-n
+    ref = RepetitionPenaltyLogitsProcessor(1.1)(torch.tensor([window]), x[None])[0]
+    assert torch.allclose(ours, ref)
+
+
+def test_repeat_last_n_zero_turns_the_repetition_penalty_off():
+    x = _logits(4, rows=1)[0]
+    p = SamplingParams(repetition_penalty=1.5, penalty_last_n=0)
+    assert not p.penalized
+    assert torch.equal(apply_penalties(x, p, [3, 7], [11]), x)
+
+
+def test_generate_tokens_applies_the_penalties_as_llm_generate_does():
+    from infer_fixtures import ByteTokenizer, tiny_model
+
+    from llamaworks.infer.engine import LLM
+    from llamaworks.infer.generate import generate_tokens
+
+    model = tiny_model(seed=1)
+    prompt = [1, 72, 105, 72, 105]
+    for p in (SamplingParams(repetition_penalty=1.8, penalty_last_n=8, max_tokens=24),
+              SamplingParams(presence_penalty=3.0, frequency_penalty=0.5, max_tokens=24),
+              SamplingParams(temperature=0.8, repetition_penalty=1.3, seed=5, max_tokens=24)):
+        ours = list(generate_tokens(model, prompt, 24, p))
+        ref = LLM(model, ByteTokenizer()).generate([prompt], p)[0].outputs[0].token_ids
+        assert ours == ref
+        plain = list(generate_tokens(model, prompt, 24, SamplingParams(
+            temperature=p.temperature, seed=p.seed)))
+        assert ours != plain  # the penalty changed the text
+
+
 def test_frequency_and_presence_penalties_subtract_count_and_indicator_of_output_tokens():
     x = _logits(5, rows=1)[0]
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.5)
@@ -134,7 +171,7 @@ def test_repetition_penalty_lowers_the_rate_of_repeated_tokens():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
                                  dict(min_p=1.5), dict(max_tokens=0), dict(n=0),
-                                 dict(repetition_penalty=0)])
+                                 dict(repetition_penalty=0), dict(penalty_last_n=-2)])
 def test_invalid_params_are_rejected_with_the_field_name(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)

@@ -96,6 +96,15 @@ def test_n_choices_are_seeded_and_counted(client):
     assert a.usage.completion_tokens <= 3 * 8 and a.usage.completion_tokens >= 3
 
 
+def test_repetition_penalty_in_a_request_is_applied_as_llm_applies_it(client, llm):
+    msgs = _ask("Repeat the word 'ha' twenty times.")
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=30,
+                                       extra_body={"repetition_penalty": 1.5})
+    ref = llm.chat(msgs, SamplingParams(max_tokens=30, repetition_penalty=1.5))[0]
+    assert r.choices[0].message.content == ref.text
+    assert ref.text != _reference(llm, msgs, 30).text  # the penalty changed the answer
+
+
 def test_stop_string_cuts_the_answer(client, llm):
     msgs = _ask("What is the capital of France?")
     full = _reference(llm, msgs, 20).text  # "The capital of France is Paris."

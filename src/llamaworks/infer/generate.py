@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llamaworks.infer.batch import DecodeStep, decode_batch
-from llamaworks.infer.sampling import SamplingParams, sample
+from llamaworks.infer.sampling import SamplingParams, sample, sample_row
 from llamaworks.model import Llama
 
 
@@ -35,9 +35,14 @@ def generate_tokens(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int
     steps = decode_batch(model, [list(prompt_ids)], max_new_tokens, step or DecodeStep(model))
     logits = next(steps)
     stops = set(stop_ids)
+    out: list[int] = []
     for i in range(max_new_tokens):
-        nxt = sample(logits.float().cpu(), params, gen)
+        if params.penalized:  # penalties look at the prompt and what came out so far
+            nxt = torch.tensor([sample_row(logits[0].float().cpu(), params, gen, prompt_ids, out)])
+        else:
+            nxt = sample(logits.float().cpu(), params, gen)
         tok = int(nxt[0])
+        out.append(tok)
         yield tok
         if tok in stops or i == max_new_tokens - 1:
             break

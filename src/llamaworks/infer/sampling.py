@@ -22,7 +22,9 @@ class SamplingParams:
     """How one request is sampled and when it stops (vLLM's field names).
 
     temperature 0 = greedy (the default here). top_k 0 or -1 = off. `seed` makes sampling
-    reproducible (same seed -> same text). `logprobs`: None = none; k >= 0 = the sampled token's
+    reproducible (same seed -> same text). `penalty_last_n`: how many of the latest prompt + output
+    tokens the repetition penalty looks at (llama.cpp's `--repeat-last-n`; -1 = all of them, as in
+    transformers; 0 = none). `logprobs`: None = none; k >= 0 = the sampled token's
     log-probability plus the k most likely alternatives, from the model's raw distribution."""
 
     temperature: float = 0.0
@@ -30,6 +32,7 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    penalty_last_n: int = -1
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
@@ -51,6 +54,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.penalty_last_n < -1:
+            raise ValueError(f"penalty_last_n must be >= 0 (or -1 = all), got "
+                             f"{self.penalty_last_n}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
@@ -65,21 +71,25 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+        return (self.repetition_penalty != 1.0 and self.penalty_last_n != 0
+                or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
 
 
 def apply_penalties(logits: Tensor, p: SamplingParams, prompt_ids: Sequence[int],
                     output_ids: Sequence[int]) -> Tensor:
-    """Penalize one row of logits [vocab]. Repetition (HF/CTRL): every token seen in prompt or
-    output has its logit divided by r if positive, multiplied by r if negative. Frequency and
-    presence (OpenAI): logit -= f * count_in_output + p * (count_in_output > 0)."""
+    """Penalize one row of logits [vocab]. Repetition (HF/CTRL, llama.cpp's repeat penalty): every
+    token among the last `penalty_last_n` of prompt + output (all: -1) has its logit divided by r
+    if positive, multiplied by r if negative. Frequency and presence (OpenAI): logit -= f *
+    count_in_output + p * (count_in_output > 0)."""
     if not p.penalized:
         return logits
     logits = logits.clone()
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long,
-                            device=logits.device)
+    if p.repetition_penalty != 1.0 and p.penalty_last_n != 0:
+        recent = [*prompt_ids, *output_ids]
+        if p.penalty_last_n > 0:
+            recent = recent[-p.penalty_last_n:]
+        seen = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
         if seen.numel():
             s = logits[seen]
             logits[seen] = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)

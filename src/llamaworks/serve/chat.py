@@ -95,7 +95,8 @@ class ChatJob:
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
             max_tokens=_budget(len(ids), asked, default_max_tokens, engine.context, "messages"),
             stop=stop, logprobs=self.top if body.logprobs else None,
-            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+            repetition_penalty=body.repetition_penalty)
         self.streamers = [self._streamer() for _ in range(body.n)]
         self.texts = [""] * body.n
         self.result: RequestOutput | None = None
@@ -220,7 +221,8 @@ class CompletionJob:
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
             max_tokens=budget, stop=body.stop, logprobs=body.logprobs,
-            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+            repetition_penalty=body.repetition_penalty)
         self.texts = [self.tok.decode(q) if body.echo else "" for q in self.prompts]
         self.results: dict[int, RequestOutput] = {}
         self.error: str | None = None

@@ -12,8 +12,9 @@ registers its ops under its own namespace (`torch.ops.llamaworks_avx2.q4_1_linea
 and benchmarks load several tiers side by side (`ops(tier)`).
 
 Built on first use with `torch.utils.cpp_extension.load` into a cache folder keyed by the source,
-the tier's flags, the CPU flags and the torch version. The linear ops have fake (shape-only)
-implementations, so `torch.compile` treats them as opaque calls.
+the tier's flags, the CPU flags and the torch version, with the environment's own ninja; later
+processes load the finished library without running ninja (`jit`). The linear ops have fake
+(shape-only) implementations, so `torch.compile` treats them as opaque calls.
 
 `preferred()` says whether callers should take our kernels over PyTorch's: measured per tier on
 SmolLM2 (BENCHMARKS.md), ours are faster in every tier for Q4_1/Q8_0 (the portable tier's int4
@@ -36,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from llamaworks.infer.kernels import jit
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "qmatmul.cpp", HERE / "decode.cpp"]
@@ -101,16 +104,9 @@ def _namespace(tier: str) -> str:
 
 
 def _build(tier: str) -> None:
-    from torch.utils import cpp_extension
-
-    folder = build_dir(tier)
-    folder.mkdir(parents=True, exist_ok=True)
     ns = _namespace(tier)
-    cpp_extension.load(
-        name=f"llamaworks_kernels_{tier}", sources=[str(p) for p in SOURCES],
-        build_directory=str(folder),
-        extra_cflags=["-O3", "-fopenmp", f"-DLW_NAMESPACE={ns}", *_flags(tier)],
-        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    jit.load_library(f"llamaworks_kernels_{tier}", SOURCES, build_dir(tier),
+                     ["-O3", "-fopenmp", f"-DLW_NAMESPACE={ns}", *_flags(tier)], ["-fopenmp"])
 
     @torch.library.register_fake(f"{ns}::q4_1_linear")
     def _q4_1_fake(x: Tensor, w: Tensor) -> Tensor:
@@ -142,7 +138,7 @@ def build(tier: str) -> bool:
             built[tier] = True
         except Exception as e:  # noqa: BLE001 - any build failure means: try the next tier
             warnings.warn(f"could not build llamaworks' {tier} CPU kernels ({type(e).__name__}: "
-                          f"{e}); trying the next tier. Install gcc and ninja to get them.",
+                          f"{e}); trying the next tier.",
                           RuntimeWarning, stacklevel=2)
             built[tier] = False
     return built[tier]
