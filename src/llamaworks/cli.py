@@ -26,11 +26,10 @@ EXTRA_VERBS: tuple[str, ...] = ("llamaworks.data.cli", "llamaworks.train.cli",
 
 # -- shared helpers ----------------------------------------------------------------------------
 def _model_path(args: argparse.Namespace) -> Path:
-    if args.model:
-        return Path(args.model)
-    from llamaworks.checkpoint.discovery import default_model_path
+    """--model: a path, a name of an installed model (`discovery.NAMED_MODELS`), or the default."""
+    from llamaworks.checkpoint.discovery import model_path
 
-    return default_model_path()
+    return model_path(args.model or None)
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:

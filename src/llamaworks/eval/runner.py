@@ -14,12 +14,10 @@ def load_for_eval(path: str | Path | None = None, adapter: str | Path | None = N
     """(model, tokenizer): the checkpoint at `path` (default: the SmolLM2 GGUF), with a LoRA
     adapter merged in and/or weight-only quantization applied, in eval mode."""
     from llamaworks.checkpoint import load_tokenizer
+    from llamaworks.checkpoint.discovery import model_path
     from llamaworks.infer.load import load_for_use
 
-    if path is None:
-        from llamaworks.checkpoint.discovery import default_model_path
-
-        path = default_model_path()
+    path = model_path(path)
     model = load_for_use(Path(path), () if adapter is None else (adapter,), quant, group_size)
     return model, load_tokenizer(Path(path))
 

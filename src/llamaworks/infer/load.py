@@ -84,7 +84,7 @@ def load_as_stored(path: str | Path) -> Loaded:
     if not isinstance(emb, BlockEmbedding):
         model.tie_weights()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_meta and n != "inv_freq"]
+            if t.is_meta and n not in ("inv_freq", "inv_freq_local")]
     if left:
         raise CheckpointError(f"{p}: no weights for {left[:5]} ({len(left)} in all)")
     model.reset_rope()

@@ -131,7 +131,7 @@ def tokenizer_kwargs_from_gguf(md: Mapping[str, Any]) -> dict[str, Any]:
         "pad_id": _opt_id(md, "tokenizer.ggml.padding_token_id", None, n),
         "add_bos": bool(md.get("tokenizer.ggml.add_bos_token", defaults["add_bos"])),
         "add_eos": bool(md.get("tokenizer.ggml.add_eos_token", False)),
-        "chat_template": md.get("tokenizer.chat_template"),
+        "chat_template": md.get("tokenizer.chat_template") or _shipped_template(md),
         "model_max_length": _context_length(md),
         "extra_stop_ids": extra_stop,
         "token_types": list(types) if types is not None else None,
@@ -143,3 +143,13 @@ def _context_length(md: Mapping[str, Any]) -> int | None:
     arch = md.get("general.architecture")
     v = md.get(f"{arch}.context_length") if arch else None
     return int(v) if v is not None else None
+
+
+def _shipped_template(md: dict[str, Any]) -> str | None:
+    """Gemma's published chat template (its tokenizer_config.json's), for Gemma 3 GGUF files,
+    which carry none."""
+    if md.get("general.architecture") != "gemma3":
+        return None
+    from importlib.resources import files
+
+    return files("llamaworks.tokenizer").joinpath("templates/gemma3.jinja").read_text()
