@@ -14,7 +14,26 @@ PUBLISHED = {
     "llama2-7b": 6.74e9,
     "llama3-8b": 8.03e9,
     "llama3.2-1b": 1.24e9,
+    "llama3.1-8b": 8.03e9,  # Llama 3.1 model card
+    "llama3.1-70b": 70.6e9,
+    "llama3.1-405b": 405.9e9,
+    "mistral-7b": 7.25e9,  # Mistral-7B-v0.3 model card
+    "qwen2.5-0.5b": 0.49e9,  # Qwen2.5 model cards: "Number of Parameters: 0.49B"
+    "qwen2.5-7b": 7.61e9,  # "7.61B"
+    "qwen3-0.6b": 0.6e9,  # Qwen3 model cards: "0.6B"
+    "qwen3-8b": 8.2e9,  # "8.2B"
+    "gemma3-270m": 268e6,  # Gemma 3 270M model card: "268M"
+    "gemma3-1b": 1.0e9,  # Gemma 3 model card: "1B"
 }
+# Non-embedding counts the cards give (input embedding and output projection both left out).
+NON_EMBEDDING = {
+    "qwen3-0.6b": 0.44e9,  # "Number of Paramaters (Non-Embedding): 0.44B"
+    "qwen3-8b": 6.95e9,  # "6.95B"
+    "gemma3-270m": 100e6,  # "170M embedding parameters + 100M transformer blocks"
+}
+FAMILY_PRESETS = ["mistral-7b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b",
+                  "gemma3-270m", "gemma3-1b"]
+SMALL_PRESETS = ["smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b", "gemma3-270m", "gemma3-1b"]
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
@@ -60,3 +79,95 @@ def test_hf_config_round_trip_through_transformers():
 def test_unknown_preset_names_the_choices():
     with pytest.raises(KeyError, match="tiny"):
         get_preset("gpt-5")
+
+
+@pytest.mark.parametrize("name", list(NON_EMBEDDING))
+def test_non_embedding_count_matches_the_model_card(name):
+    cfg = get_preset(name)
+    n = cfg.num_params(include_embeddings=False)
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.dim  # the cards leave the output projection out too
+    assert abs(n - NON_EMBEDDING[name]) / NON_EMBEDDING[name] < 0.01, (name, n)
+
+
+def test_family_presets_carry_the_family_switches():
+    q25, q3, m = (get_preset(n) for n in ("qwen2.5-7b", "qwen3-8b", "mistral-7b"))
+    assert (q25.family, q25.qkv_bias, q25.o_bias, q25.qk_norm, q25.sliding_window) == (
+        "qwen2", True, False, False, None)
+    assert (q3.family, q3.qkv_bias, q3.qk_norm, q3.head_dim, q3.sliding_window) == (
+        "qwen3", False, True, 128, None)
+    assert (m.family, m.vocab_size, m.sliding_window, m.rope_theta) == (
+        "mistral", 32768, None, 1e6)
+    for name in ("gemma3-270m", "gemma3-1b"):
+        g = get_preset(name)
+        assert (g.family, g.norm_plus_one, g.sandwich_norm, g.qk_norm, g.activation) == (
+            "gemma3_text", True, True, True, "gelu_tanh")
+        assert g.sliding_window == 512 and g.tie_embeddings and g.head_dim == 256
+        assert g.layer_types == ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                 for i in range(g.n_layers)]  # 5 local : 1 global
+        assert (g.rope_theta, g.rope_local_theta) == (1e6, 1e4)
+        assert g.attn_scale == 256 ** -0.5 and g.embed_scale == pytest.approx(g.dim ** 0.5)
+    for name in ("llama3.1-8b", "llama3.1-70b", "llama3.1-405b"):
+        cfg = get_preset(name)
+        assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+        assert cfg.max_seq_len == 131072 and cfg.n_kv_heads == 8
+
+
+TINY_HF = {  # one small transformers config per family, with the switches that add parameters
+    "llama-bias": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                       attention_bias=True, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                      sliding_window=7, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=40,
+                                  tie_word_embeddings=False)),
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=32, sliding_window=6, sliding_window_pattern=2,
+                                        tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_HF))
+def test_num_params_counts_what_transformers_instantiates(case):
+    """Biases, q/k norms and Gemma's sandwich norms included: our count equals the parameters of
+    transformers' own model of that family."""
+    import transformers
+
+    from llamaworks.model import Llama
+
+    cls_name, kw = TINY_HF[case]
+    hf_cfg = getattr(transformers, cls_name)(vocab_size=96, hidden_size=64, intermediate_size=80,
+                                             num_hidden_layers=3, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    want = sum(p.numel() for p in model.parameters())
+    ours = ModelConfig.from_hf_dict(hf_cfg.to_dict())
+    assert ours.num_params() == want, (case, ours.num_params(), want)
+    assert ours.num_params() == sum(p.numel() for p in Llama(ours, device="meta").parameters())
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_preset_round_trips_through_config_json(name):
+    cfg = get_preset(name)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).replace(name=cfg.name) == cfg
+
+
+@pytest.mark.parametrize("name", SMALL_PRESETS)
+def test_transformers_accepts_the_preset_and_counts_the_same_parameters(name):
+    import torch
+    import transformers
+
+    cfg = get_preset(name)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+    assert hf_cfg.model_type == cfg.family
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params(), name
+    if cfg.layer_types is not None:
+        assert hf_cfg.layer_types == cfg.layer_types
+    back = ModelConfig.from_hf_dict(hf_cfg.to_dict())  # as transformers writes it again
+    for f in ("family", "qkv_bias", "o_bias", "qk_norm", "norm_plus_one", "sandwich_norm",
+              "activation", "embed_scale", "attn_scale", "sliding_window", "layer_types",
+              "rope_theta", "rope_local_theta", "head_dim", "hidden_dim", "tie_embeddings",
+              "n_kv_heads", "vocab_size", "max_seq_len"):
+        assert getattr(back, f) == getattr(cfg, f), (name, f)

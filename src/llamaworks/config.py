@@ -397,6 +397,8 @@ def _rope_scaling(params: dict[str, Any], source: str) -> dict[str, Any] | None:
 
 _LLAMA3_SCALING_1B = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_SCALING_8 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 # Published shapes. Parameter counts in comments are the papers'/model cards' figures, which
 # `num_params()` reproduces within 1% (tests/test_config.py pins that).
@@ -431,6 +433,78 @@ PRESETS: dict[str, ModelConfig] = {
                                rope_scaling=_LLAMA3_SCALING_1B, max_seq_len=131072,
                                tie_embeddings=True, bos_token_id=128000,
                                eos_token_id=[128001, 128008, 128009], name="llama3.2-1b"),
+    # Llama 3.1 (model cards): 8.03B, 70.6B, 405.9B; 128K context through Llama-3 rope scaling
+    # (factor 8), the Meta reference's published shapes (405B: 126 layers, 8 KV heads).
+    "llama3.1-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
+                               n_kv_heads=8, hidden_dim=14336, rope_theta=500000.0,
+                               rope_scaling=_LLAMA3_SCALING_8, max_seq_len=131072,
+                               bos_token_id=128000, eos_token_id=128001, name="llama3.1-8b"),
+    "llama3.1-70b": ModelConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64,
+                                n_kv_heads=8, hidden_dim=28672, rope_theta=500000.0,
+                                rope_scaling=_LLAMA3_SCALING_8, max_seq_len=131072,
+                                bos_token_id=128000, eos_token_id=128001, name="llama3.1-70b"),
+    "llama3.1-405b": ModelConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128,
+                                 n_kv_heads=8, hidden_dim=53248, rope_theta=500000.0,
+                                 rope_scaling=_LLAMA3_SCALING_8, max_seq_len=131072,
+                                 bos_token_id=128000, eos_token_id=128001, name="llama3.1-405b"),
+    # Mistral-7B-v0.3 (model card): 7.25B; vocabulary extended to 32768, no sliding window.
+    "mistral-7b": ModelConfig.from_hf_dict(dict(
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=1_000_000.0, sliding_window=None, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, _name_or_path="mistral-7b")),
+    # Qwen2.5 (model cards): 0.5B "0.49B" (tied), 7B "7.61B"; q/k/v biases, windows off.
+    "qwen2.5-0.5b": ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_act="silu",
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        use_sliding_window=False, sliding_window=32768, max_window_layers=24,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
+        _name_or_path="qwen2.5-0.5b")),
+    "qwen2.5-7b": ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_act="silu",
+        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        use_sliding_window=False, sliding_window=131072, max_window_layers=28,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643,
+        _name_or_path="qwen2.5-7b")),
+    # Qwen3 (model cards): 0.6B "0.6B, 0.44B non-embedding" (tied), 8B "8.2B, 6.95B
+    # non-embedding"; q/k RMSNorm, head_dim 128, no biases.
+    "qwen3-0.6b": ModelConfig.from_hf_dict(dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, attention_bias=False, use_sliding_window=False,
+        sliding_window=None, max_window_layers=28, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645, _name_or_path="qwen3-0.6b")),
+    "qwen3-8b": ModelConfig.from_hf_dict(dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, attention_bias=False, use_sliding_window=False,
+        sliding_window=None, max_window_layers=36, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, _name_or_path="qwen3-8b")),
+    # Gemma 3 text (model cards): 270M "268M: 170M embedding + 100M transformer", 1B "1.0B";
+    # 5 local (window 512, RoPE 10k) : 1 global (RoPE 1M) layers, query_pre_attn_scalar 256.
+    "gemma3-270m": ModelConfig.from_hf_dict(dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+        final_logit_softcapping=None, attn_logit_softcapping=None, attention_bias=False,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        _name_or_path="gemma3-270m")),
+    "gemma3-1b": ModelConfig.from_hf_dict(dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+        final_logit_softcapping=None, attn_logit_softcapping=None, attention_bias=False,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=[1, 106],
+        _name_or_path="gemma3-1b")),
 }
 
 
