@@ -252,3 +252,33 @@ def test_export_refuses_a_window_llama_cpp_would_ignore(tmp_path):
     with pytest.raises(CheckpointError, match="has no sliding window"):
         export_gguf(tmp_path / "m.gguf", ours.config, ours.state_dict(), None, "F32")
     assert not list(tmp_path.iterdir())
+
+
+def test_fused_decode_step_equals_the_per_op_forward(pair):
+    """The C++ decode step runs each family (biases, q/k norms, sandwich norms, GeGLU, sliding
+    layers with their own RoPE) on a left-padded batch decoded past the window, as the model."""
+    from llamaworks.infer import kernels
+    from llamaworks.infer.batch import DecodeStep, decode_batch
+    from llamaworks.infer.fused import FusedDecoder
+
+    case, _, ours, _ = pair
+    if not kernels.preferred():
+        pytest.fail("the kernels must build on the test machines")
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
+    fed = [torch.tensor([3 + i, 40 + i, 70 + i]) for i in range(8)]
+
+    def run(fused: bool) -> torch.Tensor:
+        step = DecodeStep(ours)
+        if fused:
+            assert isinstance(step.fused, FusedDecoder), case
+        else:
+            step.fused = None
+        steps = decode_batch(ours, prompts, len(fed) + 1, step)
+        next(steps)
+        out = [steps.send(t) for t in fed]
+        steps.close()
+        return torch.stack(out)
+
+    fused, eager = run(True), run(False)
+    assert fused.abs().max() > 1
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)

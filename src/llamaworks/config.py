@@ -98,13 +98,6 @@ class ModelConfig:
             return False
         return self.layer_types is None or self.layer_types[layer] == SLIDING
 
-    @property
-    def llama_layers(self) -> bool:
-        """True when every layer is plain Llama (what the fused C++ decode step runs)."""
-        return not (self.qkv_bias or self.o_bias or self.qk_norm or self.norm_plus_one
-                    or self.sandwich_norm or self.activation != "silu" or self.embed_scale
-                    or self.attn_scale or self.sliding_window)
-
     # -- derived ---------------------------------------------------------------------------
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count, as papers report it (embeddings included, lm_head once if tied)."""

@@ -7,11 +7,13 @@ norm and the output head stay PyTorch modules (the head keeps its own re-check o
 everything between them is one op. The model's own tensors are passed by reference (no copies), so
 the step sees in-place weight updates, but not modules swapped after it was built.
 
-It takes float32 CPU models of plain Llama layers (`ModelConfig.llama_layers`: no biases, q/k
-norms, sliding windows or Gemma norms) whose linear layers are `nn.Linear` (float32 or bfloat16
-weights) or our quantized `BF16Linear` / `Int8Linear` / `Int4Linear` on the Q8_0 / Q4_1 block
-kernels, with a float32 KV cache. Anything else (CUDA, LoRA wrappers, PyTorch's packed int4, a bf16
-residual stream) returns None from `FusedDecoder.build`, and callers run the model eagerly.
+It takes float32 CPU models of every family of model.py (biases, q/k norms, sandwich norms,
+GeGLU and sliding layers are passed per layer; Gemma's 1 + w norm multipliers are formed once when
+the step is built, so later in-place edits of those norm weights are not seen) whose linear layers
+are `nn.Linear` (float32 or bfloat16 weights) or our quantized `BF16Linear` / `Int8Linear` /
+`Int4Linear` / `GGUFLinear` on the block kernels, with a float32 KV cache. Anything else (CUDA,
+LoRA wrappers, PyTorch's packed int4, a bf16 residual stream) returns None from
+`FusedDecoder.build`, and callers run the model eagerly.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _matrix(mod: nn.Module) -> tuple[Tensor, int] | None:
     """(weight tensor, kind) of a linear layer the fused step can run, else None."""
     from llamaworks.infer.quantize import BF16Linear, GGUFLinear, Int4Linear, Int8Linear
 
-    if type(mod) is nn.Linear and mod.bias is None:
+    if type(mod) is nn.Linear:
         w = mod.weight
         kind = {torch.float32: F32, torch.bfloat16: BF16}.get(w.dtype)
         return None if kind is None else (w.detach(), kind)
@@ -42,6 +44,22 @@ def _matrix(mod: nn.Module) -> tuple[Tensor, int] | None:
     if isinstance(mod, GGUFLinear):
         return mod.blocks, mod.kind
     return None
+
+
+def _norm(mod: nn.Module) -> Tensor | None:
+    """An RMSNorm's multiplier as float32 (Gemma's 1 + w formed here), or None."""
+    w = getattr(mod, "weight", None)
+    if w is None or w.dtype != torch.float32:
+        return None
+    return (1.0 + w.detach()).contiguous() if getattr(mod, "plus_one", False) else w.detach()
+
+
+def _bias(mod: nn.Module) -> Tensor | None:
+    """A projection's bias as float32 (empty when it has none), or None if of another dtype."""
+    b = getattr(mod, "bias", None)
+    if b is None:
+        return torch.empty(0)
+    return b.detach().contiguous() if b.dtype == torch.float32 else None
 
 
 class FusedDecoder:
@@ -57,23 +75,29 @@ class FusedDecoder:
         docstring) or the kernels are unavailable. LLAMAWORKS_NO_FUSED=1 also gives None."""
         if os.environ.get("LLAMAWORKS_NO_FUSED") or not isinstance(model, Llama):
             return None
-        if not model.config.llama_layers:  # biases, q/k norms, windows, Gemma's norms: eager
-            return None
         if model.device.type != "cpu" or model.dtype != torch.float32 or not kernels.preferred():
             return None
         weights: list[Tensor] = []
         kinds: list[int] = []
+        none = torch.empty(0)
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(n.dtype != torch.float32 for n in norms):
-                return None
+            norms = [_norm(n) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
             mats = [_matrix(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            if any(m is None or not m[0].is_contiguous() for m in mats):
+            if any(n is None for n in norms) or any(m is None or not m[0].is_contiguous()
+                                                    for m in mats):
                 return None
             ws = [m[0] for m in mats]  # type: ignore[index]
-            weights += [norms[0].detach(), *ws[:4], norms[1].detach(), *ws[4:]]
+            extras = [_bias(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+            for owner, names in ((attn, ("q_norm", "k_norm")),
+                                 (layer, ("pre_feedforward_layernorm",
+                                          "post_feedforward_layernorm"))):
+                extras += [_norm(getattr(owner, n)) if hasattr(owner, n) else none
+                           for n in names]
+            if any(e is None for e in extras):
+                return None
+            weights += [norms[0], *ws[:4], norms[1], *ws[4:], *extras]
             kinds += [m[1] for m in mats]  # type: ignore[index]
         return cls(model, weights, kinds)
 
@@ -86,7 +110,17 @@ class FusedDecoder:
         float32 (written at write_pos); mask: [B, kv_len] bool, the slots each row attends to."""
         m, cfg = self.model, self.model.config
         x = m.model.embed_tokens(tokens.reshape(-1))
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        write = write_pos.reshape(-1)
+        local = mask
+        if cfg.sliding_window:  # keys within the window of the row's write slot, as the model
+            slots = torch.arange(mask.shape[1], device=mask.device)
+            local = mask & (slots[None, :] > write[:, None] - cfg.sliding_window)
         x = kernels.ops(self.tier).decode_layers(
-            x, self.weights, self.kinds, k_cache, v_cache, write_pos.reshape(-1),
-            rope_pos.reshape(-1), m.inv_freq, mask, cfg.n_heads, float(cfg.norm_eps))
+            x, self.weights, self.kinds, k_cache, v_cache, write, rope_pos.reshape(-1),
+            m.inv_freq, mask, cfg.n_heads, float(cfg.norm_eps),
+            getattr(m, "inv_freq_local", m.inv_freq), local,
+            [int(b.sliding) for b in m.model.layers], float(cfg.attn_scale or 0.0),
+            int(cfg.activation == "gelu_tanh"))
         return m.lm_head(m.model.norm(x)).float()

@@ -9,6 +9,12 @@
 // with the same math as model.py (float32 activations, float32 cache), all inside one OpenMP
 // parallel region whose threads meet at barriers.
 //
+// The dense families run the same step through per-layer extras (model.py's switches): q/k/v and
+// o biases (Qwen2), per-head q/k RMSNorm before rotary (Qwen3, Gemma 3), norms after attention
+// and MLP (Gemma 3's sandwich), tanh-GELU (GeGLU), an attention scale, and sliding layers with
+// their own rotary table and key mask. Norm weights come as the multiplier itself (Gemma's 1 + w
+// is formed by the caller), so one RMSNorm serves every family.
+//
 // Weights may be float32 or bfloat16 [out, in] matrices, or llama.cpp Q4_1 / Q8_0 block rows
 // (blocks.h); each matrix says its kind (0 f32, 1 bf16, 4 Q4_1, 8 Q8_0). Matrices that read the
 // same input (q/k/v, gate/up) are split across threads as one range of rows. Batch rows each have their own rotary position,
@@ -72,22 +78,44 @@ Mat as_mat(const at::Tensor& w, int64_t kind, int64_t k, const char* what) {
   return {static_cast<const uint8_t*>(w.data_ptr()), w.size(0), bytes, kind};
 }
 
+constexpr int64_t PER_LAYER = 17;  // weights per layer (see decode_layers)
+
+// Optional per-layer float32 vector of `n` values (an empty tensor: absent).
+const float* optional_vec(const at::Tensor& t, int64_t n, const char* what) {
+  if (t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.numel() == n && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
+              ": must be a contiguous float32 vector of ", n);
+  return t.data_ptr<float>();
+}
+
+inline void add_bias(float* y, const float* bias, int64_t n) {
+  if (bias != nullptr)
+    for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
+}
+
 // x [B, D] float32: the residual stream after the embeddings. weights: per layer, in order,
-// input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down; kinds: per layer the 7
-// matrices' kinds. k_cache/v_cache [L, B, n_kv, S, head_dim] float32 (any strides on the first
-// three dims), written at write_pos [B]; rope_pos [B] rotary positions; mask [B, kv_len] bool:
-// the cache slots each row attends to. Returns the residual stream after the last layer.
+// input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down, then the extras (empty
+// tensors where absent): q, k, v, o biases, q_norm, k_norm [head_dim], pre_feedforward and
+// post_feedforward norms (sandwich: post_attention_layernorm then norms the attention output);
+// kinds: per layer the 7 matrices' kinds. k_cache/v_cache [L, B, n_kv, S, head_dim] float32 (any
+// strides on the first three dims), written at write_pos [B]; rope_pos [B] rotary positions;
+// mask [B, kv_len] bool: the cache slots each row attends to; sliding layers (sliding[l] != 0)
+// use inv_freq_local and local_mask instead. attn_scale: the softmax scale (0: 1/sqrt(hd));
+// gelu: tanh-GELU instead of SiLU on the gate. Returns the residual stream after the last layer.
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef kinds,
                          at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& write_pos,
                          const at::Tensor& rope_pos, const at::Tensor& inv_freq,
-                         const at::Tensor& mask, int64_t n_heads, double eps) {
+                         const at::Tensor& mask, int64_t n_heads, double eps,
+                         const at::Tensor& inv_freq_local, const at::Tensor& local_mask,
+                         at::IntArrayRef sliding, double attn_scale, int64_t gelu) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "x must be a float32 [batch, dim] CPU tensor");
   const int64_t B = x_in.size(0), D = x_in.size(1);
-  const int64_t L = static_cast<int64_t>(weights.size()) / 9;
-  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 9 * L &&
-                  static_cast<int64_t>(kinds.size()) == 7 * L,
-              "need 9 weight tensors and 7 kinds per layer");
+  const int64_t L = static_cast<int64_t>(weights.size()) / PER_LAYER;
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == PER_LAYER * L &&
+                  static_cast<int64_t>(kinds.size()) == 7 * L &&
+                  static_cast<int64_t>(sliding.size()) == L,
+              "need 17 weight tensors, 7 kinds and a sliding flag per layer");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
                   k_cache.size(0) == L && k_cache.size(1) == B,
@@ -100,8 +128,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) <= S &&
                   mask.scalar_type() == at::kBool,
               "mask must be bool [batch, kv_len <= slots]");
-  TORCH_CHECK(inv_freq.numel() == hd / 2 && inv_freq.scalar_type() == at::kFloat,
-              "inv_freq must be float32 [head_dim / 2]");
+  TORCH_CHECK(inv_freq.numel() == hd / 2 && inv_freq.scalar_type() == at::kFloat &&
+                  inv_freq_local.numel() == hd / 2 &&
+                  inv_freq_local.scalar_type() == at::kFloat,
+              "inv_freq and inv_freq_local must be float32 [head_dim / 2]");
+  TORCH_CHECK(local_mask.sizes() == mask.sizes() && local_mask.scalar_type() == at::kBool,
+              "local_mask must be shaped as mask");
   const int64_t kv_len = mask.size(1), half = hd / 2, group = n_heads / n_kv;
   const int64_t nq = n_heads * hd, nk = n_kv * hd;
   const at::Tensor wp = write_pos.to(at::kLong).contiguous(), rp = rope_pos.to(at::kLong).contiguous();
@@ -111,13 +143,19 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(wpos[b] >= 0 && wpos[b] < S, "cache write position ", wpos[b], " out of range");
 
-  // cos/sin of every row's position, shared by all layers (float32, as model.rope_cos_sin)
-  std::vector<float> cosv(B * half), sinv(B * half);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < half; ++i) {
-      const float f = static_cast<float>(rp.data_ptr<int64_t>()[b]) * fr.data_ptr<float>()[i];
-      cosv[b * half + i] = std::cos(f);
-      sinv[b * half + i] = std::sin(f);
+  // cos/sin of every row's position, shared by all layers of a kind (float32, as
+  // model.rope_cos_sin): [0] global layers, [1] sliding layers
+  const at::Tensor frl = inv_freq_local.contiguous(), lmk = local_mask.contiguous();
+  std::vector<float> cosv[2] = {std::vector<float>(B * half), std::vector<float>(B * half)};
+  std::vector<float> sinv[2] = {std::vector<float>(B * half), std::vector<float>(B * half)};
+  for (int k = 0; k < 2; ++k) {
+    const float* freqs = (k == 0 ? fr : frl).data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(rp.data_ptr<int64_t>()[b]) * freqs[i];
+        cosv[k][b * half + i] = std::cos(f);
+        sinv[k][b * half + i] = std::sin(f);
+      }
     }
   }
 
@@ -126,21 +164,24 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   const int64_t H = weights[6].size(0);  // hidden size of the MLP (gate rows)
   std::vector<float> h(B * std::max(D, nq)), qkv(B * (nq + 2 * nk)), att(B * nq), out(B * D);
   std::vector<float> gu(B * 2 * H), act(B * H), scores(B * n_heads * kv_len);
-  const bool* mp = mk.data_ptr<bool>();
+  const bool* masks[2] = {mk.data_ptr<bool>(), lmk.data_ptr<bool>()};
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
   const int64_t kl = k_cache.stride(0), kb = k_cache.stride(1), kh = k_cache.stride(2);
   const int64_t vl = v_cache.stride(0), vb = v_cache.stride(1), vh = v_cache.stride(2);
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const float scale = attn_scale > 0 ? static_cast<float>(attn_scale)
+                                     : 1.f / std::sqrt(static_cast<float>(hd));
   Input in;
 
   struct LayerMats {
     std::vector<Mat> qkv, o, gu, d;
     const float *norm1, *norm2;
+    const float *bq, *bk, *bv, *bo, *qn, *kn, *pre_ffn, *post_ffn;  // nullptr: absent
+    int kind;  // 0 global, 1 sliding
   };
   std::vector<LayerMats> layers(L);  // checked here: nothing below may throw
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = weights.data() + 9 * l;
+    const at::Tensor* w = weights.data() + PER_LAYER * l;
     const int64_t* kd = kinds.data() + 7 * l;
     TORCH_CHECK(w[0].numel() == D && w[5].numel() == D && w[0].scalar_type() == at::kFloat &&
                     w[5].scalar_type() == at::kFloat && w[0].is_contiguous() && w[5].is_contiguous(),
@@ -157,6 +198,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
                 "projection sizes do not match the model's dims");
     lm.norm1 = w[0].data_ptr<float>();
     lm.norm2 = w[5].data_ptr<float>();
+    lm.bq = optional_vec(w[9], nq, "q bias");
+    lm.bk = optional_vec(w[10], nk, "k bias");
+    lm.bv = optional_vec(w[11], nk, "v bias");
+    lm.bo = optional_vec(w[12], D, "o bias");
+    lm.qn = optional_vec(w[13], hd, "q_norm");
+    lm.kn = optional_vec(w[14], hd, "k_norm");
+    TORCH_CHECK((lm.qn == nullptr) == (lm.kn == nullptr), "q_norm and k_norm come together");
+    lm.pre_ffn = optional_vec(w[15], D, "pre_feedforward_layernorm");
+    lm.post_ffn = optional_vec(w[16], D, "post_feedforward_layernorm");
+    TORCH_CHECK((lm.pre_ffn == nullptr) == (lm.post_ffn == nullptr),
+                "sandwich norms come together");
+    lm.kind = sliding[l] != 0;
   }
 
   {  // every buffer the quantized inputs need, allocated here: nothing in the region may throw
@@ -195,8 +248,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
 #pragma omp single
       for (int64_t b = 0; b < B; ++b) {
         float* row = qkv.data() + b * (nq + 2 * nk);
+        add_bias(row, lm.bq, nq);
+        add_bias(row + nq, lm.bk, nk);
+        add_bias(row + nq + nk, lm.bv, nk);
+        if (lm.qn != nullptr)  // per-head norms before rotary (q heads, then k heads)
+          for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)
+            rms_norm(row + hh * hd, hh < n_heads ? lm.qn : lm.kn, 1, hd, eps, row + hh * hd);
         for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)  // q heads, then k heads
-          rope(row + hh * hd, &cosv[b * half], &sinv[b * half], half);
+          rope(row + hh * hd, &cosv[lm.kind][b * half], &sinv[lm.kind][b * half], half);
         for (int64_t g = 0; g < n_kv; ++g) {
           std::memcpy(kc + l * kl + b * kb + g * kh + wpos[b] * hd, row + nq + g * hd, hd * 4);
           std::memcpy(vc + l * vl + b * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd, hd * 4);
@@ -208,7 +267,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
         const float* q = qkv.data() + b * (nq + 2 * nk) + hh * hd;
         const float* keys = kc + l * kl + b * kb + g * kh;
         const float* vals = vc + l * vl + b * vb + g * vh;
-        const bool* m = mp + b * kv_len;
+        const bool* m = masks[lm.kind] + b * kv_len;
         float* sc = scores.data() + t * kv_len;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < kv_len; ++s) {
@@ -240,8 +299,15 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
       // MLP block
 #pragma omp single
       {
-        for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
-        rms_norm(xp, lm.norm2, B, D, eps, h.data());
+        for (int64_t b = 0; b < B; ++b) add_bias(out.data() + b * D, lm.bo, D);
+        if (lm.pre_ffn != nullptr) {  // sandwich: norm the attention output, then the MLP input
+          rms_norm(out.data(), lm.norm2, B, D, eps, out.data());
+          for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+          rms_norm(xp, lm.pre_ffn, B, D, eps, h.data());
+        } else {
+          for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+          rms_norm(xp, lm.norm2, B, D, eps, h.data());
+        }
         in.x = h.data(), in.K = D;
         prepare(in, lm.gu);
       }
@@ -252,7 +318,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
         for (int64_t b = 0; b < B; ++b) {
           for (int64_t j = 0; j < H; ++j) {
             const float g = gu[b * 2 * H + j], u = gu[b * 2 * H + H + j];
-            act[b * H + j] = g / (1.f + std::exp(-g)) * u;
+            if (gelu) {  // tanh approximation, as F.gelu(approximate="tanh")
+              const float c = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+              act[b * H + j] = 0.5f * g * (1.f + std::tanh(c)) * u;
+            } else {
+              act[b * H + j] = g / (1.f + std::exp(-g)) * u;
+            }
           }
         }
         in.x = act.data(), in.K = H;
@@ -261,7 +332,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
       matvec_rows(in, lm.d, out.data(), D, tid, T);
 #pragma omp barrier
 #pragma omp single
-      for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+      {
+        if (lm.post_ffn != nullptr) rms_norm(out.data(), lm.post_ffn, B, D, eps, out.data());
+        for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+      }
     }
   }
   return x;
@@ -272,7 +346,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
 LW_FRAGMENT(m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor write_pos, Tensor rope_pos, Tensor inv_freq, Tensor mask, "
-        "int n_heads, float eps) -> Tensor");
+        "int n_heads, float eps, Tensor inv_freq_local, Tensor local_mask, int[] sliding, "
+        "float attn_scale, int gelu) -> Tensor");
 }
 
 LW_IMPL(m) {
