@@ -85,3 +85,18 @@ def test_llama3_rope_scaling_matches_transformers_inverse_frequencies():
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     ours = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     assert torch.allclose(ours, ref, rtol=1e-6, atol=0)
+
+
+def test_last_only_logits_are_the_full_forwards_last_position():
+    """Prompts take the output head for their last position only (`last_only`), with the same
+    numbers as the full forward's last position, with and without a cache."""
+    model = Llama(get_preset("tiny"))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        last = model(tokens, last_only=True)
+        cached = model(tokens, cache=model.new_cache(2, 16), last_only=True)
+    assert last.shape == (2, 1, 512)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-5)  # GEMM vs GEMV order
+    torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=1e-5)

@@ -286,14 +286,17 @@ class Llama(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: Tensor | None = None,
-                kv_len: int | None = None, hidden_only: bool = False) -> Tensor:
+                kv_len: int | None = None, hidden_only: bool = False,
+                last_only: bool = False) -> Tensor:
         """Logits [B, T, vocab] (float32) for `tokens` [B, T].
 
         input_pos: positions of these tokens ([T], or [B, T] for per-row positions); default
         0..T-1. With `cache`, keys/values are written at `input_pos` and attention runs over the
         first `kv_len` cached positions (default: last position + 1) under a causal mask.
         attn_mask: optional boolean mask (True = attend) broadcastable to [B, 1, T, kv_len],
-        e.g. to hide left padding; it replaces the default causal mask."""
+        e.g. to hide left padding; it replaces the default causal mask. last_only: logits of the
+        last position only ([B, 1, vocab]), so a prompt does not pay the output head for every
+        position (with a 262k vocabulary that is most of a prefill)."""
         b, t = tokens.shape
         default_pos = input_pos is None
         if default_pos:
@@ -331,4 +334,4 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if hidden_only:
             return x
-        return self.lm_head(x).float()
+        return self.lm_head(x[:, -1:] if last_only else x).float()

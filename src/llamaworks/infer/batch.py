@@ -23,7 +23,7 @@ StepFn = Callable[[Tensor, Tensor, KVCache, Tensor], Tensor]
 def forward_last(model: Llama, tokens: Tensor, positions: Tensor, cache: KVCache,
                  mask: Tensor) -> Tensor:
     """Logits [B, vocab] of the last position, attending over the whole cache."""
-    return model(tokens, positions, cache, mask[:, None], cache.max_seq_len)[:, -1]
+    return model(tokens, positions, cache, mask[:, None], cache.max_seq_len, last_only=True)[:, -1]
 
 
 class DecodeStep:
@@ -110,7 +110,7 @@ def decode_batch(model: Llama, prompts: Sequence[Sequence[int]], max_new: int,
     # Query i of row r sees keys r's real tokens up to i; padding queries see themselves only
     # (a fully masked row would turn into NaNs).
     if not bool(pad.any()):  # no padding: causal attention over the prompt's own slots only
-        logits = model(tokens, q, cache, None, length)[:, -1]
+        logits = model(tokens, q, cache, None, length, last_only=True)[:, -1]
     else:
         valid = slots[None, None, :] >= pad[:, None, None]
         causal = slots[None, None, :] <= q[None, :, None]

@@ -300,7 +300,7 @@ class ContinuousEngine:
         if fused is not None and rows.k.dtype == torch.float32:
             logits = fused(tokens[:, 0], pos[:, 0], pos[:, 0], rows.k, rows.v, mask[:, 0, 0])
         else:
-            logits = self.model(tokens, pos, rows, mask, kv_len)[:, -1]
+            logits = self.model(tokens, pos, rows, mask, kv_len, last_only=True)[:, -1]
         self.stats.steps += 1
         self.stats.batch_size = len(busy)
         for s in busy:

@@ -72,7 +72,7 @@ def rollout(model: Llama, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
     mask = (key_ok[:, None, :] & (slots[None, None, :] <= q[None, :, None])) | (
         slots[None, None, :] == q[None, :, None])
     positions = q[None, :] - pad[:, None]
-    logits = model(tokens, positions, cache, mask[:, None], size)[:, -1]
+    logits = model(tokens, positions, cache, mask[:, None], size, last_only=True)[:, -1]
 
     params = SamplingParams(temperature=temperature, max_tokens=max_new)
     gens = [None] * b
