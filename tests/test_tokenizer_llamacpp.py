@@ -1,5 +1,5 @@
 """Our GGUF tokenizers give llama.cpp's ids (llama-cpp-python, vocab_only=True) on the real SmolLM2
-GGUF and llama.cpp's own vocab GGUFs (Llama SPM, Llama 3 BPE, GPT-2), for a multilingual set,
+GGUF and llama.cpp's own vocab GGUFs (Llama SPM, Llama 3 BPE, GPT-2, Qwen2), for a multilingual set,
 special-token strings with special=True/False, llama.cpp's own .inp/.out cases, and seeded random
 text; decode(encode(t)) == t; decode agrees with llama.cpp's detokenize."""
 
@@ -22,6 +22,7 @@ VOCAB_FILES = {  # name -> file in .cache/vocab (None = the SmolLM2 model GGUF)
     "llama-spm": "ggml-vocab-llama-spm.gguf",
     "llama-bpe": "ggml-vocab-llama-bpe.gguf",
     "gpt-2": "ggml-vocab-gpt-2.gguf",
+    "qwen2": "ggml-vocab-qwen2.gguf",  # Qwen2 / Qwen2.5 / Qwen3
     "gpt-2-no-pre": "gpt-2 vocab written without tokenizer.ggml.pre (llama.cpp's 'default')",
     "spm-user-defined": "a SentencePiece BPE trained here, with user-defined and control pieces",
 }
@@ -188,7 +189,7 @@ def _llamacpp_cases(vocab_dir, name):
 ALL = list(VOCAB_FILES)
 
 
-@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "gpt-2"])
+@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "gpt-2", "qwen2"])
 def test_llamacpp_inp_out_cases_give_the_expected_ids(pair, vocab_dir, name):
     ours, ref = pair(name)
     for text, expected in _llamacpp_cases(vocab_dir, VOCAB_FILES[name]):

@@ -4,7 +4,7 @@ llama-cpp-python has no CPU wheel on PyPI, so it is built from its source distri
 minutes on two cores). The wheel is cached in `.cache/wheels` (git-ignored) and in a per-user
 cache, so later runs and fresh clones on the same machine install it in seconds. The same source
 distribution also ships llama.cpp's vocabulary-only GGUFs (`models/ggml-vocab-*.gguf`), which the
-tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3 and GPT-2 vocabularies, and
+tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3, GPT-2 and Qwen2 vocabularies, and
 llama.cpp's own HF -> GGUF converter (`convert_hf_to_gguf.py` with its `conversion/` and `gguf-py/`
 packages), which the family tests use to make GGUF files we did not write.
 """
@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-VOCABS = ("llama-spm", "llama-bpe", "gpt-2")
+VOCABS = ("llama-spm", "llama-bpe", "gpt-2", "qwen2")
 
 
 def _pip(*args: str) -> None:

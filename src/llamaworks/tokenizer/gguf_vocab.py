@@ -24,6 +24,37 @@ _STOP_ID_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
                  "tokenizer.ggml.fim_pad_token_id", "tokenizer.ggml.fim_rep_token_id",
                  "tokenizer.ggml.fim_sep_token_id")
 
+# Token texts llama.cpp makes control tokens whatever type the GGUF gives them (llama-vocab.cpp's
+# "auto-detect special tokens by text"): per kind, the texts it looks for when the GGUF has no id
+# key for that kind (the end-of-generation list always applies). So e.g. Qwen2's plain "</s>"
+# (id 128247) is split out of the text as a special token.
+_CONTROL_BY_TEXT: tuple[tuple[str | None, tuple[str, ...]], ...] = (
+    ("tokenizer.ggml.eot_token_id", (
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+        "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
+        "<end_of_utterance>")),
+    ("tokenizer.ggml.eom_token_id", ("<|eom_id|>",)),
+    ("tokenizer.ggml.fim_pre_token_id", (
+        "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+        "<|code_prefix|>", "<|prefix|>")),
+    ("tokenizer.ggml.fim_suf_token_id", (
+        "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+        "<|code_suffix|>", "<|suffix|>")),
+    ("tokenizer.ggml.fim_mid_token_id", (
+        "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+        "<|code_middle|>", "<|middle|>")),
+    ("tokenizer.ggml.fim_pad_token_id", ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>",
+                                         "[PAD]")),
+    ("tokenizer.ggml.fim_rep_token_id", ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
+                                         "<reponame>")),
+    ("tokenizer.ggml.fim_sep_token_id", ("<|file_sep|>",)),
+    (None, (  # end of generation
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>",
+        "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>",
+        "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>",
+        "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[")),
+)
+
 
 def read_gguf_metadata(path_or_metadata: str | os.PathLike[str] | Mapping[str, Any]
                        ) -> Mapping[str, Any]:
@@ -78,6 +109,36 @@ def build_bpe_backend(tokens: Sequence[str], types: Sequence[int] | None,
     return tok
 
 
+def llamacpp_token_types(md: Mapping[str, Any], tokens: Sequence[str],
+                         types: Sequence[int] | None) -> list[int] | None:
+    """The GGUF token types as llama.cpp uses them: control-looking texts made control tokens
+    (`_CONTROL_BY_TEXT`), then its exceptions: o200k_harmony's / solar-open's "<|end|>" and the
+    gpt-oss channel tokens user-defined, and "</s>" normal next to Gemma 4's or PLaMo's
+    end-of-generation markers. (llama.cpp looks for the first text of a kind only; vocabularies
+    with two spellings of one kind are not reproduced.)"""
+    if types is None:
+        return None
+    out = list(types)
+    index = {t: i for i, t in enumerate(tokens)}
+    for key, texts in _CONTROL_BY_TEXT:
+        if key is not None and key in md:
+            continue
+        for text in texts:
+            i = index.get(text)
+            if i is not None and out[i] != spm.TYPE_CONTROL:
+                out[i] = spm.TYPE_CONTROL
+    have = set(index)
+    if "<|end|>" in have and have & {"<|call|>", "<|calls|>"} and have & {"<|return|>",
+                                                                        "<|flush|>"}:
+        out[index["<|end|>"]] = spm.TYPE_USER_DEFINED
+    if "</s>" in have and have & {"<|tool_response>", "<|plamo:eos|>"}:
+        out[index["</s>"]] = spm.TYPE_NORMAL
+    for text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+        if text in index:
+            out[index[text]] = spm.TYPE_USER_DEFINED
+    return out
+
+
 def _opt_id(md: Mapping[str, Any], key: str, default: int | None, n: int) -> int | None:
     v = md.get(key, default)
     if v is None:
@@ -95,7 +156,7 @@ def tokenizer_kwargs_from_gguf(md: Mapping[str, Any]) -> dict[str, Any]:
     if model is None or tokens is None:
         raise TokenizerError("the GGUF has no tokenizer (tokenizer.ggml.model / tokens missing); "
                              "pass a tokenizer.json or tokenizer.model with --tokenizer")
-    types = md.get("tokenizer.ggml.token_type")
+    types = llamacpp_token_types(md, tokens, md.get("tokenizer.ggml.token_type"))
     n = len(tokens)
     pre = md.get("tokenizer.ggml.pre")
     if model == "gpt2":
