@@ -5,6 +5,9 @@ gradients of one training step, and our saved checkpoint opened by transformers.
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -200,6 +203,19 @@ def test_gguf_made_by_llama_cpps_converter_loads_with_transformers_logits(case, 
                           "f32", "--outfile", str(out)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    # `llamaworks score` on the HF directory transformers saved (with its tokenizer)
+    text = "The quick brown fox jumps over the lazy dog."
+    score = subprocess.run([sys.executable, "-m", "llamaworks.cli", "score", "--model",
+                            str(tmp_path / "hf"), "--text", text, "--json"], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert score.returncode == 0, score.stderr[-2000:]
+    ids = torch.tensor([smollm_tokenizer.encode(text, bos=None)])
+    with torch.no_grad():
+        want_lp = torch.log_softmax(hf(ids).logits[0, :-1], -1).gather(
+            -1, ids[0, 1:, None]).sum().item()
+    got = json.loads(score.stdout)  # nll: each predicted token's negative log-likelihood
+    assert got["tokens"] == ids.shape[1] and len(got["nll"]) == ids.shape[1] - 1
+    assert abs(sum(got["nll"]) + want_lp) < 1e-4 * abs(want_lp), (got, want_lp)
     ours = load_model(out).model
     assert ours.config.family == {"qwen3": "qwen3", "gemma3": "gemma3_text"}.get(case, "llama")
     tokens = torch.randint(0, 49152, (2, SEQ), generator=torch.Generator().manual_seed(5))
@@ -282,3 +298,39 @@ def test_fused_decode_step_equals_the_per_op_forward(pair):
     fused, eager = run(True), run(False)
     assert fused.abs().max() > 1
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_each_family_merges_and_loads_in_peft_with_equal_logits(pair, tmp_path):
+    """LoRA over every projection of each family (Qwen2's biased q/k/v included): merging equals
+    the unmerged adapter, and PEFT loads what we save onto transformers' model with our logits."""
+    from peft import PeftModel
+
+    from llamaworks.posttrain.lora import (
+        LoraConfig,
+        LoRALinear,
+        apply_lora,
+        merge_lora,
+        save_adapter,
+    )
+
+    case, _, _, d = pair
+    base = load_model(d).model
+    cfg = LoraConfig(r=4, alpha=8)
+    model = apply_lora(load_model(d).model, cfg).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+    save_adapter(model, cfg, tmp_path / "ad", base_model=str(d))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    tokens = _tokens(seed=8)
+    with torch.no_grad():
+        unmerged = model(tokens)
+        ref = peft(tokens).logits
+        assert (unmerged - base(tokens)).abs().max() > 1e-3, case
+        merged = merge_lora(model)(tokens)
+    # float32 sums in another order, amplified by the wide weights: ~3e-5 on logits of ~10
+    torch.testing.assert_close(unmerged, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
