@@ -39,7 +39,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 # Test references: transformers (numerics) and llama.cpp (tokenization, speed), plus the
 # vocabulary-only GGUFs that llama.cpp ships in its source distribution.
-$(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/convert/.done pyproject.toml
+$(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/convert/.done \
+                        $(CACHE)/templates/.done pyproject.toml
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps $(GEMMA3_PARTS)
 	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \
@@ -56,6 +57,11 @@ $(CACHE)/vocab/.done: tools/llama_cpp_wheel.py | $(PY)
 # llama.cpp's own HF -> GGUF converter, from the same source distribution (the families' GGUF tests).
 $(CACHE)/convert/.done: | $(PY)
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --converter $(CACHE)/convert
+	touch $@
+
+# The models' own chat templates, from the same source distribution (the chat-format tests).
+$(CACHE)/templates/.done: | $(PY)
+	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --templates $(CACHE)/templates
 	touch $@
 
 lint: $(VENV)/.installed-test

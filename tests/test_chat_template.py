@@ -4,6 +4,8 @@ from the files `Tokenizer.save` writes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llamaworks.errors import TokenizerError
@@ -260,4 +262,98 @@ def test_jinja_environment_features_render_like_transformers(smollm, smollm_hf, 
     kwargs = dict(chat_template=template, tools=TOOLS, custom_var="x<y")
     ours = smollm.apply_chat_template(MULTI_TURN, **kwargs)
     theirs = smollm_hf.apply_chat_template(MULTI_TURN, tokenize=False, **kwargs)
+    assert ours == theirs
+
+
+# -- the models' own templates (llama.cpp ships them: models/templates/*.jinja) ------------------
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / ".cache" / "templates"
+# The special-token strings each model's tokenizer_config.json gives its template.
+REAL_TEMPLATES = {
+    "Qwen-Qwen2.5-7B-Instruct": {"eos_token": "<|im_end|>"},
+    "Qwen-Qwen3-0.6B": {"eos_token": "<|im_end|>"},
+    "mistralai-Mistral-Nemo-Instruct-2407": {"bos_token": "<s>", "eos_token": "</s>"},
+    "Mistral-Small-3.2-24B-Instruct-2506": {"bos_token": "<s>", "eos_token": "</s>"},
+    "meta-llama-Llama-3.1-8B-Instruct": {"bos_token": "<|begin_of_text|>",
+                                         "eos_token": "<|eot_id|>"},
+    "meta-llama-Llama-3.2-3B-Instruct": {"bos_token": "<|begin_of_text|>",
+                                         "eos_token": "<|eot_id|>"},
+    "google-gemma-2-2b-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
+}
+
+
+def real_template(name: str) -> str:
+    path = TEMPLATES_DIR / f"{name}.jinja"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make test` (it extracts llama.cpp's "
+                    "models/templates/ from the llama-cpp-python source distribution)")
+    return path.read_text()
+
+
+def _tool_call(cid: str, name: str, args: dict) -> dict:
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+# Mistral's templates want 9-character alphanumeric call ids; Qwen3's wants assistant content.
+TOOL_ROUND_TRIP = [
+    {"role": "system", "content": "Use tools when needed."},
+    {"role": "user", "content": "Weather in Zürich?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        _tool_call("aB3dE6gH9", "get_weather", {"city": "Zürich", "unit": "celsius"})]},
+    {"role": "tool", "tool_call_id": "aB3dE6gH9", "content": '{"temperature": 21.5}'},
+    {"role": "assistant", "content": "21.5 °C."},
+    {"role": "user", "content": "And in Paris and Oslo?"},
+]
+PARALLEL_CALLS = [
+    {"role": "user", "content": "Paris and Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        _tool_call("call00001", "get_weather", {"city": "Paris"}),
+        _tool_call("call00002", "get_weather", {"city": "Oslo"})]},
+    {"role": "tool", "tool_call_id": "call00001", "content": "18"},
+    {"role": "tool", "tool_call_id": "call00002", "content": "9"},
+]
+REAL_CHATS = {"system": MULTI_TURN[:2] + [{"role": "assistant", "content": "4"}] + MULTI_TURN[3:],
+              "no_system": USER_FIRST, "tool_calls": TOOL_ROUND_TRIP, "parallel": PARALLEL_CALLS}
+# What the templates themselves refuse (raise_exception): transformers and we must both refuse.
+REFUSED = {("google-gemma-2-2b-it", c) for c in ("system", "tool_calls", "parallel")} | {
+    (f"meta-llama-Llama-3.{v}", "parallel") for v in ("1-8B-Instruct", "2-3B-Instruct")}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_file(smollm, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("real_templates")
+    smollm.save(folder)
+    return str(folder / "tokenizer.json")
+
+
+def _outcome(fn) -> tuple[str, str]:
+    try:
+        return "ok", fn()
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError / our TokenizerError
+        return "refused", str(e).removeprefix("the chat template refused these messages: ")
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("chat", list(REAL_CHATS))
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no_tools", "tools"])
+@pytest.mark.parametrize("name", list(REAL_TEMPLATES))
+def test_real_model_templates_render_like_transformers(hf_tokenizer_file, name, tools, chat,
+                                                       add_generation_prompt):
+    """The models' own templates (Qwen2.5, Qwen3, Mistral Nemo, Mistral Small 3.2, Llama 3.1 and
+    3.2, Gemma 2) render system prompts, multi-turn chats, tool schemas, assistant tool calls and
+    tool results exactly as transformers' apply_chat_template(tokenize=False); conversations a
+    template refuses are refused by both with the template's message."""
+    from transformers import PreTrainedTokenizerFast
+
+    from llamaworks.tokenizer.chat import render_chat
+
+    template, special = real_template(name), REAL_TEMPLATES[name]
+    hf = PreTrainedTokenizerFast(tokenizer_file=hf_tokenizer_file, **special)
+    hf.chat_template = template
+    messages = REAL_CHATS[chat]
+    theirs = _outcome(lambda: hf.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False))
+    ours = _outcome(lambda: render_chat(template, messages, tools=tools,
+                                        add_generation_prompt=add_generation_prompt,
+                                        special_tokens=hf.special_tokens_map))
+    assert theirs[0] == ("refused" if (name, chat) in REFUSED else "ok"), theirs
     assert ours == theirs

@@ -6,7 +6,8 @@ cache, so later runs and fresh clones on the same machine install it in seconds.
 distribution also ships llama.cpp's vocabulary-only GGUFs (`models/ggml-vocab-*.gguf`), which the
 tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3, GPT-2 and Qwen2 vocabularies, and
 llama.cpp's own HF -> GGUF converter (`convert_hf_to_gguf.py` with its `conversion/` and `gguf-py/`
-packages), which the family tests use to make GGUF files we did not write.
+packages), which the family tests use to make GGUF files we did not write, and the models' own
+chat templates (`models/templates/*.jinja`, those in TEMPLATES), which the chat-format tests render.
 """
 
 from __future__ import annotations
@@ -93,6 +94,32 @@ def extract_converter(sdist: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+# The models' own chat templates (as published with their tokenizers) that the chat tests use.
+TEMPLATES = ("Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "mistralai-Mistral-Nemo-Instruct-2407",
+             "Mistral-Small-3.2-24B-Instruct-2506", "meta-llama-Llama-3.1-8B-Instruct",
+             "meta-llama-Llama-3.2-3B-Instruct", "google-gemma-2-2b-it")
+
+
+def extract_templates(sdist: Path, out: Path) -> None:
+    """The TEMPLATES' `.jinja` files from vendor/llama.cpp/models/templates/ into `out` (each
+    written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = {t + ".jinja" for t in TEMPLATES}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            base = os.path.basename(member.name)
+            if member.isfile() and base in wanted and \
+                    "/vendor/llama.cpp/models/templates/" in member.name:
+                src = tar.extractfile(member)
+                assert src is not None
+                with open(out / (base + ".tmp"), "wb") as f:
+                    shutil.copyfileobj(src, f)
+                os.replace(out / (base + ".tmp"), out / base)
+                wanted.discard(base)
+    if wanted:
+        sys.exit(f"error: {sdist} lacks chat templates: {sorted(wanted)}")
+
+
 def find_wheel(version: str, dirs: list[Path], folder: str = "wheels") -> Path | None:
     for d in dirs:
         hits = sorted(glob.glob(str(d / folder / f"llama_cpp_python-{version}-*.whl")))
@@ -148,6 +175,8 @@ def main() -> None:
     ap.add_argument("--vocab-only", action="store_true", help="only extract the vocab GGUFs")
     ap.add_argument("--converter", type=Path, default=None, metavar="DIR",
                     help="only extract llama.cpp's convert_hf_to_gguf.py (and its packages) to DIR")
+    ap.add_argument("--templates", type=Path, default=None, metavar="DIR",
+                    help="only extract the chat templates in TEMPLATES (models/templates/) to DIR")
     ap.add_argument("--install", action="store_true", help="build if needed, then install")
     ap.add_argument("--avx2-lib", type=Path, default=None, metavar="DIR",
                     help="build (if needed) a llama.cpp without AVX-512 and put its shared "
@@ -169,6 +198,9 @@ def main() -> None:
     if a.converter:
         a.converter.parent.mkdir(parents=True, exist_ok=True)
         extract_converter(find_sdist(a.version, dirs), a.converter)
+        return
+    if a.templates:
+        extract_templates(find_sdist(a.version, dirs), a.templates)
         return
     if a.vocab_only:
         if not all((a.cache / "vocab" / f"ggml-vocab-{v}.gguf").exists() for v in VOCABS):
