@@ -2,18 +2,21 @@
 """Chat formats with tools render exactly as public reference templates do in transformers.
 
 Test data: Qwen2.5-Instruct's chat template (Hermes-style tool calls; Apache-2.0), Meta's
-Llama-3.1-Instruct and Meta-Llama-3-Instruct templates, and SmolLM2's own (from its GGUF)."""
+Llama-3.1-Instruct and Meta-Llama-3-Instruct templates, and SmolLM2's own (from its GGUF); and the
+models' own templates that llama.cpp ships (Qwen2.5, Qwen3, Llama 3.1/3.2, Mistral Nemo and Small
+3.2; extracted by `make test` into .cache/templates)."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from llamaworks.tools.formats import assistant_spans, detect_format, render
-from llamaworks.tools.parse import parse_tool_calls
+from llamaworks.tools.formats import assistant_spans, detect_format, mistral_call_id, render
+from llamaworks.tools.parse import ToolCallStreamer, parse_tool_calls
 
 QWEN25_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -422,3 +425,154 @@ def test_assistant_spans_on_llama31_cover_the_json_call_and_eot(smollm_tokenizer
     assert [text[a:b] for a, b in spans] == [
         '{"name": "calculator", "parameters": {"expression": "17*23"}}<|eot_id|>',
         "391.<|eot_id|>"]
+
+
+# -- the models' own templates (llama.cpp ships them: models/templates/*.jinja) -------------------
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / ".cache" / "templates"
+NEMO, SMALL32 = "mistralai-Mistral-Nemo-Instruct-2407", "Mistral-Small-3.2-24B-Instruct-2506"
+
+
+def real_template(name: str) -> str:
+    path = TEMPLATES_DIR / f"{name}.jinja"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make test` (it extracts llama.cpp's "
+                    "models/templates/ from the llama-cpp-python source distribution)")
+    return path.read_text()
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(vocab_dir):
+    """Llama's SentencePiece vocabulary (Mistral-7B's too): `<s>` and `</s>` as Mistral's."""
+    from llamaworks.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+
+
+@pytest.mark.parametrize("name,fmt", [
+    ("Qwen-Qwen2.5-7B-Instruct", "chatml"), ("Qwen-Qwen3-0.6B", "chatml"),
+    ("meta-llama-Llama-3.1-8B-Instruct", "llama3"), ("meta-llama-Llama-3.2-3B-Instruct", "llama3"),
+    (NEMO, "mistral"), (SMALL32, "mistral")])
+def test_detect_format_on_the_models_own_templates(smollm_tokenizer, name, fmt):
+    assert detect_format(_with_template(smollm_tokenizer, real_template(name))) == fmt
+
+
+# OpenAI wire format: call ids of any shape, arguments as JSON strings, content None on calls.
+PARALLEL_CHAT = [
+    {"role": "user", "content": "What is 17*23, and the weather in Zürich?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        _call("call_9f8e7d6c5b4a39281706f5e4", "calculator", {"expression": "17*23"}),
+        _call("c2", "get_weather", {"city": "Zürich"})]},
+    {"role": "tool", "tool_call_id": "call_9f8e7d6c5b4a39281706f5e4", "content": "391"},
+    {"role": "tool", "tool_call_id": "c2", "content": "{\"temp_c\": 21}"},
+    {"role": "assistant", "content": "391, and 21 °C."},
+    {"role": "user", "content": "And 2**10?"},
+]
+
+
+def _emitted(template: str, tok, messages: list[dict], i: int, eos: str) -> str:
+    """What the model generates for assistant turn `i`, by the template itself (transformers):
+    the rendering up to turn i minus the prompt before it, without the end-of-turn token."""
+    prompt = _hf(template, tok, messages[:i], TOOLS, add_generation_prompt=True)
+    full = _hf(template, tok, messages[:i + 1], TOOLS)
+    assert full.startswith(prompt)
+    return full[len(prompt):].removesuffix(eos)
+
+
+def _with_calls(messages: list[dict], i: int, calls) -> list[dict]:
+    """Turn i replaced by an assistant message carrying the parsed calls (as a server returns
+    them), tool results answering them in order."""
+    out = copy.deepcopy(messages)
+    out[i] = {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in calls]}
+    results = [m for m in out[i + 1:] if m["role"] == "tool"]
+    for m, c in zip(results, calls, strict=False):
+        m["tool_call_id"] = c.id
+    return out
+
+
+@pytest.mark.parametrize("name", ["Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B"])
+def test_qwen_templates_use_hermes_calls_that_round_trip(smollm_tokenizer, name):
+    """Qwen2.5/Qwen3 render tools through their own template (as transformers does); the calls
+    they render parse as chatml and render back to the same text, whole and streamed."""
+    template = real_template(name)
+    tok = _with_template(smollm_tokenizer, template)
+    chat = [dict(m, content=m["content"] or "") for m in PARALLEL_CHAT]  # Qwen3 reads .content
+    for gen in (False, True):
+        assert render(tok, chat, TOOLS, add_generation_prompt=gen) == \
+            _hf(template, tok, _dict_args(chat), TOOLS, gen)
+    emitted = _emitted(template, tok, _dict_args(chat), 1, "<|im_end|>\n")
+    res = parse_tool_calls(emitted, "chatml")
+    assert ([(c.name, c.arguments) for c in res.calls], res.errors) == (
+        [("calculator", {"expression": "17*23"}), ("get_weather", {"city": "Zürich"})], [])
+    back = _with_calls(chat, 1, res.calls)
+    back[1]["content"] = ""
+    assert render(tok, back, TOOLS) == _hf(template, tok, _dict_args(chat), TOOLS)
+    streamer = ToolCallStreamer("chatml")  # Qwen3's reply opens with an empty think block
+    assert "".join(streamer.feed(ch) for ch in emitted).strip() == res.content == (
+        "<think>\n\n</think>" if "Qwen3" in name else "")
+    assert [(c.name, c.arguments) for c in streamer.finish().calls] == \
+        [(c.name, c.arguments) for c in res.calls]
+
+
+@pytest.mark.parametrize("name", [NEMO, SMALL32])
+def test_mistral_templates_render_openai_conversations(spm_tokenizer, name):
+    """Mistral's templates refuse call ids that are not 9 alphanumeric characters; render maps
+    OpenAI's ids so that a call and its result agree, and is otherwise the template's own
+    rendering in transformers (tools, calls, results, generation prompt)."""
+    template = real_template(name)
+    tok = _with_template(spm_tokenizer, template)
+    with pytest.raises(Exception, match="length 9"):
+        _hf(template, tok, _dict_args(PARALLEL_CHAT), TOOLS)
+    want = _dict_args(PARALLEL_CHAT)
+    for m in want:
+        for c in m.get("tool_calls") or []:
+            c["id"] = mistral_call_id(c["id"])
+        if m["role"] == "tool":
+            m["tool_call_id"] = mistral_call_id(m["tool_call_id"])
+    assert [c["id"] for c in want[1]["tool_calls"]] == [want[2]["tool_call_id"],
+                                                      want[3]["tool_call_id"]]
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in want[1]["tool_calls"])
+    for gen in (False, True):
+        text = render(tok, PARALLEL_CHAT, TOOLS, add_generation_prompt=gen)
+        assert text == _hf(template, tok, want, TOOLS, gen)
+        assert "[AVAILABLE_TOOLS]" in text and "[TOOL_CALLS]" in text and "[TOOL_RESULTS]" in text
+
+
+@pytest.mark.parametrize("name", [NEMO, SMALL32])
+def test_mistral_tool_calls_round_trip_through_the_template(spm_tokenizer, name):
+    """What the template renders for an assistant's calls (Nemo: `[TOOL_CALLS][{...}, {...}]`,
+    Small 3.2: `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}` per call) parses as mistral, whole and
+    streamed, and the parsed calls (with their ids) render back to the same text, results too."""
+    template = real_template(name)
+    tok = _with_template(spm_tokenizer, template)
+    chat = copy.deepcopy(PARALLEL_CHAT)
+    for m in chat:  # ids the templates accept, as a Mistral model writes them
+        for c in m.get("tool_calls") or []:
+            c["id"] = mistral_call_id(c["id"])
+        if m["role"] == "tool":
+            m["tool_call_id"] = mistral_call_id(m["tool_call_id"])
+    emitted = _emitted(template, tok, _dict_args(chat), 1, "</s>")
+    assert emitted.startswith("[TOOL_CALLS]")
+    res = parse_tool_calls(emitted, "mistral")
+    assert ([(c.id, c.name, c.arguments) for c in res.calls], res.content, res.errors) == (
+        [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+         for c in chat[1]["tool_calls"]], "", [])
+    assert render(tok, _with_calls(chat, 1, res.calls), TOOLS) == \
+        _hf(template, tok, _dict_args(chat), TOOLS)
+    streamer = ToolCallStreamer("mistral")
+    assert "".join(streamer.feed(ch) for ch in "On it. " + emitted) == "On it. "
+    final = streamer.finish()
+    assert [(c.id, c.name, c.arguments) for c in final.calls] == \
+        [(c.id, c.name, c.arguments) for c in res.calls]
+    assert final.content == "On it." and streamer.remaining_content(final) == ""
+
+
+def test_canonical_mistral_template_is_nemos_own(smollm_tokenizer, spm_tokenizer):
+    """fmt="mistral" on a model without a Mistral template renders with Nemo's, verbatim."""
+    from llamaworks.tools.formats import MISTRAL_TEMPLATE
+
+    assert MISTRAL_TEMPLATE == real_template(NEMO)
+    chat = SINGLE_CALL_CHAT[1:]
+    want = _dict_args(chat)
+    want[1]["tool_calls"][0]["id"] = want[2]["tool_call_id"] = mistral_call_id("c1")
+    assert render(spm_tokenizer, chat, TOOLS, fmt="mistral") == \
+        _hf(real_template(NEMO), spm_tokenizer, want, TOOLS)

@@ -121,3 +121,58 @@ def test_llama3_streamer_holds_a_json_reply():
     assert _calls(res) == [("f", {})] and s.remaining_content(res) == ""
     plain = ToolCallStreamer("llama3")
     assert plain.feed("Hello") == "Hello"
+
+
+# Mistral's calls as the models' own templates render them (llama.cpp's models/templates/):
+# Nemo's JSON list with 9-character ids, Small 3.2's name[CALL_ID]id[ARGS]{...}, and the
+# [ARGS]-only form of Devstral / Ministral 3.
+NEMO_CALLS = ('[TOOL_CALLS][{"name": "calculator", "arguments": {"expression": "17*23"}, "id": '
+              '"aB3dE6gH9"}, {"name": "get_weather", "arguments": {"city": "Zürich"}, "id": '
+              '"Zz0Yy1Xx2"}]')
+SMALL32_CALLS = ('[TOOL_CALLS]calculator[CALL_ID]aB3dE6gH9[ARGS]{"expression": "17*23"}'
+                 '[TOOL_CALLS]get_weather[CALL_ID]Zz0Yy1Xx2[ARGS]{"city": "Zürich"}')
+BOTH = [("calculator", {"expression": "17*23"}), ("get_weather", {"city": "Zürich"})]
+
+
+@pytest.mark.parametrize("text", [NEMO_CALLS, SMALL32_CALLS])
+def test_mistral_calls_keep_the_ids_the_model_wrote(text):
+    res = parse_tool_calls(text, "mistral")
+    assert (_calls(res), res.content, res.errors) == (BOTH, "", [])
+    assert [c.id for c in res.calls] == ["aB3dE6gH9", "Zz0Yy1Xx2"]
+
+
+def test_mistral_args_only_calls_get_nine_character_ids():
+    res = parse_tool_calls('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich"}',
+                           "mistral")
+    assert (_calls(res), res.content, res.errors) == ([BOTH[1]], "Checking.", [])
+    assert len(res.calls[0].id) == 9 and res.calls[0].id.isalnum()
+    assert parse_tool_calls("[TOOL_CALLS]", "mistral").errors  # nothing after the marker
+
+
+@pytest.mark.parametrize("text,why,n_calls", [
+    (NEMO_CALLS[:60], "unterminated", 0),
+    (SMALL32_CALLS[:-8], "unterminated", 1),
+    ("[TOOL_CALLS]get_weath", "unterminated", 0),
+    ('[TOOL_CALLS][{"arguments": {}}]', "no \"name\"", 0),
+    ("[TOOL_CALLS]f[ARGS]{nope}", "not valid JSON", 0),
+])
+def test_mistral_bad_calls_are_errors(text, why, n_calls):
+    res = parse_tool_calls(text, "mistral")
+    assert len(res.calls) == n_calls and why in res.errors[0]
+
+
+@pytest.mark.parametrize("text", [NEMO_CALLS, SMALL32_CALLS])
+def test_mistral_streamer_char_by_char_never_leaks_a_call(text):
+    s = ToolCallStreamer("mistral")
+    shown = "".join(s.feed(ch) for ch in "Let me see. " + text)
+    assert shown == "Let me see. "
+    res = s.finish()
+    assert _calls(res) == BOTH and s.remaining_content(res) == ""
+
+
+def test_mistral_streamer_holds_back_only_a_possible_marker_prefix():
+    s = ToolCallStreamer("mistral")
+    assert s.feed("a [b] and [TOOL") == "a [b] and "
+    assert s.feed("S] is not a call <tool_call>") == "[TOOLS] is not a call <tool_call>"
+    res = s.finish()
+    assert res.calls == [] and s.remaining_content(res) == ""

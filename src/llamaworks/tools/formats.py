@@ -1,4 +1,5 @@
-"""Chat formats with tools: ChatML (Hermes/Qwen2.5 tool calls), Llama-3.1 JSON calls, Llama-2.
+"""Chat formats with tools: ChatML (Hermes/Qwen2.5 tool calls), Llama-3.1 JSON calls, Llama-2,
+Mistral (`[TOOL_CALLS]`).
 
 `render` turns OpenAI-format messages (roles system/user/assistant/tool; assistant `tool_calls`;
 tool `tool_call_id` + `content`) into the prompt text a model expects:
@@ -22,7 +23,13 @@ tool `tool_call_id` + `content`) into the prompt text a model expects:
   * llama2: no official convention exists, so Hermes tags inside `[INST]`: schemas appended to the
     `<<SYS>>` system prompt, calls as `<tool_call>` blocks, results as a user turn of
     `<tool_response>` blocks.
-- A tokenizer without a template uses the format's canonical template (`CANONICAL_TEMPLATES`).
+- mistral: the model's own template always renders the tools (Mistral's templates all handle
+  them: `[AVAILABLE_TOOLS]` before the last user turn, calls after `[TOOL_CALLS]`, results in
+  `[TOOL_RESULTS]`). Those templates refuse call ids that are not 9 alphanumeric characters, so
+  other ids (OpenAI's `call_...`, ours) are mapped to 9-character ones (`mistral_call_id`), the
+  same in the assistant's `tool_calls` and the tool result's `tool_call_id`.
+- A tokenizer without a template uses the format's canonical template (`CANONICAL_TEMPLATES`;
+  for mistral that is Mistral-Nemo-Instruct-2407's own, verbatim).
 
 `assistant_spans` gives the character spans the assistant produces (for assistant-only SFT loss).
 """
@@ -30,6 +37,7 @@ tool `tool_call_id` + `content`) into the prompt text a model expects:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -38,7 +46,7 @@ from typing import Any
 from llamaworks.errors import LlamaworksError
 from llamaworks.tokenizer.train import CHATML_TEMPLATE  # the one our trained tokenizers ship
 
-FORMATS = ("chatml", "llama3", "llama2")
+FORMATS = ("chatml", "llama3", "llama2", "mistral")
 
 # Meta's Llama-2 chat template (as shipped in meta-llama/Llama-2-7b-chat-hf).
 LLAMA2_TEMPLATE = (
@@ -63,8 +71,99 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{% endif %}")
 
+# Mistral-Nemo-Instruct-2407's chat template, verbatim (Apache-2.0): `[TOOL_CALLS]` + a JSON list
+# of {"name", "arguments", "id"}; results as `[TOOL_RESULTS]{"content": ..., "call_id": ...}`.
+MISTRAL_TEMPLATE = r"""{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+
+{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
+{%- set ns = namespace() %}
+{%- set ns.index = 0 %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and message.tool_calls is not none)) %}
+        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS][" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ", " }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- else %}
+                    {{- "]" }}
+                {%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+            {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST]" + system_message + "\n\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST]" + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif (message.tool_calls is defined and message.tool_calls is not none) %}
+        {{- "[TOOL_CALLS][" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ", " }}
+            {%- else %}
+                {{- "]" + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- message["content"] + eos_token}}
+    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}
+        {%- if message.content is defined and message.content.content is defined %}
+            {%- set content = message.content.content %}
+        {%- else %}
+            {%- set content = message.content %}
+        {%- endif %}
+        {{- '[TOOL_RESULTS]{"content": ' + content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""  # noqa: E501 - verbatim
+
 CANONICAL_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE,
-                       "llama2": LLAMA2_TEMPLATE}
+                       "llama2": LLAMA2_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
 
 # End-of-turn markers an assistant span ends with (the model generates them; loss includes them).
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "</s>", "<|end_of_text|>",
@@ -116,12 +215,16 @@ def template_handles_tools(template: str | None) -> bool:
 
 
 def detect_format(tokenizer: Any) -> str:
-    """"chatml", "llama3" or "llama2", from the chat template text, else the special tokens."""
+    """"chatml", "llama3", "llama2" or "mistral", from the chat template text, else the special
+    tokens. Mistral's templates are `[INST]` ones that also write `[TOOL_CALLS]` or
+    `[AVAILABLE_TOOLS]` (Mistral-7B-v0.3, Nemo, Small 3.x); older `[INST]` ones are llama2."""
     t = getattr(tokenizer, "chat_template", None) or ""
     if "<|start_header_id|>" in t or "<|eot_id|>" in t:
         return "llama3"
     if "<|im_start|>" in t:
         return "chatml"
+    if "[TOOL_CALLS]" in t or "[AVAILABLE_TOOLS]" in t:
+        return "mistral"
     if "[INST]" in t:
         return "llama2"
     to_id = getattr(tokenizer, "token_to_id", None)
@@ -130,6 +233,8 @@ def detect_format(tokenizer: Any) -> str:
             return "llama3"
         if to_id("<|im_start|>") is not None:
             return "chatml"
+        if to_id("[TOOL_CALLS]") is not None:
+            return "mistral"
         bos_id = getattr(tokenizer, "bos_id", None)
         if bos_id is not None and tokenizer.id_to_token(bos_id) == "<s>":
             return "llama2"
@@ -287,6 +392,29 @@ def _compose_llama3(messages: list[dict], tools: list[dict] | None) -> list[dict
     return msgs
 
 
+_MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
+
+
+def mistral_call_id(call_id: Any) -> str:
+    """A call id Mistral's templates accept (9 alphanumeric characters): `call_id` itself when it
+    is one, else the first 9 hex digits of its SHA-256 (stable, so a call and its result agree)."""
+    if isinstance(call_id, str) and _MISTRAL_ID.fullmatch(call_id):
+        return call_id
+    return hashlib.sha256(str(call_id).encode()).hexdigest()[:9]
+
+
+def _mistral_ids(messages: list[dict]) -> list[dict]:
+    """Call ids (assistant `tool_calls[].id`, tool `tool_call_id`) mapped by `mistral_call_id`.
+    Missing ones stay missing: the template refuses them with its own message."""
+    for m in messages:
+        for c in m.get("tool_calls") or []:
+            if c.get("id") is not None:
+                c["id"] = mistral_call_id(c["id"])
+        if m.get("tool_call_id") is not None:
+            m["tool_call_id"] = mistral_call_id(m["tool_call_id"])
+    return messages
+
+
 # -- public API ---------------------------------------------------------------------------------
 def _template_for(tokenizer: Any, fmt: str | None) -> tuple[str, str]:
     detected = detect_format(tokenizer)
@@ -307,6 +435,10 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = N
     fmt, template = _template_for(tokenizer, fmt)
     schemas = tool_schemas(tools)
     msgs = _normalize(messages)
+    if fmt == "mistral" and _uses_tools(msgs, schemas):
+        msgs = _mistral_ids(msgs)
+        if not template_handles_tools(template):
+            template = MISTRAL_TEMPLATE
     if not _uses_tools(msgs, schemas) or template_handles_tools(template):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
                                              tools=schemas, chat_template=template)

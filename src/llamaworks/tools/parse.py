@@ -6,6 +6,12 @@ Formats (see `tools.formats`):
 - "llama3": Llama-3.1 JSON calls, the whole reply being `{"name": ..., "parameters": {...}}`
   (optionally after `<|python_tag|>`; several calls separated by `;` or newlines). Hermes blocks
   are recognised too.
+- "mistral": everything from the first `[TOOL_CALLS]` on is calls, in either of Mistral's forms:
+  Nemo's (and Mistral-7B-v0.3's) JSON list `[TOOL_CALLS][{"name": ..., "arguments": {...},
+  "id": "abcDEF123"}, ...]`, or the newer `[TOOL_CALLS]name[ARGS]{...}` per call (Devstral,
+  Ministral 3), with `[CALL_ID]id` before `[ARGS]` in Mistral Small 3.2's template. A call keeps
+  the id the model wrote (so rendering it back through the template gives the same text); a call
+  without one gets a fresh 9-character id, the only kind Mistral's templates accept.
 
 Never raises on model output: malformed JSON, a missing name, non-object arguments and an
 unterminated block (a generation cut off mid-call) are reported in `ParseResult.errors`. An
@@ -22,6 +28,8 @@ from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+TOOL_CALLS, CALL_ID, ARGS = "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"
+FORMATS = ("chatml", "llama3", "llama2", "mistral")  # as tools.formats.FORMATS
 
 
 def new_call_id() -> str:
@@ -162,6 +170,75 @@ def _parse_llama3(text: str) -> ParseResult:
     return ParseResult("", calls, errors)
 
 
+def _mistral_id(obj: Any) -> str:
+    cid = obj.get("id") if isinstance(obj, dict) else None
+    return cid if isinstance(cid, str) and cid else uuid.uuid4().hex[:9]
+
+
+def _mistral_list(text: str, pos: int, calls: list[ToolCall], errors: list[str]) -> int:
+    """Nemo's `[{"name", "arguments", "id"}, ...]` at `pos`; returns where it ends."""
+    try:
+        items, end = json.JSONDecoder().raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        kind = "unterminated" if _is_truncated(text[pos:]) else "not valid JSON"
+        errors.append(f"tool call list is {kind} ({e.msg}): {_short(text[pos:])!r}")
+        return len(text)
+    for obj in items if isinstance(items, list) else [items]:
+        call = _call_from_obj(obj, errors, json.dumps(obj, ensure_ascii=False))
+        if call is not None:
+            call.id = _mistral_id(obj)
+            calls.append(call)
+    return end
+
+
+def _mistral_named(text: str, pos: int, calls: list[ToolCall], errors: list[str]) -> int:
+    """`name[CALL_ID]id[ARGS]{...}` (the `[CALL_ID]` part optional) at `pos`; returns its end."""
+    at = text.find(ARGS, pos)
+    if at < 0:
+        errors.append(f"unterminated tool call (no {ARGS}; generation cut off?): "
+                      f"{_short(text[pos:])!r}")
+        return len(text)
+    name, _, cid = text[pos:at].partition(CALL_ID)
+    start = at + len(ARGS)
+    while start < len(text) and text[start] in " \t\r\n":
+        start += 1
+    try:
+        args, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as e:
+        kind = "unterminated" if _is_truncated(text[start:]) else "not valid JSON"
+        errors.append(f"tool call {name.strip()!r}: arguments are {kind} ({e.msg}): "
+                      f"{_short(text[start:])!r}")
+        return len(text)
+    obj = {"name": name.strip(), "arguments": args, "id": cid.strip()}
+    call = _call_from_obj(obj, errors, text[pos:end])
+    if call is not None:
+        call.id = _mistral_id(obj)
+        calls.append(call)
+    return end
+
+
+def _parse_mistral(text: str) -> ParseResult:
+    first = text.find(TOOL_CALLS)
+    if first < 0:
+        return ParseResult(text.strip())
+    calls: list[ToolCall] = []
+    errors: list[str] = []
+    pos = first
+    while text.startswith(TOOL_CALLS, pos):
+        pos += len(TOOL_CALLS)
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos == len(text):
+            errors.append(f"unterminated tool call: nothing after {TOOL_CALLS}")
+        elif text[pos] == "[":
+            pos = _mistral_list(text, pos, calls, errors)
+        else:
+            pos = _mistral_named(text, pos, calls, errors)
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+    return ParseResult((text[:first] + text[pos:]).strip(), calls, errors)
+
+
 def _is_truncated(text: str) -> bool:
     """True when JSON text ends inside a string or with brackets still open (cut off)."""
     depth, in_str, esc = 0, False, False
@@ -181,22 +258,26 @@ def parse_tool_calls(text: str, fmt: str = "chatml") -> ParseResult:
     """Split generated text into content and tool calls for chat format `fmt`; never raises."""
     if fmt == "llama3":
         return _parse_llama3(text)
-    if fmt not in ("chatml", "llama2"):
-        raise ValueError(f"unknown chat format {fmt!r}; use chatml, llama3 or llama2")
+    if fmt == "mistral":
+        return _parse_mistral(text)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown chat format {fmt!r}; use one of {', '.join(FORMATS)}")
     return _parse_hermes(text)
 
 
 class ToolCallStreamer:
     """Incremental parsing for streaming: `feed(delta)` returns the text that is safe to show as
-    content now (it holds back anything that may be the start of a tool call), `finish()` parses
-    everything fed. After a call starts nothing more is released; `finish().content` then holds
-    the whole content, of which `emitted` (what `feed` released) is a prefix once both are
-    stripped, so a server sends `remaining_content(result)` as a last content delta."""
+    content now (it holds back anything that may be the start of a tool call: `<tool_call>`, or
+    `[TOOL_CALLS]` for mistral), `finish()` parses everything fed. After a call starts nothing
+    more is released; `finish().content` then holds the whole content, of which `emitted` (what
+    `feed` released) is a prefix once both are stripped, so a server sends
+    `remaining_content(result)` as a last content delta."""
 
     def __init__(self, fmt: str = "chatml") -> None:
-        if fmt not in ("chatml", "llama3", "llama2"):
-            raise ValueError(f"unknown chat format {fmt!r}; use chatml, llama3 or llama2")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown chat format {fmt!r}; use one of {', '.join(FORMATS)}")
         self.fmt = fmt
+        self.marker = TOOL_CALLS if fmt == "mistral" else OPEN
         self.text = ""
         self.emitted = ""
         self.in_call = False
@@ -211,13 +292,14 @@ class ToolCallStreamer:
                 return 0
             if not head or PYTHON_TAG.startswith(head):
                 return 0  # only whitespace, or maybe the start of <|python_tag|>
-        i = text.find(OPEN, len(self.emitted))
+        marker = self.marker
+        i = text.find(marker, len(self.emitted))
         if i >= 0:
             self.in_call = True
             return i
-        # hold back a suffix that is a proper prefix of "<tool_call>"
-        for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
-            if OPEN.startswith(text[-k:]):
+        # hold back a suffix that is a proper prefix of the marker ("<tool_call>", "[TOOL_CALLS]")
+        for k in range(min(len(marker) - 1, len(text)), 0, -1):
+            if marker.startswith(text[-k:]):
                 return len(text) - k
         return len(text)
 
