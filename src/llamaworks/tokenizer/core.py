@@ -1,7 +1,8 @@
 """`Tokenizer`: one wrapper over an HF `tokenizers.Tokenizer`, whatever the source.
 
 Sources: a GGUF's vocabulary (byte-level BPE or SentencePiece, matching llama.cpp id for id), a
-`tokenizer.json`, a SentencePiece `tokenizer.model`, or a model directory holding one of those.
+`tokenizer.json`, a `tokenizer.model` (SentencePiece, or Meta's Llama 3 tiktoken ranks), or a model
+directory holding one of those.
 BOS/EOS are added here (not by the backend's post-processor) so the flags mean the same for every
 source; `save` writes files that `transformers.AutoTokenizer` loads with identical ids.
 """
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from llamaworks.errors import TokenizerError
-from llamaworks.tokenizer import chat, gguf_vocab, hf_files, spm
+from llamaworks.tokenizer import chat, gguf_vocab, hf_files, spm, tiktoken_bpe
 
 if TYPE_CHECKING:
     from llamaworks.tokenizer.stream import StreamDecoder
@@ -101,6 +102,9 @@ class Tokenizer:
         """From a SentencePiece BPE `tokenizer.model` (Llama 1/2), plus a sibling
         `tokenizer_config.json` if present. Tokenizes like llama.cpp's SPM vocabulary."""
         p = Path(path)
+        if tiktoken_bpe.is_tiktoken_file(p):
+            raise TokenizerError(f"{p}: a tiktoken file (Llama 3), not SentencePiece; load it "
+                                 "with Tokenizer.from_tiktoken or Tokenizer.load")
         info = spm.read_sentencepiece(p)
         backend = spm.build_spm_backend(info["pieces"], info["scores"], info["types"],
                                         add_space_prefix=info["add_space_prefix"],
@@ -114,20 +118,43 @@ class Tokenizer:
         return cls._from_backend_and_config(backend, cfg, defaults)
 
     @classmethod
+    def from_tiktoken(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """From Meta's Llama 3 `tokenizer.model` (tiktoken `<base64> <rank>` lines) with Meta's
+        256 special tokens after the ranks (<|begin_of_text|> = 128000, <|eot_id|> = 128009, ...),
+        plus a sibling `tokenizer_config.json` if present. Adds BOS by default, as Meta's chat
+        format and llama.cpp's Llama 3 vocabulary do."""
+        p = Path(path)
+        ranks = tiktoken_bpe.read_tiktoken_ranks(p)
+        specials = tiktoken_bpe.LLAMA3_SPECIAL_TOKENS
+        backend = tiktoken_bpe.build_tiktoken_backend(ranks, specials)
+        n = len(ranks)
+        defaults = {"bos_id": n + specials.index(tiktoken_bpe.BOS),
+                    "eos_id": n + specials.index(tiktoken_bpe.EOS), "add_bos": True,
+                    "add_eos": False}
+        return cls._from_backend_and_config(backend, hf_files.read_config(p.parent), defaults)
+
+    @classmethod
+    def from_model_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """From a `tokenizer.model`: Meta's tiktoken ranks (Llama 3) or SentencePiece."""
+        if tiktoken_bpe.is_tiktoken_file(path):
+            return cls.from_tiktoken(path)
+        return cls.from_sentencepiece(path)
+
+    @classmethod
     def from_dir(cls, folder: str | os.PathLike[str]) -> Tokenizer:
         """From a model directory: tokenizer.json if present, else tokenizer.model."""
         d = Path(folder)
         if (d / "tokenizer.json").is_file():
             return cls.from_file(d / "tokenizer.json")
-        if (d / "tokenizer.model").is_file():
-            return cls.from_sentencepiece(d / "tokenizer.model")
+        if (d / "tokenizer.model").is_file():  # SentencePiece, or tiktoken in a Meta Llama 3 dir
+            return cls.from_model_file(d / "tokenizer.model")
         raise TokenizerError(f"{d}: no tokenizer.json or tokenizer.model found; copy the model's "
                              "tokenizer files there, or load the tokenizer from its GGUF")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """From whatever `path` is: a model directory, a .gguf, a tokenizer.json or a
-        SentencePiece .model."""
+        tokenizer.model (SentencePiece or tiktoken)."""
         p = Path(path)
         if p.is_dir():
             return cls.from_dir(p)
@@ -141,7 +168,7 @@ class Tokenizer:
         if p.suffix == ".json":
             return cls.from_file(p)
         if p.suffix == ".model":
-            return cls.from_sentencepiece(p)
+            return cls.from_model_file(p)
         raise TokenizerError(f"{p}: not a tokenizer file llamaworks knows; pass a model "
                              "directory, a .gguf, a tokenizer.json or a tokenizer.model")
 
