@@ -16,16 +16,15 @@ KEY_ENV = "LLAMAWORKS_API_KEY"
 def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
     """Load the model (+ adapter, + quantization) into a ContinuousEngine; returns it and the
     model name clients send."""
-    import torch
 
     from llamaworks.checkpoint import load_tokenizer
     from llamaworks.cli import _model_path
     from llamaworks.infer.continuous import ContinuousEngine
     from llamaworks.infer.engine import LLM
     from llamaworks.infer.load import load_for_use
+    from llamaworks.infer.threads import use_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)  # the cores other processes leave free at start (no per-step check)
     path = _model_path(args)
     model = load_for_use(path, (args.adapter,) if args.adapter else (), args.quant,
                          args.group_size)
