@@ -297,3 +297,25 @@ def test_missing_files_and_bad_ids_raise_tokenizer_error(gpt2, tmp_path):
         Tokenizer.from_gguf(tmp_path / "missing.gguf")
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         gpt2.decode([gpt2.vocab_size])
+
+
+def test_skipping_specials_keeps_tool_call_markers(smollm, tmp_path):
+    """A vocabulary where [TOOL_CALLS] is a special token (as Mistral's): decoding with
+    skip_special_tokens (what generation returns) keeps it, so the tool-call parser sees the
+    call, while other specials (<|im_end|>) are still dropped, whole and streamed."""
+    smollm.save(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    new_id = smollm.vocab_size
+    spec["added_tokens"].append({"id": new_id, "content": "[TOOL_CALLS]", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert tok.kept_specials == {new_id}
+    call = '[{"name": "calc", "arguments": {"x": 1}}]'
+    ids = [new_id, *tok.encode(call), tok.token_to_id("<|im_end|>")]
+    want = "[TOOL_CALLS]" + call
+    assert tok.decode(ids, skip_special_tokens=True) == want
+    stream = StreamDecoder(tok, skip_special_tokens=True)
+    assert stream.feed(ids) + stream.flush() == want
+    assert smollm.kept_specials == frozenset()  # SmolLM2 spells <tool_call> as plain text

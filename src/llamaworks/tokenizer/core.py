@@ -9,6 +9,7 @@ source; `save` writes files that `transformers.AutoTokenizer` loads with identic
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 # Token texts that end generation when present in the vocabulary: llama.cpp's end-of-generation
 # list (end-of-turn/-text tokens, plus the FIM pad/repo/file-separator tokens it also stops on).
+# Special tokens that spell tool calls (Mistral, Hermes/Qwen, Llama 3.1): kept in decoded text.
+TOOL_CALL_MARKERS = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<tool_call>", "</tool_call>",
+                     "<|python_tag|>")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>",
                       "<|endoftext|>", "<|end|>", "<end_of_turn>", "<EOT>", "<end_of_utterance>")
 FIM_STOP_TOKENS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<|fim_repo|>", "<|repo_name|>",
@@ -217,14 +221,34 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special (control) tokens, which skip_special_tokens leaves out."""
+        added = self.backend.get_added_tokens_decoder()
+        ids = {i for i, t in added.items() if t.special}
+        return frozenset(ids | set(getattr(self._piece_decoder, "special", ())))
+
+    @functools.cached_property
+    def kept_specials(self) -> frozenset[int]:
+        """Special tokens that are tool-call syntax (`TOOL_CALL_MARKERS`, e.g. Mistral's
+        [TOOL_CALLS], Llama 3.1's <|python_tag|>): decoding keeps them even when skipping
+        specials, so the tool-call parser sees the calls a model makes."""
+        ids = (self.token_to_id(m) for m in TOOL_CALL_MARKERS)
+        return frozenset(i for i in ids if i is not None and i in self.special_ids)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids` (special tokens written out unless skip_special_tokens; GGUF "unused"
-        tokens such as vocabulary padding give no text, as in llama.cpp)."""
+        """Text of `ids` (special tokens written out unless skip_special_tokens, which still
+        keeps tool-call markers; GGUF "unused" tokens such as vocabulary padding give no text, as
+        in llama.cpp)."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary "
                                  f"(size {self.vocab_size})")
+        if skip_special_tokens and self.kept_specials.intersection(ids):
+            drop = self.special_ids - self.kept_specials
+            ids = [i for i in ids if i not in drop]
+            skip_special_tokens = False
         if self._piece_decoder is not None:
             return self._piece_decoder(ids, skip_special_tokens)
         if self._unused:

@@ -37,9 +37,8 @@ class StreamDecoder:
         self._byte_ids: dict[int, bool] = {}
         self._hold_byte_runs = tokenizer.uses_backend_decoder
         self._skipped: frozenset[int] = frozenset()
-        if skip_special_tokens:
-            added = tokenizer.backend.get_added_tokens_decoder()
-            self._skipped = frozenset(i for i, t in added.items() if t.special)
+        if skip_special_tokens:  # as Tokenizer.decode: tool-call markers are kept
+            self._skipped = tokenizer.special_ids - tokenizer.kept_specials
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
