@@ -176,3 +176,17 @@ def test_mistral_streamer_holds_back_only_a_possible_marker_prefix():
     assert s.feed("S] is not a call <tool_call>") == "[TOOLS] is not a call <tool_call>"
     res = s.finish()
     assert res.calls == [] and s.remaining_content(res) == ""
+
+
+@pytest.mark.parametrize("args_marker", [False, True], ids=["nemo", "small-3.2"])
+def test_forced_mistral_call_prefix_parses_as_the_named_call(args_marker):
+    """The server's tool_choice prefix for Mistral vocabularies, followed by what a model writes
+    next (the arguments), is the call in that variant's syntax."""
+    from llamaworks.serve.responses import forced_call_prefix, forced_call_stop
+
+    prefix = forced_call_prefix("mistral", "get_weather", args_marker)
+    rest = '{"city": "Paris"}' + ("" if args_marker else "}]")
+    result = parse_tool_calls(prefix + rest, "mistral")
+    assert [(c.name, c.arguments) for c in result.calls] == [("get_weather", {"city": "Paris"})]
+    assert not result.errors and forced_call_stop("mistral") == []
+    assert forced_call_prefix("mistral", None, args_marker).startswith("[TOOL_CALLS]")

@@ -67,11 +67,12 @@ class ChatJob:
             self.forced = choice.function.name
             fn = next(t.function for t in tools or [] if t.function.name == self.forced)
             self.args_head = R.arguments_head(fn.parameters)
-            self.prefix = R.forced_call_prefix(self.fmt, self.forced) + self.args_head
+            self.prefix = R.forced_call_prefix(self.fmt, self.forced, self._args_marker(tok)) + \
+                self.args_head
         elif choice == "required":
             if not tools:
                 raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
-            self.prefix = R.forced_call_prefix(self.fmt, None)
+            self.prefix = R.forced_call_prefix(self.fmt, None, self._args_marker(tok))
         self.tools_on = tools is not None
         schemas = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
@@ -101,6 +102,11 @@ class ChatJob:
         self.texts = [""] * body.n
         self.result: RequestOutput | None = None
         self.error: str | None = None
+
+    @staticmethod
+    def _args_marker(tok: Any) -> bool:
+        """Whether the vocabulary spells calls as Mistral Small 3.2 does (`[ARGS]`)."""
+        return tok.token_to_id("[ARGS]") is not None
 
     def _streamer(self) -> ToolCallStreamer | None:
         if not self.tools_on:

@@ -60,11 +60,18 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
 
 
 # -- tool calls ---------------------------------------------------------------------------------
-def forced_call_prefix(fmt: str, name: str | None) -> str:
+def forced_call_prefix(fmt: str, name: str | None, args_marker: bool = False) -> str:
     """The start of the assistant turn that commits the model to calling `name` (or, with None,
-    to calling some tool): the tool-call syntax up to the arguments object."""
+    to calling some tool): the tool-call syntax up to the arguments object. Mistral: Nemo's
+    `[TOOL_CALLS][{"name": ..., "arguments": `, or with `args_marker` (a vocabulary that has
+    `[ARGS]`, as Small 3.2's) `[TOOL_CALLS]name[ARGS]`."""
     if fmt == "llama3":
         return f'{{"name": "{name}", "parameters": ' if name else '{"name": "'
+    if fmt == "mistral":
+        if args_marker:
+            return f"[TOOL_CALLS]{name}[ARGS]" if name else "[TOOL_CALLS]"
+        return f'[TOOL_CALLS][{{"name": "{name}", "arguments": ' if name else \
+            '[TOOL_CALLS][{"name": "'
     head = hermes_call_text("NAME", {}).split('"NAME"')[0]  # '<tool_call>\n{"name": '
     assert head.startswith(OPEN)
     return f'{head}"{name}", "arguments": ' if name else f'{head}"'
@@ -94,7 +101,7 @@ def forced_arguments(text: str) -> dict[str, Any] | None:
 
 def forced_call_stop(fmt: str) -> list[str]:
     """Stop strings that end a forced call (the model need not say more)."""
-    return [] if fmt == "llama3" else [CLOSE]
+    return [] if fmt in ("llama3", "mistral") else [CLOSE]
 
 
 def parse_calls(text: str, fmt: str) -> ParseResult:
