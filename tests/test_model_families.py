@@ -334,3 +334,23 @@ def test_lora_on_each_family_merges_and_loads_in_peft_with_equal_logits(pair, tm
     # float32 sums in another order, amplified by the wide weights: ~3e-5 on logits of ~10
     torch.testing.assert_close(unmerged, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls_name", ["MistralConfig", "Gemma3TextConfig", "Qwen2Config"])
+def test_keys_left_out_of_config_json_take_transformers_defaults(cls_name):
+    """A hand-written config.json without head_dim / sliding_window / max_window_layers reads as
+    transformers reads it."""
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=30,
+              num_attention_heads=4, num_key_value_heads=2)
+    model_type = {"MistralConfig": "mistral", "Gemma3TextConfig": "gemma3_text",
+                  "Qwen2Config": "qwen2"}[cls_name]
+    d = {"model_type": model_type, **kw}
+    if cls_name == "Qwen2Config":
+        d["use_sliding_window"], d["sliding_window"] = True, 8
+    ref = getattr(transformers, cls_name)(**{k: v for k, v in d.items() if k != "model_type"})
+    ours = ModelConfig.from_hf_dict(d)
+    assert ours.head_dim == getattr(ref, "head_dim", None) or ours.head_dim == 64 // 4
+    assert ours.sliding_window == ref.sliding_window
+    want = [t == "sliding_attention" for t in ref.layer_types] if getattr(
+        ref, "layer_types", None) else [bool(ref.sliding_window)] * 30
+    assert [ours.is_sliding(i) for i in range(30)] == want

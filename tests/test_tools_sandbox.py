@@ -30,6 +30,18 @@ def test_code_runs_in_a_fresh_empty_workdir_that_is_removed():
     assert not os.path.exists(cwd)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_files_can_be_written_and_removed_inside_the_workdir(mode):
+    """The filter's directory-fd rules (no read-only mounts) must not catch ordinary path calls:
+    glibc passes AT_FDCWD zero-extended. (Calls relative to a directory fd, as shutil.rmtree
+    makes, are refused in that mode: README.)"""
+    r = run_python("import os\nopen('a.txt', 'w').write('hi')\nos.mkdir('d')\n"
+                   "open('d/b', 'w').close()\nos.rename('d/b', 'd/c')\nos.remove('d/c')\n"
+                   "os.rmdir('d')\nprint(open('a.txt').read(), sorted(os.listdir('.')))",
+                   mode=mode)
+    assert r.stdout == "hi ['a.txt']\n", r.stdout + r.stderr
+
+
 def test_final_expression_value_is_printed():
     assert run_python("x = 6\nx * 7").stdout == "42\n"
 

@@ -209,7 +209,8 @@ class ModelConfig:
         else:
             theta = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
             scaling = _rope_scaling(d.get("rope_scaling") or rope, source)
-        window = d.get("sliding_window")
+        # transformers' defaults where config.json leaves a key out (Gemma 3 and Mistral: 4096)
+        window = d.get("sliding_window", 4096 if family in ("mistral", "gemma3_text") else None)
         if family in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
             window = None
         if family == "llama":
@@ -220,7 +221,7 @@ class ModelConfig:
                 pattern = int(d.get("sliding_window_pattern", 6))
                 layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
             elif family in ("qwen2", "qwen3"):
-                first = int(d.get("max_window_layers", 0))
+                first = int(d.get("max_window_layers", 28))
                 layer_types = [SLIDING if i >= first else FULL for i in range(n_layers)]
         if not window or (layer_types is not None and SLIDING not in layer_types):
             window, layer_types = None, None
@@ -244,7 +245,7 @@ class ModelConfig:
                 n_heads=int(d["num_attention_heads"]),
                 n_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
                 hidden_dim=int(d["intermediate_size"]),
-                head_dim=d.get("head_dim"),
+                head_dim=d.get("head_dim", 256 if gemma else None),
                 norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=scaling,

@@ -216,8 +216,10 @@ def run_python(code: str, *, cpu_s: int = 5, mem_mb: int = 256, wall_s: float = 
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     tasks = max_procs + 2  # the two supervising processes of a PID namespace count too
     cgroup = _PidsCgroup.create(tasks)
-    info_r, info_w = os.pipe()
+    info_r = info_w = -1
+    proc: subprocess.Popen | None = None
     try:
+        info_r, info_w = os.pipe()
         cfg = {"wd": workdir, "namespaces": mode != "hooks", "cpu_s": int(cpu_s),
                "mem_mb": int(mem_mb), "fsize_mb": int(fsize_mb), "disk_mb": int(disk_mb),
                "disk_inodes": 4096, "max_tasks": tasks, "info_fd": info_w,
@@ -228,6 +230,7 @@ def run_python(code: str, *, cpu_s: int = 5, mem_mb: int = 256, wall_s: float = 
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, pass_fds=(info_w,))
         os.close(info_w)
+        info_w = -1
         outs: list = [b"", b"", 0]
         errs: list = [b"", b"", 0]
         readers = [threading.Thread(target=_drain, args=(proc.stdout, max_output, outs),
@@ -260,7 +263,7 @@ def run_python(code: str, *, cpu_s: int = 5, mem_mb: int = 256, wall_s: float = 
             info = dict((line + " ").split(" ", 1) for line in f.read().decode().splitlines())
         got = set(info.get("layers", "").strip().split(","))
         isolation = tuple(x for x in LAYERS if x in got)
-        if "refused" in info:
+        if "refused" in info or (mode == "strict" and "layers" not in info):
             missing = [x for x in LAYERS if x not in isolation]
             raise SandboxUnavailableError(
                 f"the python sandbox cannot isolate code on this machine: missing "
@@ -276,8 +279,13 @@ def run_python(code: str, *, cpu_s: int = 5, mem_mb: int = 256, wall_s: float = 
             killed = f"memory limit exceeded ({mem_mb} MB)"
         return SandboxResult(_text(*outs, max_output), stderr, rc, killed, isolation)
     finally:
+        if proc is not None and proc.returncode is None:  # the caller was interrupted
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         if cgroup is not None:
             cgroup.close()
-        if info_r >= 0:
-            os.close(info_r)
+        for fd in (info_r, info_w):
+            if fd >= 0:
+                os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)

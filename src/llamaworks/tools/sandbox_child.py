@@ -36,6 +36,7 @@ MNT_DETACH = 2
 KEEP_OPTS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
              "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 DEVICES = ("null", "zero", "full", "random", "urandom")  # the whole /dev the code sees
+X86_ONLY = ("iopl", "ioperm")  # denied where they exist
 
 libc = ctypes.CDLL(None, use_errno=True)
 layers: list[str] = []
@@ -185,12 +186,17 @@ def seccomp(pid_ns: bool, read_only: bool) -> None:
         return
     eperm = sc.ERRNO(errno.EPERM)
     f = sc.SyscallFilter(sc.ALLOW)
+    missing: list[str] = []  # rules that should have loaded and did not
 
     def deny(name, *args, action=eperm):
+        if sc.resolve_syscall(sc.Arch.NATIVE, name) < 0:
+            if name not in X86_ONLY:  # unknown to this libseccomp: the filter would have a hole
+                missing.append(name)
+            return
         try:
             f.add_rule(action, name, *args)
-        except (OSError, ValueError, RuntimeError):  # not a syscall on this architecture
-            pass
+        except (OSError, ValueError, RuntimeError):
+            missing.append(name)
 
     for name in ("execve", "execveat", "socket", "ptrace", "process_vm_readv",
                  "process_vm_writev", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "kcmp",
@@ -214,14 +220,18 @@ def seccomp(pid_ns: bool, read_only: bool) -> None:
             deny(name, sc.Arg(0, sc.LT, me))
         deny("tkill")
     if not read_only:
-        at_fdcwd = (1 << 64) - 100
+        # A real directory fd is a non-negative int: bit 31 clear. AT_FDCWD (-100) reaches the
+        # filter zero-extended (0xffffff9c) or sign-extended; either way bit 31 is set.
+        real_fd = sc.Arg(0, sc.MASKED_EQ, 0x80000000, 0)
         deny("openat2", action=sc.ERRNO(errno.ENOSYS))
         for bit in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND):
-            deny("openat", sc.Arg(0, sc.NE, at_fdcwd), sc.Arg(2, sc.MASKED_EQ, bit, bit))
+            deny("openat", real_fd, sc.Arg(2, sc.MASKED_EQ, bit, bit))
         for name, arg in (("mkdirat", 0), ("unlinkat", 0), ("renameat", 0), ("renameat", 2),
                           ("renameat2", 0), ("renameat2", 2), ("linkat", 2), ("symlinkat", 1),
                           ("fchmodat", 0), ("fchownat", 0), ("utimensat", 0), ("mknodat", 0)):
-            deny(name, sc.Arg(arg, sc.NE, at_fdcwd))
+            deny(name, sc.Arg(arg, sc.MASKED_EQ, 0x80000000, 0))
+    if missing:  # e.g. a libseccomp too old to know clone3: the filter would have holes
+        return
     try:
         f.load()
     except OSError:
