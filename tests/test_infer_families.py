@@ -11,6 +11,7 @@ import queue
 
 import pytest
 import torch
+from family_fixtures import hf_family_model
 from infer_fixtures import ByteTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -55,16 +56,7 @@ def _prompts(seed: int = 1) -> list[list[int]]:
 
 def _hf_model(case: str, seed: int = 0):
     cls_name, kw = CASES[case]
-    cfg = getattr(transformers, cls_name)(**BASE, **kw)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    gemma = cls_name.startswith("Gemma")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.25)
-            if "norm" in name and not gemma:
-                p.add_(1.0)
-    return model.float().eval()
+    return hf_family_model(cls_name, {**BASE, **kw}, seed)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

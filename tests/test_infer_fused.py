@@ -8,18 +8,14 @@ import copy
 
 import pytest
 import torch
-from infer_fixtures import ByteTokenizer, tiny_model
+from infer_fixtures import ByteTokenizer, decode_logits, tiny_model
 from torch import nn
 
 from llamaworks import LLM, SamplingParams
 from llamaworks.infer import kernels
-from llamaworks.infer.batch import DecodeStep, decode_batch
 from llamaworks.infer.fused import FusedDecoder
 from llamaworks.infer.quantize import Int4Linear, Int8Linear, quantize_model
 from llamaworks.model import KVCache
-
-PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
-FED = [torch.tensor([3 + i, 40 + i, 70 + i]) for i in range(6)]  # the tokens fed back each step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,19 +30,6 @@ def tier(request):
         yield request.param
 
 
-def _decode_logits(model, fused: bool) -> torch.Tensor:
-    """Logits [steps, B, vocab] of decode steps after a padded prefill, feeding FED back."""
-    step = DecodeStep(model)
-    assert (step.fused is not None) == fused or not fused
-    if not fused:
-        step.fused = None
-    steps = decode_batch(model, PROMPTS, len(FED) + 1, step)
-    next(steps)
-    out = [steps.send(t) for t in FED]
-    steps.close()
-    return torch.stack(out)
-
-
 def _dequantized(quantized: nn.Module, base: nn.Module) -> nn.Module:
     """`base` with every linear replaced by the float32 weights `quantized` actually uses."""
     ref = copy.deepcopy(base)
@@ -58,7 +41,7 @@ def _dequantized(quantized: nn.Module, base: nn.Module) -> nn.Module:
 
 def test_fused_fp32_step_equals_the_per_op_forward_on_a_padded_batch(tier):
     model = tiny_model()
-    fused, eager = _decode_logits(model, True), _decode_logits(model, False)
+    fused, eager = decode_logits(model, True), decode_logits(model, False)
     assert fused.abs().max() > 1  # sharp random logits: a wrong layer would show
     torch.testing.assert_close(fused, eager, atol=5e-5, rtol=1e-5)
 
@@ -95,9 +78,9 @@ def test_fused_block_kernels_are_as_close_to_the_dequantized_weights_as_the_per_
     base = tiny_model(hidden_dim=192)  # block formats need input sizes divisible by 32
     q = quantize_model(base, mode)
     assert q.model.layers[0].mlp.up_proj.tier == tier
-    ref = _decode_logits(_dequantized(q, base), False)
-    fused_err = (_decode_logits(q, True) - ref).abs().max()
-    eager_err = (_decode_logits(q, False) - ref).abs().max()
+    ref = decode_logits(_dequantized(q, base), False)
+    fused_err = (decode_logits(q, True) - ref).abs().max()
+    eager_err = (decode_logits(q, False) - ref).abs().max()
     # both round activations to int16 blocks; only float summation order differs
     assert fused_err < 1e-2 and fused_err <= 2 * eager_err + 1e-5
 

@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+from family_fixtures import hf_family_model
+from infer_fixtures import decode_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,16 +44,7 @@ SEQ = 20  # longer than every sliding window above
 
 def _hf_model(case: str, seed: int = 0):
     cls_name, kw = CASES[case]
-    cfg = getattr(transformers, cls_name)(**BASE, **kw)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    gemma = cls_name.startswith("Gemma")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.25)
-            if "norm" in name and not gemma:
-                p.add_(1.0)
-    return model.float().eval()
+    return hf_family_model(cls_name, {**BASE, **kw}, seed)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -186,16 +179,9 @@ def test_gguf_made_by_llama_cpps_converter_loads_with_transformers_logits(case, 
     if not converter.exists():
         pytest.fail(f"{converter} missing: run `make test` (it extracts llama.cpp's converter)")
     cls_name, kw = GGUF_CASES[case]
-    cfg = getattr(transformers, cls_name)(vocab_size=49152, hidden_size=64, intermediate_size=96,
-                                          num_hidden_layers=6, max_position_embeddings=128,
-                                          rms_norm_eps=1e-6, **kw)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(0.0, 0.25)
-            if "norm" in name and cls_name != "Gemma3TextConfig":
-                p.add_(1.0)
+    hf = hf_family_model(cls_name, dict(vocab_size=49152, hidden_size=64, intermediate_size=96,
+                                        num_hidden_layers=6, max_position_embeddings=128,
+                                        rms_norm_eps=1e-6, **kw))
     hf.save_pretrained(tmp_path / "hf")
     smollm_tokenizer.save(tmp_path / "hf")
     out = tmp_path / "model.gguf"
@@ -274,28 +260,14 @@ def test_fused_decode_step_equals_the_per_op_forward(pair):
     """The C++ decode step runs each family (biases, q/k norms, sandwich norms, GeGLU, sliding
     layers with their own RoPE) on a left-padded batch decoded past the window, as the model."""
     from llamaworks.infer import kernels
-    from llamaworks.infer.batch import DecodeStep, decode_batch
+    from llamaworks.infer.batch import DecodeStep
     from llamaworks.infer.fused import FusedDecoder
 
     case, _, ours, _ = pair
     if not kernels.preferred():
         pytest.fail("the kernels must build on the test machines")
-    prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
-    fed = [torch.tensor([3 + i, 40 + i, 70 + i]) for i in range(8)]
-
-    def run(fused: bool) -> torch.Tensor:
-        step = DecodeStep(ours)
-        if fused:
-            assert isinstance(step.fused, FusedDecoder), case
-        else:
-            step.fused = None
-        steps = decode_batch(ours, prompts, len(fed) + 1, step)
-        next(steps)
-        out = [steps.send(t) for t in fed]
-        steps.close()
-        return torch.stack(out)
-
-    fused, eager = run(True), run(False)
+    assert isinstance(DecodeStep(ours).fused, FusedDecoder), case
+    fused, eager = decode_logits(ours, True, steps=8), decode_logits(ours, False, steps=8)
     assert fused.abs().max() > 1
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
 
