@@ -269,7 +269,8 @@ def interleaved(ours: dict[str, dict], path: Path, prompt_ids: list[int], n: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: SmolLM2)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="GGUF file or an installed model's name (default: SmolLM2)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quants", default="fp32,bf16,int8,int4",
@@ -301,9 +302,9 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from llamaworks.checkpoint import load_model, load_tokenizer
-    from llamaworks.checkpoint.discovery import default_model_path
+    from llamaworks.checkpoint.discovery import model_path
 
-    path = a.model or default_model_path()
+    path = model_path(a.model)  # a file, or a name such as gemma3-270m, as every verb takes
     prompt_ids = load_tokenizer(path).encode(PROMPT, bos=None)
     rows: list[tuple[str, float, float, float]] = []  # name, first s, tok/s, weight bytes
     ours: dict[str, dict] = {}

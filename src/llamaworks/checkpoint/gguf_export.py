@@ -130,10 +130,11 @@ def _array(cfg: ModelConfig, sd: dict[str, torch.Tensor], hf: str | None) -> np.
 
         return llama3_freq_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).numpy()
     w = sd[hf].detach().to("cpu", torch.float32)
-    if gguf_arch(cfg) == "llama" and ".q_proj." in hf:
-        w = permute_qk(w, cfg.n_heads)
-    elif gguf_arch(cfg) == "llama" and ".k_proj." in hf:
-        w = permute_qk(w, cfg.n_kv_heads)
+    if gguf_arch(cfg) == "llama":  # the only architecture llama.cpp permutes
+        if ".q_proj." in hf:
+            w = permute_qk(w, cfg.n_heads)
+        elif ".k_proj." in hf:
+            w = permute_qk(w, cfg.n_kv_heads)
     if cfg.norm_plus_one and hf.endswith("norm.weight"):
         w = w + 1.0
     return np.ascontiguousarray(w.numpy(), dtype=np.float32)

@@ -68,6 +68,7 @@ class FusedDecoder:
     def __init__(self, model: Llama, weights: list[Tensor], kinds: list[int]):
         self.model, self.weights, self.kinds = model, weights, kinds
         self.tier = kernels.tier()  # the kernel tier this step runs (fixed when built)
+        self.sliding = [int(b.sliding) for b in model.model.layers]  # per layer, for the op
 
     @classmethod
     def build(cls, model: Llama) -> FusedDecoder | None:
@@ -120,7 +121,7 @@ class FusedDecoder:
         x = kernels.ops(self.tier).decode_layers(
             x, self.weights, self.kinds, k_cache, v_cache, write, rope_pos.reshape(-1),
             m.inv_freq, mask, cfg.n_heads, float(cfg.norm_eps),
-            getattr(m, "inv_freq_local", m.inv_freq), local,
-            [int(b.sliding) for b in m.model.layers], float(cfg.attn_scale or 0.0),
+            getattr(m, "inv_freq_local", m.inv_freq), local, self.sliding,
+            float(cfg.attn_scale or 0.0),
             int(cfg.activation == "gelu_tanh"))
         return m.lm_head(m.model.norm(x)).float()

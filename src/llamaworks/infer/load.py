@@ -83,11 +83,10 @@ def load_as_stored(path: str | Path) -> Loaded:
         raise CheckpointError(f"{p}: nowhere to load {unexpected[:5]}")
     if not isinstance(emb, BlockEmbedding):
         model.tie_weights()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_meta and n not in ("inv_freq", "inv_freq_local")]
+    model.reset_rope()  # the rotary tables are computed, not stored: every other tensor is loaded
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{p}: no weights for {left[:5]} ({len(left)} in all)")
-    model.reset_rope()
     fuse_projections(model)
     del sd, blocks
     return_freed_memory()  # the per-tensor copies and the fused groups' parts were freed
