@@ -127,10 +127,11 @@ def decode_rate(llm, prompt_ids: list[int], n: int) -> tuple[float, float]:
     """(first-token latency s, decode tok/s) of one greedy run of `n` tokens, after a warm-up."""
     from llamaworks.infer.generate import generate_tokens
 
-    list(generate_tokens(llm.model, prompt_ids, 4, step=llm.step))  # warm-up (and compile)
+    list(generate_tokens(llm.engine, prompt_ids, 4))  # warm-up (and compile)
+    llm.engine.prefix = None  # every run computes its prompt (no cached prefix)
     stamps: list[float] = []
     t0 = time.perf_counter()
-    for _ in generate_tokens(llm.model, prompt_ids, n, step=llm.step):  # no stop ids: n tokens
+    for _ in generate_tokens(llm.engine, prompt_ids, n):  # no stop ids: n tokens
         stamps.append(time.perf_counter())
     return _rates(stamps, t0)
 

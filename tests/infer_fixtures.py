@@ -38,23 +38,30 @@ def tiny_model(seed: int = 0, std: float = 0.3, **overrides: Any) -> Llama:
     return m.eval()
 
 
-PADDED_PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
+ROW_PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
 
 
 def decode_logits(model: Llama, fused: bool, steps: int = 6,
-                  prompts: Sequence[Sequence[int]] = PADDED_PROMPTS) -> torch.Tensor:
-    """Logits [steps, B, vocab] of decode steps after a left-padded prefill of `prompts`, feeding
-    back [3 + i, 40 + i, 70 + i] at step i: through the fused C++ step (which must build for the
-    model) or, with fused=False, the per-op forward."""
-    from llamaworks.infer.batch import DecodeStep, decode_batch
+                  prompts: Sequence[Sequence[int]] = ROW_PROMPTS) -> torch.Tensor:
+    """Logits [steps, B, vocab] of engine decode steps after each prompt was fed to its own cache
+    row (so the rows sit at different positions), feeding back [3 + i, 40 + i, 70 + i] at step i:
+    through the fused C++ step (which must build for the model) or, with fused=False, the per-op
+    forward."""
+    from llamaworks.infer.kv import KVPool
+    from llamaworks.infer.step import Step
 
-    step = DecodeStep(model)
+    step = Step(model)
     if fused:
         assert step.fused is not None, "the fused decode step did not build for this model"
     else:
         step.fused = None
-    gen = decode_batch(model, [list(p) for p in prompts], steps + 1, step)
-    next(gen)
-    out = [gen.send(torch.tensor([3 + i, 40 + i, 70 + i])) for i in range(steps)]
-    gen.close()
+    pool = KVPool(model, len(prompts), model.config.max_seq_len)
+    for r, p in enumerate(prompts):
+        step.extend(pool, [r], [list(p)], [0])
+    pos = torch.tensor([len(p) for p in prompts])
+    out = []
+    for i in range(steps):
+        pool.ensure(int(pos.max()) + 1)
+        out.append(step.decode(pool, torch.tensor([3 + i, 40 + i, 70 + i]), pos))
+        pos = pos + 1
     return torch.stack(out)

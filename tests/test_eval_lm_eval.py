@@ -114,7 +114,7 @@ def test_generative_eval_uses_the_same_completions_as_lm_eval(hf_results, smollm
                                                               smollm_tokenizer):
     from llamaworks.eval.generative import evaluate_gen
     from llamaworks.eval.tasks import GenItem, load_task_file
-    from llamaworks.infer.engine import LLM
+    from llamaworks.infer.llm import LLM
 
     items = [GenItem(it.prompt, it.answer, ["\n\n", "Question:"])
              for it in load_task_file(GEN).items]

@@ -110,7 +110,7 @@ def test_logits_equal_transformers_gguf_loader_on_128_tokens(how, gemma_path, hf
 
 
 def test_greedy_32_tokens_equal_transformers(gemma_path, hf_gemma, prompt_ids):
-    from llamaworks.infer.engine import LLM
+    from llamaworks.infer.llm import LLM
     from llamaworks.infer.sampling import SamplingParams
 
     prompt = prompt_ids[:40]

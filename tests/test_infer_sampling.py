@@ -87,18 +87,20 @@ def test_repeat_last_n_zero_turns_the_repetition_penalty_off():
 def test_generate_tokens_applies_the_penalties_as_llm_generate_does():
     from infer_fixtures import ByteTokenizer, tiny_model
 
-    from llamaworks.infer.engine import LLM
+    from llamaworks.infer.engine import Engine
     from llamaworks.infer.generate import generate_tokens
+    from llamaworks.infer.llm import LLM
 
     model = tiny_model(seed=1)
+    engine = Engine(model, ByteTokenizer(), max_batch=1)
     prompt = [1, 72, 105, 72, 105]
     for p in (SamplingParams(repetition_penalty=1.8, penalty_last_n=8, max_tokens=24),
               SamplingParams(presence_penalty=3.0, frequency_penalty=0.5, max_tokens=24),
               SamplingParams(temperature=0.8, repetition_penalty=1.3, seed=5, max_tokens=24)):
-        ours = list(generate_tokens(model, prompt, 24, p))
+        ours = list(generate_tokens(engine, prompt, 24, p))
         ref = LLM(model, ByteTokenizer()).generate([prompt], p)[0].outputs[0].token_ids
         assert ours == ref
-        plain = list(generate_tokens(model, prompt, 24, SamplingParams(
+        plain = list(generate_tokens(engine, prompt, 24, SamplingParams(
             temperature=p.temperature, seed=p.seed)))
         assert ours != plain  # the penalty changed the text
 

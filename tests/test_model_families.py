@@ -258,15 +258,16 @@ def test_export_refuses_a_window_llama_cpp_would_ignore(tmp_path):
 
 def test_fused_decode_step_equals_the_per_op_forward(pair):
     """The C++ decode step runs each family (biases, q/k norms, sandwich norms, GeGLU, sliding
-    layers with their own RoPE) on a left-padded batch decoded past the window, as the model."""
+    layers with their own RoPE) on rows at different positions decoded past the window, as the
+    model."""
     from llamaworks.infer import kernels
-    from llamaworks.infer.batch import DecodeStep
     from llamaworks.infer.fused import FusedDecoder
+    from llamaworks.infer.step import Step
 
     case, _, ours, _ = pair
     if not kernels.preferred():
         pytest.fail("the kernels must build on the test machines")
-    assert isinstance(DecodeStep(ours).fused, FusedDecoder), case
+    assert isinstance(Step(ours).fused, FusedDecoder), case
     fused, eager = decode_logits(ours, True, steps=8), decode_logits(ours, False, steps=8)
     assert fused.abs().max() > 1
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)

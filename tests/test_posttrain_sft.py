@@ -83,7 +83,7 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(smollm_tokenizer):
                 "parameters": {"type": "object", "properties": {
                     "expression": {"type": "string"}}, "required": ["expression"]}}}]}
     ids, mask = encode_conversation(smollm_tokenizer, conv)
-    from llamaworks.tools.formats import render
+    from llamaworks.chat.formats import render
 
     assert smollm_tokenizer.decode(ids) == render(smollm_tokenizer, conv["messages"],
                                                   conv["tools"])
@@ -127,7 +127,7 @@ def _byte_chat_spans(tok, messages, tools=None, fmt=None):
 def test_lora_run_lowers_heldout_loss_and_saves_a_loadable_adapter(tmp_path, monkeypatch):
     import llamaworks.posttrain.sft as sft
 
-    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
+    monkeypatch.setattr("llamaworks.chat.formats.assistant_spans", _byte_chat_spans)
     convs = [{"messages": [{"role": "user", "content": f"{a}+{b}"},
                            {"role": "assistant", "content": f"{a + b}"}]}
              for a in range(10) for b in range(10)]
@@ -176,13 +176,13 @@ def _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_after, damag
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
+    monkeypatch.setattr("llamaworks.chat.formats.assistant_spans", _byte_chat_spans)
     _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_after=4)
 
 
 def test_resume_skips_a_truncated_state_and_continues_bit_for_bit_from_the_one_before(
         tmp_path, monkeypatch):
-    monkeypatch.setattr("llamaworks.tools.formats.assistant_spans", _byte_chat_spans)
+    monkeypatch.setattr("llamaworks.chat.formats.assistant_spans", _byte_chat_spans)
 
     def truncate_newest(part):
         states = sorted(p.name for p in (part / "checkpoints").iterdir())

@@ -168,7 +168,7 @@ class _Busy:
     def __exit__(self, *exc: object) -> None:
         for r in self.reqs:
             r.cancel()
-        while ((self.engine.free_slots == 0 or self.engine._waiting)
+        while ((self.engine.free_slots == 0 or self.engine._waiting or self.engine.engine.waiting)
                and time.monotonic() < self.deadline):
             time.sleep(0.01)
 
@@ -183,13 +183,13 @@ def test_full_queue_is_429_with_retry_after(server, client):
 
 def test_a_request_refused_with_429_leaves_nothing_queued(server, client, monkeypatch):
     _, engine = server
-    decode = engine._decode
+    step = engine.engine.step
 
-    def slow_decode() -> None:  # steps as long as a bigger model's: the scheduler's own
-        time.sleep(1.0)         # clean-up between steps comes too late to hide a leftover
-        decode()
+    def slow_step() -> list:  # steps as long as a bigger model's: the scheduler's own
+        time.sleep(1.0)       # clean-up between steps comes too late to hide a leftover
+        return step()
 
-    monkeypatch.setattr(engine, "_decode", slow_decode)
+    monkeypatch.setattr(engine.engine, "step", slow_step)
     with _Busy(engine, waiting=1):  # one of the two queue places is free
         with pytest.raises(openai.RateLimitError):  # two prompts do not fit
             client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=1)

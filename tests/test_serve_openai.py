@@ -178,28 +178,86 @@ def test_streamed_forced_tool_call_arrives_as_tool_call_deltas(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def _clients(n: int, run, timeout: float = 600) -> list[BaseException]:
+    """Run `run(i)` for i < n in n threads at once; the exceptions they raised."""
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            run(i)
+        except BaseException as e:  # noqa: BLE001 - collected and returned
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return errors
+
+
 def test_32_concurrent_streaming_clients_equal_one_at_a_time(client, llm, server):
     # Short raw prompts keep the test about batching, not prefill (chat is checked above).
     prompts = [f"Fact {i}:" for i in range(32)]
     got: dict[int, str] = {}
-    errors: list[BaseException] = []
 
     def run(i: int) -> None:
-        try:
-            stream = client.completions.create(model=MODEL, prompt=prompts[i], temperature=0,
-                                               max_tokens=8, stream=True)
-            got[i] = "".join(c.choices[0].text for c in stream if c.choices)
-        except BaseException as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
+        stream = client.completions.create(model=MODEL, prompt=prompts[i], temperature=0,
+                                           max_tokens=8, stream=True)
+        got[i] = "".join(c.choices[0].text for c in stream if c.choices)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert errors == []
+    assert _clients(32, run) == []
     one_at_a_time = [llm.generate(p, SamplingParams(max_tokens=8))[0].text for p in prompts]
     assert [got[i] for i in range(32)] == one_at_a_time
+    assert server[1].free_slots == MAX_BATCH
+
+
+LONG_SYSTEM = ("You are a helpful assistant for a weather service. Answer in one short "
+               "sentence, name the city, and never invent numbers you were not given. ") * 12
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(client, llm):
+    """The second request sharing a long system prompt reports the cached prompt tokens, and
+    its answer is the one computed from scratch."""
+    first = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": LONG_SYSTEM}, *_ask("Hi!")],
+        temperature=0, max_tokens=8)
+    msgs = [{"role": "system", "content": LONG_SYSTEM}, *_ask("Is it raining in Oslo?")]
+    second = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0,
+                                            max_tokens=8)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens > 200
+    assert cached >= first.usage.prompt_tokens - 64 and cached < second.usage.prompt_tokens
+    assert second.choices[0].message.content == _reference(llm, msgs, 8).text
+
+
+def test_32_clients_mixing_streams_tool_calls_and_long_prompts_get_no_errors(client, server):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    done: list[str] = []
+
+    def run(i: int) -> None:
+        kind = ("stream", "tool", "long", "plain")[i % 4]
+        if kind == "stream":
+            stream = client.chat.completions.create(
+                model=MODEL, messages=_ask(f"Count to {i}."), max_tokens=12, stream=True)
+            assert [c for c in stream if c.choices]
+        elif kind == "tool":
+            r = client.chat.completions.create(
+                model=MODEL, messages=_ask(f"Weather in city number {i}?"), tools=[WEATHER],
+                tool_choice=forced, max_tokens=40)
+            assert r.choices[0].message.tool_calls
+        elif kind == "long":
+            r = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "system", "content": LONG_SYSTEM * 2},
+                                       *_ask(f"Weather {i}?")], max_tokens=8)
+            assert r.usage.prompt_tokens > 500
+        else:
+            r = client.completions.create(model=MODEL, prompt=f"Item {i}:", max_tokens=8)
+            assert r.choices[0].text is not None
+        done.append(kind)
+
+    errors = _clients(32, run)
+    assert errors == [] and len(done) == 32
     assert server[1].free_slots == MAX_BATCH
 
 

@@ -11,7 +11,7 @@ from infer_fixtures import ByteTokenizer, tiny_model
 
 from llamaworks import LLM, SamplingParams
 from llamaworks.infer.sampling import probs_for
-from llamaworks.infer.speculative import speculative_generate
+from llamaworks.infer.speculative import ModelDrafter, NgramDrafter, speculative_generate
 
 
 def _perturbed(model, scale: float, seed: int = 1):
@@ -82,10 +82,48 @@ def test_sampled_first_token_follows_the_target_distribution():
     assert torch.allclose(counts / n, p, atol=0.06)  # ~4 standard errors
 
 
-def test_penalties_are_refused():
-    m = tiny_model()
-    with pytest.raises(ValueError, match="penalties"):
-        speculative_generate(m, m, [1, 2], 5, SamplingParams(repetition_penalty=1.2))
+def test_penalized_greedy_speculation_equals_penalized_plain_greedy():
+    """Penalties look at the tokens kept so far, draft by draft: the output is still exactly the
+    target's own penalized greedy output."""
+    target = tiny_model(seed=1)
+    prompt = [1, 72, 105, 72, 105]
+    for p in (SamplingParams(repetition_penalty=1.8, penalty_last_n=8),
+              SamplingParams(presence_penalty=3.0, frequency_penalty=0.5)):
+        want = LLM(target, ByteTokenizer()).generate(
+            [prompt], SamplingParams(**{**p.__dict__, "max_tokens": 24, "ignore_eos": True}))
+        for draft in (_perturbed(target, 0.05), None):
+            res = speculative_generate(target, draft, prompt, 24, p, k=3)
+            assert res.token_ids == want[0].token_ids
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_ngram():
+    d = NgramDrafter(k=3, max_n=2)
+    assert d.lookup([5, 6, 7, 8, 9, 5, 6], 3) == [7, 8, 9]  # the 2-gram [5, 6] seen before
+    assert d.lookup([1, 2, 3, 4, 2], 3) == [3, 4, 2]  # only the 1-gram [2]
+    assert d.lookup([1, 2, 9, 2, 7, 9], 2) == [2, 7]  # the latest earlier occurrence of [9]
+    assert d.lookup([1, 2, 3], 3) == []
+
+
+def test_prompt_lookup_greedy_equals_plain_greedy_and_accepts_copied_text():
+    """A repetitive prompt: the n-gram drafts are often right, and the output is the target's."""
+    target = tiny_model()
+    prompt = ByteTokenizer().encode("abcabcabcabcabcabc")
+    res = speculative_generate(target, None, prompt, 40, k=4)
+    assert res.token_ids == _plain_greedy(target, prompt, 40)
+    assert res.proposed > 0 and res.accepted > 0
+
+
+def test_engine_with_a_drafter_keeps_batched_greedy_outputs():
+    """Speculation inside the engine, several rows at once (rows join and finish at different
+    steps): every row's tokens equal plain decoding's."""
+    target = tiny_model()
+    prompts = ["hello world", "abab abab abab", "x", "the the the the"]
+    params = [SamplingParams(max_tokens=10 + 5 * i, ignore_eos=True) for i in range(4)]
+    plain = LLM(target, ByteTokenizer()).generate(prompts, params)
+    for drafter in (NgramDrafter(k=3), ModelDrafter(_perturbed(target, 0.05), k=3)):
+        llm = LLM(target, ByteTokenizer(), max_batch_size=3, draft=drafter)
+        got = llm.generate(prompts, params)
+        assert [g.token_ids for g in got] == [p.token_ids for p in plain]
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from llamaworks.chat.formats import hermes_call_text, render
 from llamaworks.tools.agent import run_agent
-from llamaworks.tools.formats import hermes_call_text, render
 from llamaworks.tools.registry import default_registry
 
 

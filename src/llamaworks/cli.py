@@ -49,11 +49,12 @@ def _model(args: argparse.Namespace, adapters: tuple[str, ...] = ()) -> Any:
                         getattr(args, "group_size", 32))
 
 
-def _decode_step(model: Any, args: argparse.Namespace) -> Any:
-    """The decode step generate/chat reuse: compiled with --compile (eager if that fails)."""
-    from llamaworks.infer.batch import DecodeStep
+def _engine(model: Any, tok: Any, args: argparse.Namespace) -> Any:
+    """The engine generate/chat decode on (one row; chat keeps it, so each turn reuses the
+    conversation's cached prefix): --compile where the fused step cannot run."""
+    from llamaworks.infer.engine import Engine
 
-    return DecodeStep(model, compile=getattr(args, "compile", False))
+    return Engine(model, tok, max_batch=1, compile=getattr(args, "compile", False))
 
 
 def _read_text(args: argparse.Namespace) -> str:
@@ -174,8 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = tok.encode(args.prompt, bos=None)
     if not prompt:
         raise LlamaworksError("the prompt is empty and the model adds no BOS token")
-    stream = generate_tokens(model, prompt, args.max_new_tokens, _sampling(args),
-                             stop_ids=tok.stop_ids, step=_decode_step(model, args))
+    stream = generate_tokens(_engine(model, tok, args), prompt, args.max_new_tokens,
+                             _sampling(args), stop_ids=tok.stop_ids)
     if args.json:
         ids, text = _stream(tok, stream)
         _print_json({"ids": ids, "text": text})
@@ -199,8 +200,8 @@ def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Names
             break
         del messages[drop:drop + 2]  # forget the oldest exchange to fit the context
     use_threads(args.threads)  # the free cores now, not when the chat began
-    stream = generate_tokens(model, ids, args.max_new_tokens, args.params,
-                             stop_ids=tok.stop_ids, step=args.step)
+    stream = generate_tokens(args.engine, ids, args.max_new_tokens, args.params,
+                             stop_ids=tok.stop_ids)
     _, text = _stream(tok, stream, out)
     return text.strip()
 
@@ -214,7 +215,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _resolve_sampling(args, sampling_defaults(_model_path(args)))
     if args.tools:
         return run_tool_chat(args, model, tok)
-    args.step = _decode_step(model, args)
+    args.engine = _engine(model, tok, args)
     args.params = _sampling(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)

@@ -290,9 +290,10 @@ class Llama(nn.Module):
                 last_only: bool = False) -> Tensor:
         """Logits [B, T, vocab] (float32) for `tokens` [B, T].
 
-        input_pos: positions of these tokens ([T], or [B, T] for per-row positions); default
-        0..T-1. With `cache`, keys/values are written at `input_pos` and attention runs over the
-        first `kv_len` cached positions (default: last position + 1) under a causal mask.
+        input_pos: positions of these tokens ([T], or [B, T] for per-row positions, with a
+        per-row cache or none); default 0..T-1. With `cache`, keys/values are written at
+        `input_pos` and attention runs over the first `kv_len` cached positions (default: last
+        position + 1) under a causal mask.
         attn_mask: optional boolean mask (True = attend) broadcastable to [B, 1, T, kv_len],
         e.g. to hide left padding; it replaces the default causal mask. last_only: logits of the
         last position only ([B, 1, vocab]), so a prompt does not pay the output head for every
@@ -310,6 +311,9 @@ class Llama(nn.Module):
                  if cfg.rope_local_theta is not None else (cos, sin))
         mask = attn_mask
         per_row = cache is not None and cache.per_row
+        if input_pos.dim() == 2 and cache is not None and not per_row:
+            raise ValueError("per-row positions [B, T] need a per-row cache (KVCache(per_row="
+                             "True)): a shared cache has one set of write slots")
         write_pos = input_pos if input_pos.dim() == 1 or per_row else input_pos[0]
         if cache is not None:
             if kv_len is None:

@@ -115,7 +115,7 @@ class LlamaworksLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with do_sample) completions cut at the `until` strings."""
-        from llamaworks.infer.engine import LLM
+        from llamaworks.infer.llm import LLM
         from llamaworks.infer.sampling import SamplingParams
 
         if self._llm is None:

@@ -36,7 +36,7 @@ def run_task(task: Task, model: Any, tok: Any, num_fewshot: int = 0, limit: int 
         return {"task": task.name, "kind": "mc", **res.metrics}
     if task.kind == "gen":
         from llamaworks.eval.generative import evaluate_gen
-        from llamaworks.infer.engine import LLM
+        from llamaworks.infer.llm import LLM
 
         llm = LLM(model, tokenizer=tok, max_batch_size=batch_size)
         res = evaluate_gen(llm, items, num_fewshot, seed, max_tokens, chat,  # type: ignore[arg-type]

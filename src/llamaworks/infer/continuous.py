@@ -1,10 +1,10 @@
-"""Continuous batching: one scheduler thread owns the model and a pool of KV-cache rows.
+"""Continuous batching for the server: a scheduler thread that owns the engine.
 
-Each cache row holds one sequence at its own position (`KVCache(per_row=True)`). A new request
-is prefilled into free rows (n > 1 takes n rows sharing one prefill) and joins the running decode
-batch between steps; every step decodes all busy rows at once; a finished or cancelled row is
-free again before the next step. Sampling, stop ids/strings, logprobs and finish reasons are
-`LLM`'s own (`LLM._rows`, `_advance`, `_releasable`), so greedy output matches `LLM.generate`.
+Requests are queued from any thread; between steps the scheduler hands new ones to the engine
+(`infer.engine.Engine`), drops cancelled ones (their rows are free before the next step) and
+steps. Every step decodes all rows at once while prompts enter in chunks beside them, so a long
+prompt does not stall the running streams; sampling, stops and logprobs are the engine's, so
+greedy output equals `LLM.generate`.
 
 Results go to each request's `sink` callback from the scheduler thread (thread-safe queues:
 `queue.Queue.put`, or `loop.call_soon_threadsafe` for asyncio).
@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.errors import LlamaworksError
-from llamaworks.infer.engine import LLM, Prompt, RequestOutput, _Row
+from llamaworks.infer.engine import Engine
+from llamaworks.infer.llm import LLM, Prompt
 from llamaworks.infer.sampling import SamplingParams
-from llamaworks.model import KVCache
+from llamaworks.infer.sequence import RequestOutput
+from llamaworks.infer.sequence import Sequence as Seq
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +58,21 @@ Sink = Callable[[Event], None]
 
 
 class Request:
-    """A submitted prompt: its rows, its sink, and a cancel flag checked between steps."""
+    """A submitted prompt: its sequences, its sink, and a cancel flag checked between steps."""
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: RequestOutput, params: SamplingParams, sink: Sink):
+    def __init__(self, prompt: RequestOutput, params: SamplingParams, sink: Sink,
+                 seqs: list[Seq]):
         self.id = next(self._ids)
-        self.result, self.params, self.sink = prompt, params, sink
-        self.rows: list[_Row] = []
-        self.slots: list[int] = []
+        self.result, self.params, self.sink, self.seqs = prompt, params, sink, seqs
         self.cancelled = threading.Event()
         self.submitted = time.monotonic()
         self.first_token: float | None = None
 
     def cancel(self) -> None:
-        """Stop generating; the rows are freed before the next decode step."""
+        """Stop generating; the rows are freed before the next step."""
         self.cancelled.set()
-
-
-class _RowSlice:
-    """Rows [lo, hi) of a per-row KVCache as a cache the model can write into (views)."""
-
-    per_row = True
-    update = KVCache.update
-
-    def __init__(self, pool: KVCache, lo: int, hi: int):
-        self.k, self.v = pool.k[:, lo:hi], pool.v[:, lo:hi]
-        self.max_seq_len = pool.max_seq_len
 
 
 @dataclass
@@ -102,27 +92,33 @@ class ContinuousEngine:
     """Serve many requests concurrently from one `LLM`'s model and tokenizer.
 
     max_batch: cache rows (sequences decoded together). max_queue: waiting requests before
-    `submit` raises QueueFullError. context: tokens per row (default min(model context, 4096));
-    the row buffers grow in powers of two as sequences get longer."""
+    `submit` raises QueueFullError. context: tokens per row (default min(model context, 4096)).
+    cache_mb: prefix-cache budget. chunk: most prompt tokens per step; max_gap: while rows
+    decode, a step admitting a prompt chunk takes about this many plain decode steps (None: always
+    `chunk`). drafter: speculative decoding (`infer.speculative`)."""
 
     def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None):
+                 context: int | None = None, cache_mb: float = 256,
+                 max_gap: float | None = 2.5, chunk: int = 512, drafter: object = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = min(context or 4096, self.model.config.max_seq_len)
+        self.max_queue = max_queue
+        self.engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch,
+                             context=min(context or 4096, llm.model.config.max_seq_len),
+                             step=llm.step, cache_mb=cache_mb, max_gap=max_gap,
+                             chunk=chunk, drafter=drafter)
+        self.context = self.engine.context
         self.stats = Stats()
-        self._pool = self._new_pool(min(256, self.context))
-        self._slots: list[_Row | None] = [None] * max_batch
-        self._owner: list[Request | None] = [None] * max_batch
-        self._next_tok = [0] * max_batch
-        self._pos = [0] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
-        self._running: set[Request] = set()
+        self._running: dict[int, Request] = {}  # sequence id -> request
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.max_batch
 
     # -- public API ------------------------------------------------------------------------------
     def start(self) -> ContinuousEngine:
@@ -144,17 +140,26 @@ class ContinuousEngine:
 
     @property
     def free_slots(self) -> int:
-        return sum(s is None for s in self._slots)
+        return len(self.engine.pool.free)
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a row (a cancelled one no longer counts, though the scheduler
         drops it only before its next step)."""
-        return sum(not r.cancelled.is_set() for r in self._waiting)
+        waiting = list(self._waiting) + self._engine_waiting()
+        return sum(not r.cancelled.is_set() for r in waiting)
+
+    def _engine_waiting(self) -> list[Request]:
+        reqs = []
+        for group in list(self.engine.waiting):
+            req = self._running.get(group[0].id)
+            if req is not None:
+                reqs.append(req)
+        return reqs
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Prompt ids as `LLM` makes them; ValueError if empty or too long for a row."""
-        ids = self.llm._encode(prompt)
+        ids = self.llm.encode(prompt)
         if len(ids) >= self.context:
             raise ValueError(f"the prompt has {len(ids)} tokens; this server's context is "
                              f"{self.context}")
@@ -178,16 +183,14 @@ class ContinuousEngine:
         for prompt, sink in zip(prompts, sinks, strict=True):
             ids = self.encode(prompt)
             res = RequestOutput(prompt if isinstance(prompt, str) else None, ids)
-            req = Request(res, params, sink)
-            req.rows = self.llm._rows([res], [params])
-            reqs.append(req)
+            reqs.append(Request(res, params, sink, self.engine.sequences(ids, params)))
         with self._cv:
             waiting = self.queue_depth
             if waiting + len(reqs) > self.max_queue:
                 raise QueueFullError(f"the queue is full ({waiting} requests wait for a batch "
                                      "row, the --max-queue limit); retry shortly")
             self._waiting.extend(reqs)
-            self.stats.queue_depth = len(self._waiting)
+            self.stats.queue_depth = waiting + len(reqs)
             self._cv.notify_all()
         return reqs
 
@@ -209,147 +212,75 @@ class ContinuousEngine:
         return [r.result for r in reqs]
 
     # -- scheduler -------------------------------------------------------------------------------
-    def _new_pool(self, length: int) -> KVCache:
-        return KVCache(self.model.config, self.max_batch, length, self.model.dtype,
-                       self.model.device, per_row=True)
-
-    def _ensure_len(self, length: int) -> None:
-        """Grow every row's buffer (powers of two, capped at `context`) to hold `length`."""
-        old = self._pool.max_seq_len
-        if length <= old:
-            return
-        size = old
-        while size < length:
-            size *= 2
-        pool = self._new_pool(min(size, self.context))
-        pool.k[:, :, :, :old] = self._pool.k
-        pool.v[:, :, :, :old] = self._pool.v
-        self._pool = pool
-
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self.engine.has_work:
                     self._cv.wait()
                 if self._stop:
                     self._fail_all("the server is shutting down")
                     return
+                new = list(self._waiting)
+                self._waiting.clear()
             try:
-                with torch.inference_mode():
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._running:
-                        self._decode()
+                for req in new:
+                    self.engine.add(req.seqs)
+                    for s in req.seqs:
+                        self._running[s.id] = req
+                self._drop_cancelled()
+                if self.engine.has_work:
+                    with torch.inference_mode():
+                        touched = self.engine.step()
+                    self._report(touched)
             except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
                 log.exception("scheduler step failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
-    def _take(self, n: int) -> list[int] | None:
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        return free[:n] if len(free) >= n else None
-
-    def _admit(self) -> None:
-        """Prefill waiting requests (FIFO) while their rows fit."""
-        while True:
-            with self._cv:
-                if not self._waiting:
-                    break
-                req = self._waiting[0]
-                slots = self._take(len(req.rows))
-                if slots is None:
-                    break
-                self._waiting.popleft()
-                self.stats.queue_depth = len(self._waiting)
-            self._prefill(req, slots)
-
-    def _prefill(self, req: Request, slots: list[int]) -> None:
-        ids = req.result.prompt_token_ids
-        n = len(ids)
-        self._ensure_len(n + 1)
-        device = self._pool.k.device
-        tokens = torch.tensor([ids], device=device)
-        pos = torch.arange(n, device=device)
-        mask = (pos[None, :] <= pos[:, None])[None, None]  # causal [1, 1, n, n]
-        first = slots[0]
-        req.slots = slots
-        self._running.add(req)  # from here on a failure reaches the request (`_fail_all`)
-        logits = self.model(tokens, pos[None], _RowSlice(self._pool, first, first + 1), mask,
-                            n)[0, -1]
-        for s in slots[1:]:  # n > 1: every sequence starts from the same cache
-            self._pool.k[:, s, :, :n] = self._pool.k[:, first, :, :n]
-            self._pool.v[:, s, :, :n] = self._pool.v[:, first, :, :n]
-        self.stats.requests += 1
-        self.stats.prompt_tokens += n
-        for s, row in zip(slots, req.rows, strict=True):
-            self._slots[s], self._owner[s], self._pos[s] = row, req, n
-        self._after_step([(s, logits) for s in slots])
-
-    def _decode(self) -> None:
-        busy = [s for s, r in enumerate(self._slots) if r is not None]
-        hi = busy[-1] + 1
-        kv_len = max(self._pos[s] for s in busy) + 1
-        self._ensure_len(kv_len)
-        device = self._pool.k.device
-        tokens = torch.tensor([[self._next_tok[s]] for s in range(hi)], device=device)
-        pos = torch.tensor([[self._pos[s] if self._slots[s] is not None else 0] for s in range(hi)],
-                           device=device)
-        mask = (torch.arange(kv_len, device=device)[None, :] <= pos)[:, None, None]
-        rows = _RowSlice(self._pool, 0, hi)
-        fused = self.llm.step.fused
-        if fused is not None and rows.k.dtype == torch.float32:
-            logits = fused(tokens[:, 0], pos[:, 0], pos[:, 0], rows.k, rows.v, mask[:, 0, 0])
-        else:
-            logits = self.model(tokens, pos, rows, mask, kv_len, last_only=True)[:, -1]
-        self.stats.steps += 1
-        self.stats.batch_size = len(busy)
-        for s in busy:
-            self._pos[s] += 1
-        self._after_step([(s, logits[s]) for s in busy])
-
-    def _after_step(self, picks: list[tuple[int, torch.Tensor]]) -> None:
-        """Sample each row's next token, send its events, free finished rows and requests."""
-        for s, logits in picks:
-            row, req = self._slots[s], self._owner[s]
-            assert row is not None and req is not None
-            n_lp = len(row.logprobs) if row.logprobs is not None else 0
-            tok = self.llm._advance(row, logits, len(row.ids), self.context)
-            self._next_tok[s] = tok
-            self.stats.generation_tokens += 1
-            if req.first_token is None:
-                req.first_token = time.monotonic()
-            lps = row.logprobs[n_lp:] if row.logprobs is not None else None
-            self._send(req, Event(row.index, self.llm._releasable(row), [tok], lps, row.finish))
-            if row.finish:
-                self._slots[s] = self._owner[s] = None
-        for req in [r for r in self._running if all(row.finish for row in r.rows)]:
-            self._finish(req)
+    def _report(self, touched: list[Seq]) -> None:
+        """Send each touched sequence's new tokens and text; finish requests that are done."""
+        st = self.stats
+        st.steps = self.engine.steps
+        st.batch_size = len(self.engine.running)
+        st.queue_depth = self.queue_depth
+        for s in touched:
+            req = self._running.get(s.id)
+            if req is None:
+                continue
+            new = s.ids[s.sent:]
+            if s.sent == 0 and new:
+                st.requests += s.index == 0
+                st.prompt_tokens += len(s.prompt_ids) if s.index == 0 else 0
+                if req.first_token is None:
+                    req.first_token = time.monotonic()
+            lps = s.logprobs[s.sent:] if s.logprobs is not None else None
+            st.generation_tokens += len(new)
+            s.sent = len(s.ids)
+            self._send(req, Event(s.index, s.releasable(), new, lps, s.finish))
+        for req in {id(r): r for r in (self._running.get(s.id) for s in touched) if r}.values():
+            if all(s.finish for s in req.seqs):
+                self._finish(req)
 
     def _finish(self, req: Request, error: str | None = None) -> None:
-        self._running.discard(req)
-        for s in req.slots:
-            if self._owner[s] is req:
-                self._slots[s] = self._owner[s] = None
-        req.result.outputs = [row.output() for row in req.rows]
+        for s in req.seqs:
+            self._running.pop(s.id, None)
+        req.result.outputs = [s.output() for s in req.seqs]
+        req.result.num_cached_tokens = req.seqs[0].cached_prefix
         self._send(req, Event(done=True, result=req.result, error=error))
 
     def _drop_cancelled(self) -> None:
-        with self._cv:
-            gone = [r for r in self._waiting if r.cancelled.is_set()]
-            for r in gone:
-                self._waiting.remove(r)
-            self.stats.queue_depth = len(self._waiting)
-        gone += [r for r in self._running if r.cancelled.is_set()]
-        for req in gone:
+        gone = {id(r): r for r in self._running.values() if r.cancelled.is_set()}
+        for req in gone.values():
             self.stats.cancelled += 1
-            for row in req.rows:
-                row.finish = row.finish or "cancelled"
+            self.engine.abort(req.seqs)
             self._finish(req)
 
     def _fail_all(self, message: str) -> None:
         with self._cv:
-            reqs = list(self._waiting) + list(self._running)
+            reqs = list(self._waiting)
             self._waiting.clear()
+        reqs += list({id(r): r for r in self._running.values()}.values())
+        self.engine.abort([s for r in reqs for s in r.seqs], "error")
         for req in reqs:
             self._finish(req, message)
 
@@ -360,4 +291,3 @@ class ContinuousEngine:
         except Exception:  # noqa: BLE001 - a closed client loop must not stop the scheduler
             log.debug("dropping an event for request %d", req.id, exc_info=True)
             req.cancel()
-

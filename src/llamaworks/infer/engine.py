@@ -1,266 +1,337 @@
-"""The vLLM-shaped Python API: `LLM(model).generate(prompts, SamplingParams(...))`.
+"""The inference engine: the one decode mechanism under `LLM.generate/stream/chat`, the server's
+continuous scheduler, GRPO rollouts with tools, speculative decoding and the CLI.
 
-Requests are grouped into batches of up to `max_batch_size` rows (a request with n > 1 takes n
-rows), decoded together over one static KV cache (`batch.decode_batch`), and each row stops on its
-own: EOS (from the tokenizer/config, unless `ignore_eos`), a stop token id, a stop string (matched
-in the decoded text, so across token boundaries, and cut from the text), or `max_tokens`.
+Sequences (`infer.sequence.Sequence`) wait in a queue, take a row of the KV pool
+(`infer.kv.KVPool`), and every `step()` advances all of them at once, llama.cpp-server-slot
+style:
+- rows with one token to feed (the token sampled last step) decode together in one call of the
+  decode step (`infer.step.Step`: fused, compiled or eager, chosen once);
+- rows with several (a prompt, or tool results forced in by a sequence's turn hook) feed a chunk
+  of them: the chunks of one step share a token budget, so a long prompt enters over several
+  steps while the other rows keep decoding (chunked prefill). With `max_gap` the budget adapts
+  so that a step with a chunk costs at most about `max_gap` plain decode steps;
+- with a drafter (`infer.speculative`), decoding rows feed their last token plus drafted ones,
+  and keep the drafts the model itself would have produced (speculative decoding).
+A prompt's first blocks may come from the prefix cache (`infer.kv.PrefixCache`) instead of being
+computed; every prompt chunk computed adds its full blocks to it, and so does a sequence that
+ends (its reply is the next turn's prompt prefix).
+
+Sampling, stop ids/strings, logprobs, finish reasons and streaming text are per sequence, so a
+sequence's tokens do not depend on what else runs beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import collections
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from llamaworks.infer.batch import DecodeStep, decode_batch
-from llamaworks.infer.sampling import SamplingParams, sample_row
+from llamaworks.infer.kv import KVPool, PrefixCache
+from llamaworks.infer.sampling import SamplingParams, apply_penalties, probs_for, sample_row
+from llamaworks.infer.sequence import Sequence, TurnHook
+from llamaworks.infer.step import Step
 from llamaworks.model import Llama
 
-Prompt = str | Sequence[int]
 
+class Engine:
+    """Decode many sequences over one model.
 
-@dataclass
-class CompletionOutput:
-    """One generated sequence. `logprobs[i]` maps token id -> log-probability for output token i
-    (the sampled one plus the requested top alternatives)."""
+    max_batch: cache rows (sequences decoded together). context: tokens per row (default the
+    model's context). cache_mb: prefix-cache budget (0 = no prefix cache). chunk: most prompt
+    tokens fed in one step. max_gap: if set, while rows are decoding the chunk shrinks so that a
+    step with a chunk takes about `max_gap` times a plain decode step (measured as it runs).
+    drafter: a speculative drafter (`infer.speculative.NgramDrafter` / `ModelDrafter`)."""
 
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length"
-    logprobs: list[dict[int, float]] | None = None
-    cumulative_logprob: float | None = None
-
-
-@dataclass
-class RequestOutput:
-    """All sequences for one prompt; `text`, `token_ids`, `finish_reason` are the first one's."""
-
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return self.outputs[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
+    def __init__(self, model: Llama, tokenizer: Any, *, max_batch: int = 16,
+                 context: int | None = None, step: Step | None = None, compile: bool = False,
+                 cache_mb: float = 256, chunk: int = 512, max_gap: float | None = None,
+                 drafter: Any = None):
+        if max_batch < 1 or chunk < 1:
+            raise ValueError("max_batch and chunk must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.step_fn = step or Step(model, compile)
+        self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
+        self.pool = KVPool(model, max_batch, self.context)
+        self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
+        self.chunk, self.max_gap, self.drafter = chunk, max_gap, drafter
+        self.waiting: collections.deque[list[Sequence]] = collections.deque()
+        self.running: list[Sequence] = []
+        self._decode_s: float | None = None  # moving averages for the chunk budget
+        self._token_s: float | None = None
+        self.steps = 0
 
     @property
-    def finish_reason(self) -> str | None:
-        return self.outputs[0].finish_reason
-
-    @property
-    def logprobs(self) -> list[dict[int, float]] | None:
-        return self.outputs[0].logprobs
-
-
-class _Row:
-    """Decoding state of one output sequence."""
-
-    def __init__(self, req: int, index: int, prompt_ids: list[int], params: SamplingParams,
-                 gen: torch.Generator | None, stop_ids: set[int]):
-        self.req, self.index, self.prompt_ids, self.params, self.gen = req, index, prompt_ids, \
-            params, gen
-        self.stop_ids = stop_ids
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0  # characters already streamed
-        self.finish: str | None = None
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.cum = 0.0
-
-    def output(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.text, self.ids, self.finish, self.logprobs,
-                                self.cum if self.logprobs is not None else None)
-
-
-class LLM:
-    """A model, its tokenizer and a decode engine.
-
-    model: a checkpoint path (GGUF, HF/native or Meta), a `checkpoint.Loaded`, or a `Llama`
-    (then pass `tokenizer`). quant: None, "bf16", "int8" or "int4" (weight-only, applied to a
-    copy of the model). compile: compile the decode step (falls back to eager with a warning)."""
-
-    def __init__(self, model: str | Path | Any, tokenizer: Any = None, quant: str | None = None,
-                 compile: bool = False, group_size: int = 32, max_batch_size: int = 16):
-        from llamaworks.checkpoint import load_tokenizer
-        from llamaworks.infer.load import load_for_use
-
-        if isinstance(model, (str, Path)):  # the file's own weight types unless `quant`
-            path = Path(model)
-            model = load_for_use(path, quant=quant, group_size=group_size)
-            tokenizer, quant = tokenizer or load_tokenizer(path), None
-        if not isinstance(model, Llama):  # a Loaded
-            tokenizer = tokenizer or load_tokenizer(model.path)
-            model = model.model
-        if tokenizer is None:
-            raise ValueError("pass `tokenizer` together with a bare Llama model")
-        if quant is not None:
-            from llamaworks.infer.quantize import quantize_model
-
-            model = quantize_model(model, quant, group_size)
-        self.model: Llama = model.eval()
-        self.tokenizer = tokenizer
-        self.quant = quant
-        self.max_batch_size = max_batch_size
-        self.step = DecodeStep(model, compile)
-        if compile:
-            self.generate([[self._bos]], SamplingParams(max_tokens=3))  # warm-up / fallback
-
-    @property
-    def _bos(self) -> int:
-        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+    def max_batch(self) -> int:
+        return self.pool.rows
 
     @property
     def eos_ids(self) -> set[int]:
         """Token ids that end a sequence: the tokenizer's stop ids and the config's EOS."""
-        ids = set(self.tokenizer.stop_ids or [])
-        return ids | set(self.model.config.eos_token_ids)
+        return set(self.tokenizer.stop_ids or []) | set(self.model.config.eos_token_ids)
 
-    # -- public API ------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Complete each prompt (text, or a list of token ids); one result per prompt."""
-        prompts = self._as_list(prompts)
-        plist = self._params_list(params, len(prompts))
-        results = [RequestOutput(p if isinstance(p, str) else None, self._encode(p))
-                   for p in prompts]
-        rows = self._rows(results, plist)
-        for batch in self._batches(rows):
-            for _ in self._run(batch):
-                pass
-        for row in rows:
-            results[row.req].outputs.append(row.output())
-        return results
+    # -- building and queueing sequences ---------------------------------------------------------
+    def sequences(self, prompt_ids: list[int], params: SamplingParams,
+                  on_turn_end: TurnHook | None = None, max_turn_hooks: int = 1 << 30,
+                  eos_ids: Iterable[int] | None = None) -> list[Sequence]:
+        """The `params.n` sequences of one prompt (one shared generator, as `n` rows of one
+        request share a seed)."""
+        if len(prompt_ids) >= self.context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context is "
+                             f"{self.context}")
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(params.seed if params.seed is not None
+                            else int(torch.randint(2**62, ())))
+        eos = self.eos_ids if eos_ids is None else set(eos_ids)
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [Sequence(prompt_ids, params, stops, i, gen, on_turn_end, max_turn_hooks, decode)
+                for i in range(params.n)]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text as it grows (n = 1; stop strings never appear)."""
-        params = params or SamplingParams()
-        if params.n != 1:
-            raise ValueError("stream() produces one sequence; use n=1")
-        res = RequestOutput(prompt if isinstance(prompt, str) else None, self._encode(prompt))
-        (row,) = self._rows([res], [params])
-        for _ in self._run([row]):
-            delta = self._releasable(row)
-            if delta:
-                yield delta
+    def add(self, group: list[Sequence]) -> None:
+        """Queue the sequences of one prompt; they take rows together (their prompt is
+        computed once)."""
+        if len(group) > self.max_batch:
+            raise ValueError(f"n={len(group)} exceeds the batch of {self.max_batch} rows")
+        self.waiting.append(group)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Reply to one conversation (a list of {"role", "content"}) or to a list of them."""
-        convs = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        prompts = [self.tokenizer.encode(
-            self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True), bos=False)
-            for c in convs]
-        return self.generate(prompts, params)
+    def abort(self, seqs: Iterable[Sequence], reason: str = "cancelled") -> None:
+        """End sequences now (queued or running); their rows are free for the next step."""
+        gone = set(id(s) for s in seqs)
+        for s in [s for g in self.waiting for s in g if id(s) in gone] + \
+                [s for s in self.running if id(s) in gone]:
+            s.finish = s.finish or reason
+        self.waiting = collections.deque(g for g in self.waiting
+                                         if not all(s.finish for s in g))
+        self._retire()
 
-    # -- internals -------------------------------------------------------------------------------
-    @staticmethod
-    def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, str):
-            return [prompts]
-        if prompts and isinstance(prompts[0], int):
-            return [list(prompts)]
-        return list(prompts)
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
 
-    @staticmethod
-    def _params_list(params: SamplingParams | Sequence[SamplingParams] | None,
-                     n: int) -> list[SamplingParams]:
-        if params is None or isinstance(params, SamplingParams):
-            return [params or SamplingParams()] * n
-        if len(params) != n:
-            raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
-        return list(params)
+    def run(self, groups: Iterable[list[Sequence]]) -> None:
+        """Queue `groups` and step until every sequence has finished."""
+        for g in groups:
+            self.add(g)
+        while self.has_work:
+            self.step()
 
-    def _encode(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt, bos=None) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("a prompt is empty and the model adds no BOS token")
-        if len(ids) >= self.model.config.max_seq_len:
-            raise ValueError(f"a prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.model.config.max_seq_len}")
-        return ids
+    # -- one step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Advance every running sequence by what fits in one step; returns the sequences that
+        produced tokens or finished."""
+        self._admit()
+        touched: list[Sequence] = []
+        decoding = [s for s in self.running if s.pending == 1 and s.leader is None]
+        verify = self.drafter.propose(self, decoding) if self.drafter is not None else {}
+        decoding = [s for s in decoding if s.id not in verify]
+        if decoding:
+            touched += self._decode(decoding)
+        touched += self._verify(verify)
+        touched += self._extend(bool(decoding))
+        self.steps += 1
+        self._retire()
+        return list({s.id: s for s in touched}.values())
 
-    def _rows(self, results: list[RequestOutput], plist: list[SamplingParams]) -> list[_Row]:
-        rows: list[_Row] = []
-        for r, (res, p) in enumerate(zip(results, plist, strict=True)):
-            gen = None
-            if not p.greedy:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ())))
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-            rows += [_Row(r, i, res.prompt_token_ids, p, gen, stops) for i in range(p.n)]
-        return rows
+    def _admit(self) -> None:
+        while self.waiting:
+            rows = self.pool.take(len(self.waiting[0]))
+            if rows is None:
+                return
+            group = self.waiting.popleft()
+            for s, r in zip(group, rows, strict=True):
+                s.row = r
+                s.leader = group[0] if s is not group[0] else None
+            self.running += group
 
-    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        for s in range(0, len(rows), self.max_batch_size):
-            yield rows[s:s + self.max_batch_size]
+    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        rows = self.pool.allocated
+        tokens, pos = [0] * rows, [0] * rows
+        for s in self.running:  # rows not decoding write the next slot they will write anyway
+            pos[s.row] = min(s.cached, self.context - 1)
+        for s in seqs:
+            tokens[s.row] = s.tokens[-1]
+        self.pool.ensure(max(pos) + 1)
+        device = self.pool.cache.k.device
+        t0 = time.perf_counter()
+        logits = self.step_fn.decode(self.pool, torch.tensor(tokens, device=device),
+                                     torch.tensor(pos, device=device),
+                                     max(s.row for s in seqs) + 1)
+        self._decode_s = _ema(self._decode_s, (time.perf_counter() - t0))
+        for s in seqs:
+            s.cached += 1
+            self._sample(s, logits[s.row])
+        return seqs
 
-    def _run(self, rows: list[_Row]) -> Iterator[None]:
-        """Decode `rows` together; yields after every step (row state updated in place)."""
-        ctx = self.model.config.max_seq_len
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].prompt_ids))
-        rows = [rows[i] for i in order]  # longest first: row 0 defines the cache slots
-        longest = len(rows[0].prompt_ids)
-        max_new = min(max(r.params.max_tokens for r in rows), ctx - longest)
-        steps = decode_batch(self.model, [r.prompt_ids for r in rows], max_new, self.step)
-        logits = next(steps)
-        for i in range(max_new):
-            chosen = [self._advance(row, logits[b], i, ctx) for b, row in enumerate(rows)]
-            yield
-            if all(r.finish for r in rows) or i == max_new - 1:
+    def _budget(self, decoding: bool) -> int:
+        if not decoding or self.max_gap is None or self._decode_s is None \
+                or self._token_s is None:
+            return self.chunk
+        tokens = (self.max_gap - 1) * self._decode_s / self._token_s
+        return max(16, min(self.chunk, int(tokens)))
+
+    def _extend(self, decoding: bool) -> list[Sequence]:
+        """Prompt chunks and forced tokens, oldest sequence first, within this step's budget."""
+        budget = self._budget(decoding)
+        touched = []
+        for s in [s for s in self.running if s.pending > 1 and s.leader is None]:
+            if budget <= 0:
                 break
-            logits = steps.send(torch.tensor(chosen))
-        steps.close()
-        for r in rows:  # the context ran out
-            r.finish = r.finish or "length"
+            if s.cached == 0 and self.prefix is not None:  # (looked up as late as possible)
+                blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
+                self.pool.ensure(len(blocks) * self.prefix.block + 1)
+                s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
+            n = min(s.pending, budget)
+            budget -= n
+            start = s.cached
+            self.pool.ensure(start + n + 1)
+            t0 = time.perf_counter()
+            (logits,) = self.step_fn.extend(self.pool, [s.row], [s.tokens[start:start + n]],
+                                            [start])
+            if n >= 16:
+                self._token_s = _ema(self._token_s, (time.perf_counter() - t0) / n)
+            s.cached += n
+            if self.prefix is not None:
+                self.prefix.insert(s.tokens, self.pool, s.row, start, s.cached)
+            if s.pending == 0:
+                touched += self._prompt_done(s, logits[-1])
+        return touched
 
-    def _advance(self, row: _Row, logits: torch.Tensor, i: int, ctx: int) -> int:
-        """Pick row's next token, update its text and finish state; returns the token fed next."""
-        if row.finish:
-            return row.ids[-1] if row.ids else 0
-        p = row.params
-        tok = sample_row(logits, p, row.gen, row.prompt_ids, row.ids)
-        row.ids.append(tok)
-        if row.logprobs is not None:
+    def _prompt_done(self, s: Sequence, logits: Tensor) -> list[Sequence]:
+        """Sample the first token of `s` and of the siblings waiting on its prompt."""
+        sibs = [o for o in self.running if o.leader is s]
+        for o in sibs:
+            self.pool.copy(s.row, o.row, s.cached)
+            o.cached, o.cached_prefix, o.leader = s.cached, s.cached_prefix, None
+        for o in [s, *sibs]:
+            self._sample(o, logits)
+        return [s, *sibs]
+
+    def _verify(self, verify: dict[int, Any]) -> list[Sequence]:
+        """Score each row's last token plus its drafts in one forward; keep the drafts the
+        target itself would have chosen (greedy) or accepts by rejection sampling."""
+        seqs = [s for s in self.running if s.id in verify]
+        outs: dict[int, Tensor] = {}
+        for n in sorted({len(v[0]) for v in verify.values()}):  # equal lengths: no padding
+            group = [s for s in seqs if len(verify[s.id][0]) == n]
+            self.pool.ensure(max(s.cached for s in group) + n + 2)
+            got = self.step_fn.extend(self.pool, [s.row for s in group],
+                                      [[s.tokens[-1], *verify[s.id][0]] for s in group],
+                                      [s.cached for s in group], every=True)
+            outs.update((s.id, lg) for s, lg in zip(group, got, strict=True))
+        for s in seqs:
+            logits = outs[s.id]
+            drafts, q = verify[s.id]
+            s.proposed += len(drafts)
+            before = len(s.tokens)
+            for j in range(len(drafts) + 1):
+                d = drafts[j] if j < len(drafts) else None
+                tok, ok = self._judge(s, logits[j], d, q[j] if q is not None and d is not None
+                                      else None)
+                self._append(s, tok, logits[j])
+                if ok:
+                    s.accepted += 1
+                if not ok or s.finish:
+                    break
+            s.cached = len(s.tokens) - 1 if not s.finish else s.cached
+            if self.drafter is not None:
+                self.drafter.accepted(s, before)
+        return seqs
+
+    def _judge(self, s: Sequence, logits: Tensor, draft: int | None, q: Tensor | None
+               ) -> tuple[int, bool]:
+        """The token at one verified position: the draft if kept (True), else the target's."""
+        p = s.params
+        logits = apply_penalties(logits.float(), p, s.prompt_ids, s.ids)
+        if p.greedy:
+            tok = int(logits.argmax())
+            return tok, draft is not None and tok == draft
+        probs = probs_for(logits, p)
+        if draft is None:
+            return int(torch.multinomial(probs, 1, generator=s.gen)), False
+        qd = q[draft] if q is not None else torch.tensor(1.0)  # n-gram drafts: a point mass
+        if bool(torch.rand((), generator=s.gen) < probs[draft] / qd):
+            return draft, True
+        residual = (probs - (q if q is not None else torch.nn.functional.one_hot(
+            torch.tensor(draft), probs.shape[-1]).float())).clamp(min=0)
+        pick = residual if residual.sum() > 0 else probs
+        return int(torch.multinomial(pick / pick.sum(), 1, generator=s.gen)), False
+
+    # -- per-sequence bookkeeping ----------------------------------------------------------------
+    def _sample(self, s: Sequence, logits: Tensor) -> None:
+        if s.finish:
+            return
+        tok = sample_row(logits, s.params, s.gen, s.prompt_ids, s.ids)
+        self._append(s, tok, logits)
+
+    def _append(self, s: Sequence, tok: int, logits: Tensor) -> None:
+        """Record a sampled token: logprobs, text, stop strings and ids, turn hooks, length."""
+        p = s.params
+        s.tokens.append(tok)
+        s.ids.append(tok)
+        s.sampled.append(1)
+        if s.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)
             entry = {tok: float(lp[tok])}
             if p.logprobs:
                 top = torch.topk(lp, p.logprobs)
                 entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=False))
-            row.logprobs.append(entry)
-            row.cum += entry[tok]
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            s.logprobs.append(entry)
+            s.cum += entry[tok]
         if p.stop:
-            hits = [row.text.find(s, max(0, row.emitted - len(s))) for s in p.stop]
-            hits = [h for h in hits if h >= 0]
+            text = s.text
+            hits = [h for h in (text.find(x, max(0, s.emitted - len(x))) for x in p.stop)
+                    if h >= 0]
             if hits:
-                row.text = row.text[:min(hits)]
-                row.finish = "stop"
-                return tok
-        if tok in row.stop_ids:
-            row.finish = "stop"
-        elif len(row.ids) >= p.max_tokens or len(row.prompt_ids) + len(row.ids) >= ctx:
-            row.finish = "length"
-        return tok
+                s.cut = text[:min(hits)]
+                s.finish = "stop"
+                return
+        if tok in s.stop_ids:
+            if s.on_turn_end is None:
+                s.finish = "stop"
+                return
+            turn = self.tokenizer.decode(s.ids[s.turn_start:], skip_special_tokens=True)
+            s.turns.append(turn)
+            extra = s.on_turn_end(turn) if s.turn_hooks < s.max_turn_hooks else None
+            if extra is None:
+                s.finish = "stop"
+                return
+            s.turn_hooks += 1
+            self._force(s, self.tokenizer.encode(extra, bos=False))
+        if len(s.ids) >= p.max_tokens or len(s.tokens) >= self.context:
+            s.finish = "length"
 
-    def _releasable(self, row: _Row) -> str:
-        """Text that can be streamed now: not a possible stop-string prefix, no partial UTF-8."""
-        end = len(row.text)
-        if not row.finish:
-            hold = max((len(s) - 1 for s in row.params.stop), default=0)
-            end -= hold
-            while end > row.emitted and row.text[end - 1] == "\ufffd":
-                end -= 1
-        if end <= row.emitted:
-            return ""
-        delta = row.text[row.emitted:end]
-        row.emitted = end
-        return delta
+    def _force(self, s: Sequence, ids: list[int]) -> None:
+        """Append tokens the model did not choose (tool results); fed as a chunk next step."""
+        room = min(s.params.max_tokens - len(s.ids), self.context - len(s.tokens))
+        ids = ids[:max(room, 0)]
+        s.tokens += ids
+        s.ids += ids
+        s.sampled += [0] * len(ids)
+        s.turn_start = len(s.ids)
+
+    def _retire(self) -> None:
+        """Free the rows of finished sequences (storing their blocks in the prefix cache)."""
+        keep = []
+        for s in self.running:
+            if not s.finish:
+                keep.append(s)
+                continue
+            if s.row is not None:
+                if self.prefix is not None and s.leader is None and s.cached > 0:
+                    self.prefix.insert(s.tokens, self.pool, s.row, 0, s.cached)
+                if self.drafter is not None:
+                    self.drafter.release(s)
+                self.pool.release(s.row)
+                s.row = None
+        self.running = keep
+
+
+def _ema(old: float | None, new: float, a: float = 0.3) -> float:
+    return new if old is None else (1 - a) * old + a * new

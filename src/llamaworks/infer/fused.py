@@ -78,6 +78,8 @@ class FusedDecoder:
             return None
         if model.device.type != "cpu" or model.dtype != torch.float32 or not kernels.preferred():
             return None
+        if len(model.model.layers) != model.config.n_layers:  # a truncated draft: its cache
+            return None  # keeps the config's layer count
         weights: list[Tensor] = []
         kinds: list[int] = []
         none = torch.empty(0)

@@ -1,50 +1,38 @@
-"""Single-sequence generation as a token iterator (the CLI's loop), on the batch engine's
-prefill/decode steps, so quantized and compiled models work here too."""
+"""Single-sequence generation as a token iterator (the CLI's loop), on the engine."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import torch
-
-from llamaworks.infer.batch import DecodeStep, decode_batch
-from llamaworks.infer.sampling import SamplingParams, sample, sample_row
-from llamaworks.model import Llama
+from llamaworks.infer.engine import Engine
+from llamaworks.infer.sampling import SamplingParams
 
 
-@torch.inference_mode()
-def generate_tokens(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
-                    params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
-                    step: DecodeStep | None = None) -> Iterator[int]:
+def generate_tokens(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int,
+                    params: SamplingParams | None = None, stop_ids: Sequence[int] = ()
+                    ) -> Iterator[int]:
     """Yield new token ids until `max_new_tokens`, a stop id (yielded last), or the context end.
-
-    `step`: a (possibly compiled) `DecodeStep` to reuse across calls; default an eager one."""
+    Stopping the iteration early frees the sequence's row."""
     params = params or SamplingParams()
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (e.g. BOS)")
-    ctx = model.config.max_seq_len
-    n = len(prompt_ids)
+    n, ctx = len(prompt_ids), engine.context
     if n >= ctx:
         raise ValueError(f"the prompt has {n} tokens; the model's context is {ctx}")
     max_new_tokens = min(max_new_tokens, ctx - n)
     if max_new_tokens <= 0:
         return
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator().manual_seed(params.seed)
-    steps = decode_batch(model, [list(prompt_ids)], max_new_tokens, step or DecodeStep(model))
-    logits = next(steps)
-    stops = set(stop_ids)
-    out: list[int] = []
-    for i in range(max_new_tokens):
-        if params.penalized:  # penalties look at the prompt and what came out so far
-            nxt = torch.tensor([sample_row(logits[0].float().cpu(), params, gen, prompt_ids, out)])
-        else:
-            nxt = sample(logits.float().cpu(), params, gen)
-        tok = int(nxt[0])
-        out.append(tok)
-        yield tok
-        if tok in stops or i == max_new_tokens - 1:
-            break
-        logits = steps.send(nxt)
-    steps.close()
+    p = SamplingParams(**{**params.__dict__, "max_tokens": max_new_tokens, "stop": None,
+                          "stop_token_ids": list(stop_ids), "ignore_eos": True, "n": 1})
+    (seq,) = group = engine.sequences(list(prompt_ids), p)
+    engine.add(group)
+    sent = 0
+    try:
+        while sent < len(seq.ids) or not seq.finish:
+            if sent == len(seq.ids):
+                engine.step()
+            while sent < len(seq.ids):
+                sent += 1
+                yield seq.ids[sent - 1]
+    finally:
+        engine.abort(group)

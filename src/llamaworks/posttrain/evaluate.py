@@ -26,7 +26,7 @@ def prompt_messages(p: Problem) -> list[dict]:
 
 
 def prompt_ids(tokenizer: Any, p: Problem, tools: bool) -> list[int]:
-    from llamaworks.tools.formats import render
+    from llamaworks.chat.formats import render
 
     text = render(tokenizer, prompt_messages(p), calculator_schemas() if tools else None,
                   add_generation_prompt=True)

@@ -1,25 +1,24 @@
-"""Batched tool-using rollouts for GRPO and for scoring the arithmetic task.
+"""Batched tool-using rollouts for GRPO and for scoring the arithmetic task, on the engine.
 
-All rows share a prompt prefix (system prompt + tool schemas), computed once and copied into
-every row of one static KV cache; each row's own prompt is left-padded after it. Rows then decode
-in lockstep, each with a small state machine (nanochat's engine idea): when a row ends its turn
-(EOS) with a complete tool call, the tool runs and its result, rendered in the chat format up to
-the next assistant header, is forced back into the row token by token. Forced tokens are marked
-0 in `mask`, so training never learns to predict tool output.
+Each prompt is one engine sequence (`infer.engine.Engine`) with a turn hook (nanochat's forced
+tokens): when the model ends its turn (EOS) with a complete tool call, the tool runs and its
+result, rendered in the chat format up to the next assistant header, is forced into the row and
+fed as one chunk. Forced tokens are marked 0 in `mask`, so training never learns to predict tool
+output. The shared prompt prefix (system prompt + tool schemas) is computed once: the engine's
+prefix cache hands its blocks to every later row.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from llamaworks.infer.sampling import SamplingParams, sample_row
-from llamaworks.model import KVCache, Llama
-from llamaworks.posttrain.prefix import common_prefix_len, prefix_kv
+from llamaworks.infer.engine import Engine
+from llamaworks.infer.sampling import SamplingParams
+from llamaworks.model import Llama
 
 # Given a prompt's index and the assistant text of its turn, return the text to force in (tool
 # results + the next assistant header), or None when the turn holds no tool call: the row is done.
@@ -44,82 +43,33 @@ class Rollout:
 def rollout(model: Llama, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
             max_new: int = 96, temperature: float = 0.0, seed: int | None = None,
             tool_step: ToolStep | None = None, max_tool_calls: int = 2,
-            eos_ids: Sequence[int] | None = None) -> list[Rollout]:
-    """Generate one rollout per prompt (use repeated prompts for groups)."""
-    device = model.lm_head.weight.device
+            eos_ids: Sequence[int] | None = None, max_batch: int = 32) -> list[Rollout]:
+    """Generate one rollout per prompt (use repeated prompts for groups); sampled rollouts use
+    generator seed + i for prompt i."""
+    longest = max(len(p) for p in prompts)
+    max_new = min(max_new, model.config.max_seq_len - longest)
+    if max_new < 1:
+        raise ValueError(f"a prompt has {longest} tokens; the context is "
+                         f"{model.config.max_seq_len}")
+    engine = Engine(model, tokenizer, max_batch=min(max_batch, len(prompts)),
+                    context=longest + max_new)
     eos = set(eos_ids if eos_ids is not None else tokenizer.stop_ids or [])
     eos |= set(model.config.eos_token_ids)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = [Rollout(list(prompts[i])) for i in order]
-    p = common_prefix_len([r.prompt_ids for r in rows])
-    b, longest = len(rows), len(rows[0].prompt_ids)
-    size = min(longest + max_new, model.config.max_seq_len)
-    max_new = size - longest
-    if max_new < 1:
-        raise ValueError(f"a prompt has {longest} tokens; the context is {size}")
-    cache = KVCache(model.config, b, size, model.lm_head.weight.dtype, device)
-    for layer, (k, v) in enumerate(prefix_kv(model, rows[0].prompt_ids[:p])):
-        cache.k[layer, :, :, :p] = k
-        cache.v[layer, :, :, :p] = v
-    # Each row's own prompt tokens, left-padded to the longest, start at slot p.
-    tail = longest - p
-    pad = torch.tensor([longest - len(r.prompt_ids) for r in rows], device=device)
-    tokens = torch.tensor([[0] * int(pad[i]) + r.prompt_ids[p:] for i, r in enumerate(rows)],
-                          device=device)
-    slots = torch.arange(size, device=device)
-    q = p + torch.arange(tail, device=device)
-    key_ok = (slots[None, :] < p) | (slots[None, :] >= p + pad[:, None])  # [B, S]
-    mask = (key_ok[:, None, :] & (slots[None, None, :] <= q[None, :, None])) | (
-        slots[None, None, :] == q[None, :, None])
-    positions = q[None, :] - pad[:, None]
-    logits = model(tokens, positions, cache, mask[:, None], size, last_only=True)[:, -1]
-
-    params = SamplingParams(temperature=temperature, max_tokens=max_new)
-    gens = [None] * b
-    if temperature > 0:
-        base = seed if seed is not None else int(torch.randint(2**31, ()))
-        gens = [torch.Generator().manual_seed(base + i) for i in order]
-    forced: list[deque[int]] = [deque() for _ in rows]
-    turn_start = [0] * b
-    done = [False] * b
-    for i in range(max_new):
-        nxt = []
-        for r, row in enumerate(rows):
-            if done[r]:
-                nxt.append(0)
-                continue
-            if forced[r]:
-                tok, sampled = forced[r].popleft(), 0
-            else:
-                tok, sampled = sample_row(logits[r], params, gens[r], row.prompt_ids, row.ids), 1
-            row.ids.append(tok)
-            row.mask.append(sampled)
-            if sampled and tok in eos:
-                text = tokenizer.decode(row.ids[turn_start[r]:], skip_special_tokens=True)
-                row.turns.append(text)
-                extra = tool_step(order[r], text) \
-                    if tool_step and row.tool_calls < max_tool_calls else None
-                if extra is None:
-                    row.finished = done[r] = True
-                else:
-                    row.tool_calls += 1
-                    forced[r].extend(tokenizer.encode(extra, bos=False))
-                    turn_start[r] = len(row.ids) + len(forced[r])
-            nxt.append(tok)
-        if all(done) or i == max_new - 1:
-            break
-        slot = longest + i
-        positions = (slot - pad)[:, None]
-        step_mask = (key_ok & (slots[None, :] <= slot))[:, None, None, :]
-        logits = model(torch.tensor(nxt, device=device)[:, None], positions, cache, step_mask,
-                       size)[:, -1]
-    for r, row in enumerate(rows):  # cut by max_new: keep the partial turn's text
-        if not done[r] and len(row.turns) <= row.tool_calls:
-            row.turns.append(tokenizer.decode(row.ids[turn_start[r]:], skip_special_tokens=True))
-    out: list[Rollout | None] = [None] * b
-    for r, i in enumerate(order):
-        out[i] = rows[r]
-    return out  # type: ignore[return-value]
+    base = seed if seed is not None else int(torch.randint(2**31, ()))
+    groups = []
+    for i, p in enumerate(prompts):
+        params = SamplingParams(temperature=temperature, max_tokens=max_new,
+                                seed=base + i if temperature > 0 else None)
+        hook = lambda text, i=i: tool_step(i, text) if tool_step is not None else None  # noqa
+        groups.append(engine.sequences(list(p), params, hook, max_tool_calls, eos))
+    engine.run(groups)
+    out = []
+    for p, (s,) in zip(prompts, groups, strict=True):
+        r = Rollout(list(p), s.ids, s.sampled, s.turns, s.turn_hooks, s.finish == "stop")
+        if not r.finished and len(r.turns) <= r.tool_calls:  # cut by max_new: the partial turn
+            r.turns.append(tokenizer.decode(s.ids[s.turn_start:], skip_special_tokens=True))
+        out.append(r)
+    return out
 
 
 def conversation_step(tokenizer: Any, messages: list[dict], tools: list[dict],
@@ -127,8 +77,8 @@ def conversation_step(tokenizer: Any, messages: list[dict], tools: list[dict],
                       ) -> Callable[[str], str | None]:
     """The tool step of one conversation: parse the turn's tool calls, run them, and return the
     rendered tool results up to the next assistant header (in the model's chat format)."""
-    from llamaworks.tools.formats import render
-    from llamaworks.tools.parse import parse_tool_calls
+    from llamaworks.chat.formats import render
+    from llamaworks.chat.parse import parse_tool_calls
 
     history = list(messages)
 

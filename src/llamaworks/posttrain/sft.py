@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chat conversations with the loss on assistant tokens only.
 
 Data: JSONL, one `{"messages": [...OpenAI format...], "tools": [...optional schemas...]}` per
-line. Each conversation is rendered with the model's chat format (`tools.formats`), and the
+line. Each conversation is rendered with the model's chat format (`chat.formats`), and the
 assistant's spans (content, tool calls, end-of-turn marker) become the loss mask. Segments are
 tokenized one by one, so the ids are exactly what inference sees: a prompt encoded up to the
 assistant header, then the tokens the model itself emits.
@@ -104,7 +104,7 @@ def load_conversations(path: str | Path) -> list[dict[str, Any]]:
 def encode_conversation(tokenizer: Any, conv: dict[str, Any], fmt: str | None = None
                         ) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 mask (1 = assistant-generated token) of one conversation."""
-    from llamaworks.tools.formats import assistant_spans
+    from llamaworks.chat.formats import assistant_spans
 
     text, spans = assistant_spans(tokenizer, conv["messages"], conv.get("tools"), fmt=fmt)
     ids: list[int] = []

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from llamaworks.infer.continuous import ContinuousEngine, Event, Request
-from llamaworks.infer.engine import Prompt
+from llamaworks.infer.llm import Prompt
 from llamaworks.infer.sampling import SamplingParams
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamaworks.chat.formats import detect_format, render
+from llamaworks.chat.parse import ParseResult, ToolCall, ToolCallStreamer, new_call_id
 from llamaworks.errors import LlamaworksError
 from llamaworks.infer.continuous import ContinuousEngine, Event
-from llamaworks.infer.engine import RequestOutput
 from llamaworks.infer.sampling import SamplingParams
+from llamaworks.infer.sequence import RequestOutput
 from llamaworks.serve import responses as R
 from llamaworks.serve.schemas import APIError, ChatRequest, CompletionRequest, NamedToolChoice
-from llamaworks.tools.formats import detect_format, render
-from llamaworks.tools.parse import ParseResult, ToolCall, ToolCallStreamer, new_call_id
 
 
 def _context_error(n_prompt: int, max_tokens: int | None, ctx: int, param: str) -> APIError:
@@ -165,10 +165,11 @@ class ChatJob:
             out.append(self._chunk(ev.index, {}, finish))
         return out
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         assert self.result is not None
         return R.usage(len(self.result.prompt_token_ids),
-                       sum(len(o.token_ids) for o in self.result.outputs))
+                       sum(len(o.token_ids) for o in self.result.outputs),
+                       self.result.num_cached_tokens)
 
     def last_chunks(self) -> list[dict[str, Any]]:
         opts = self.body.stream_options
@@ -265,10 +266,11 @@ class CompletionJob:
             return []
         return [self._chunk([self._choice(j, ev.index, ev.text, ev.finish_reason, lps)])]
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         rs = self.results.values()
         return R.usage(sum(len(r.prompt_token_ids) for r in rs),
-                       sum(len(o.token_ids) for r in rs for o in r.outputs))
+                       sum(len(o.token_ids) for r in rs for o in r.outputs),
+                       sum(r.num_cached_tokens for r in rs))
 
     def last_chunks(self) -> list[dict[str, Any]]:
         opts = self.body.stream_options

@@ -20,7 +20,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
     from llamaworks.checkpoint import load_tokenizer
     from llamaworks.cli import _model_path
     from llamaworks.infer.continuous import ContinuousEngine
-    from llamaworks.infer.engine import LLM
+    from llamaworks.infer.llm import LLM
     from llamaworks.infer.load import load_for_use
     from llamaworks.infer.threads import use_threads
 
@@ -30,9 +30,32 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
                          args.group_size)
     llm = LLM(model, load_tokenizer(path))
     engine = ContinuousEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
-                              context=args.context)
+                              context=args.context, cache_mb=args.cache_mb,
+                              drafter=_drafter(args, model))
     name = args.model_name or path.name.removesuffix(".gguf")
     return engine, name
+
+
+def _drafter(args: argparse.Namespace, target: Any) -> Any:
+    """--draft ngram (prompt lookup) or --draft MODEL (a smaller model with the same vocabulary,
+    loaded like the main one), drafting --draft-k tokens per step; None without --draft."""
+    from llamaworks.infer.speculative import ModelDrafter, NgramDrafter
+
+    if args.draft is None:
+        return None
+    if args.draft_k < 1:
+        raise LlamaworksError("--draft-k must be >= 1")
+    if args.draft == "ngram":
+        return NgramDrafter(k=args.draft_k)
+    from llamaworks.checkpoint.discovery import model_path
+    from llamaworks.infer.load import load_for_use
+
+    drafter = ModelDrafter(load_for_use(model_path(args.draft)), k=args.draft_k)
+    try:
+        drafter.check(target)
+    except ValueError as e:
+        raise LlamaworksError(f"--draft {args.draft}: {e}") from None
+    return drafter
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -112,6 +135,13 @@ def register(sub: Any) -> None:
                    help="requests waiting for a row before new ones get 429")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence (default: min(model context, 4096))")
+    p.add_argument("--cache-mb", type=float, default=256,
+                   help="memory for the prefix cache (keys/values of prompt blocks shared "
+                   "between requests: system prompts, tool lists, chat history); 0 = off")
+    p.add_argument("--draft", default=None, metavar="MODEL|ngram",
+                   help="speculative decoding: a smaller model with the same vocabulary, or "
+                   "'ngram' for prompt lookup (no second model)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per step")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
     p.add_argument("--timeout", type=float, default=600.0,

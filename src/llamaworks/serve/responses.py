@@ -8,8 +8,8 @@ import time
 import uuid
 from typing import Any
 
-from llamaworks.tools.formats import hermes_call_text
-from llamaworks.tools.parse import CLOSE, OPEN, ParseResult, parse_tool_calls
+from llamaworks.chat.formats import hermes_call_text
+from llamaworks.chat.parse import CLOSE, OPEN, ParseResult, parse_tool_calls
 
 
 def new_id(prefix: str) -> str:
@@ -21,9 +21,13 @@ def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+          ) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens served from
+    the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 # -- logprobs -----------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class Message(_Body):
         return self.content or ""
 
     def to_render(self) -> dict[str, Any]:
-        """The plain dict `tools.formats.render` takes (content as text)."""
+        """The plain dict `chat.formats.render` takes (content as text)."""
         role = "system" if self.role == "developer" else self.role
         out: dict[str, Any] = {"role": role, "content": self.text()}
         if self.tool_calls:

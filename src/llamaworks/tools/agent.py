@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamaworks.tools.formats import detect_format, render
-from llamaworks.tools.parse import ToolCallStreamer, parse_tool_calls
+from llamaworks.chat.formats import detect_format, render
+from llamaworks.chat.parse import ToolCallStreamer, parse_tool_calls
 from llamaworks.tools.registry import ToolRegistry
 
 Event = dict[str, Any]

@@ -73,7 +73,7 @@ def _show_step(event: dict) -> None:
 
 def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any) -> int:
     """`chat --tools`: answer -p once (optionally as JSON) or run a REPL, with the agent loop."""
-    from llamaworks.infer.engine import LLM
+    from llamaworks.infer.llm import LLM
     from llamaworks.infer.sampling import SamplingParams
     from llamaworks.tools.agent import run_agent
     from llamaworks.tools.registry import default_registry

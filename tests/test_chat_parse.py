@@ -7,7 +7,7 @@ import json
 import pytest
 from openai.types.chat import ChatCompletionMessageToolCall
 
-from llamaworks.tools.parse import ToolCall, ToolCallStreamer, parse_tool_calls
+from llamaworks.chat.parse import ToolCall, ToolCallStreamer, parse_tool_calls
 
 CALC = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17*23"}}\n</tool_call>'
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>'

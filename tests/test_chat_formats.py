@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from llamaworks.tools.formats import assistant_spans, detect_format, mistral_call_id, render
-from llamaworks.tools.parse import ToolCallStreamer, parse_tool_calls
+from llamaworks.chat.formats import assistant_spans, detect_format, mistral_call_id, render
+from llamaworks.chat.parse import ToolCallStreamer, parse_tool_calls
 
 QWEN25_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -369,7 +369,7 @@ def test_llama3_template_without_tools_renders_tool_turns_as_llama31(smollm_toke
 
 
 def test_llama2_renders_plain_chat_exactly_and_tool_calls_round_trip(smollm_tokenizer):
-    from llamaworks.tools.formats import LLAMA2_TEMPLATE
+    from llamaworks.chat.formats import LLAMA2_TEMPLATE
 
     tok = _with_template(smollm_tokenizer, LLAMA2_TEMPLATE)
     assert detect_format(tok) == "llama2"
@@ -568,7 +568,7 @@ def test_mistral_tool_calls_round_trip_through_the_template(spm_tokenizer, name)
 
 def test_canonical_mistral_template_is_nemos_own(smollm_tokenizer, spm_tokenizer):
     """fmt="mistral" on a model without a Mistral template renders with Nemo's, verbatim."""
-    from llamaworks.tools.formats import MISTRAL_TEMPLATE
+    from llamaworks.chat.formats import MISTRAL_TEMPLATE
 
     assert MISTRAL_TEMPLATE == real_template(NEMO)
     chat = SINGLE_CALL_CHAT[1:]

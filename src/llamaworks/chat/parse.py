@@ -1,6 +1,6 @@
 """Tool calls out of generated text, whole (`parse_tool_calls`) or streamed (`ToolCallStreamer`).
 
-Formats (see `tools.formats`):
+Formats (see `chat.formats`):
 - "chatml" and "llama2": Hermes/Qwen2.5 blocks `<tool_call>\\n{"name": ..., "arguments": {...}}\\n
   </tool_call>`, any number, anywhere in the text; the text outside the blocks is the content.
 - "llama3": Llama-3.1 JSON calls, the whole reply being `{"name": ..., "parameters": {...}}`
@@ -29,7 +29,7 @@ from typing import Any
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 TOOL_CALLS, CALL_ID, ARGS = "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"
-FORMATS = ("chatml", "llama3", "llama2", "mistral")  # as tools.formats.FORMATS
+FORMATS = ("chatml", "llama3", "llama2", "mistral")  # as chat.formats.FORMATS
 
 
 def new_call_id() -> str:
