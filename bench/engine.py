@@ -37,7 +37,7 @@ PASSAGE = ("The printing press was invented by Johannes Gutenberg around 1440 in
 def _engine(llm, **kw):
     from llamaworks.infer.continuous import ContinuousEngine
 
-    return ContinuousEngine(llm, max_batch=8, context=4096, **kw).start()
+    return ContinuousEngine(llm, max_batch=8, context=4096, reserve=True, **kw).start()
 
 
 def bench_gap(llm, tok) -> dict[str, float]:

@@ -67,10 +67,33 @@ def test_a_long_prompt_enters_in_chunks_while_running_rows_decode_every_step(mod
 
 def test_the_adaptive_chunk_budget_follows_the_measured_step_costs(model):
     engine = Engine(model, ByteTokenizer(), chunk=512, max_gap=3.0)
-    assert engine._budget(decoding=True) == 512  # nothing measured yet
-    engine._decode_s, engine._token_s = 0.010, 0.001  # 10 ms a step, 1 ms a prompt token
-    assert engine._budget(decoding=True) == 20  # (3 - 1) x 10 ms of prompt tokens
-    assert engine._budget(decoding=False) == 512  # nothing to stall: the whole chunk
+    assert engine._budget(decoding=True, mixed=True) == 8  # nothing measured yet: start small
+    engine._decode_s, engine._mixed_s, engine._token_s = 0.010, 0.002, 0.0005
+    assert engine._budget(decoding=True, mixed=True) == 10  # (3 - 1) x 10 ms of 2 ms rows
+    assert engine._budget(decoding=True, mixed=False) == 40  # of 0.5 ms eager prompt tokens
+    assert engine._budget(decoding=False, mixed=False) == 512  # nothing to stall: everything
+    engine._mixed_s = 1e-5
+    assert engine._budget(decoding=True, mixed=True) == 512  # more than MIX_MAX: an eager chunk
+
+
+def test_prompt_tokens_riding_in_the_fused_step_give_the_eager_keys_and_values(model):
+    """A prompt chunk fed as rows of the fused step (sharing one cache row) writes the cache the
+    eager forward writes, and its last row's logits are the eager ones."""
+    from llamaworks.infer.step import Step
+
+    step = Step(model)
+    if step.fused is None:
+        pytest.fail("the fused step must build on the test machines")
+    ids = ByteTokenizer().encode("a prompt of some length")
+    pools = [KVPool(model, 2, 512), KVPool(model, 2, 512)]
+    want = step.extend(pools[0], [1], [ids], [0])[0][-1]
+    n = len(ids)
+    got = step.mixed(pools[1], torch.tensor(ids), torch.arange(n), torch.ones(n, dtype=torch.long),
+                     torch.tensor([n - 1]))[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pools[1].cache.k[:, 1, :, :n], pools[0].cache.k[:, 1, :, :n],
+                               atol=1e-4, rtol=1e-4)
+    assert pools[1].cache.k[:, 0].abs().sum() == 0  # the other row untouched
 
 
 def test_the_prefix_cache_reuses_a_shared_system_prompt_and_changes_no_token(model):

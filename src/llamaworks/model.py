@@ -100,11 +100,12 @@ class KVCache(nn.Module):
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 per_row: bool = False):
+                 per_row: bool = False, zero: bool = True):
         super().__init__()
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        new = torch.zeros if zero else torch.empty  # empty: every slot is written before use
+        self.register_buffer("k", new(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", new(shape, dtype=dtype, device=device), persistent=False)
         self.max_seq_len = max_seq_len
         self.per_row = per_row
 

@@ -95,11 +95,14 @@ class ContinuousEngine:
     `submit` raises QueueFullError. context: tokens per row (default min(model context, 4096)).
     cache_mb: prefix-cache budget. chunk: most prompt tokens per step; max_gap: while rows
     decode, a step admitting a prompt chunk takes about this many plain decode steps (None: always
-    `chunk`). drafter: speculative decoding (`infer.speculative`)."""
+    `chunk`). drafter: speculative decoding (`infer.speculative`). reserve: allocate the KV
+    cache of every row at the full context now (the server does: growing it later stalls a step
+    for as long as copying it takes)."""
 
     def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, cache_mb: float = 256,
-                 max_gap: float | None = 2.5, chunk: int = 512, drafter: object = None):
+                 max_gap: float | None = 2.0, chunk: int = 512, drafter: object = None,
+                 reserve: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
@@ -109,6 +112,8 @@ class ContinuousEngine:
                              step=llm.step, cache_mb=cache_mb, max_gap=max_gap,
                              chunk=chunk, drafter=drafter)
         self.context = self.engine.context
+        if reserve:
+            self.engine.pool.reserve()
         self.stats = Stats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # sequence id -> request

@@ -36,6 +36,8 @@ from llamaworks.infer.sequence import Sequence, TurnHook
 from llamaworks.infer.step import Step
 from llamaworks.model import Llama
 
+MIX_MAX = 64  # most prompt tokens that ride along in a fused decode step
+
 
 class Engine:
     """Decode many sequences over one model.
@@ -60,8 +62,9 @@ class Engine:
         self.chunk, self.max_gap, self.drafter = chunk, max_gap, drafter
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.running: list[Sequence] = []
-        self._decode_s: float | None = None  # moving averages for the chunk budget
-        self._token_s: float | None = None
+        self._decode_s: float | None = None  # moving averages for the chunk budget: a decode
+        self._token_s: float | None = None  # step; a prompt token in an eager chunk; one more
+        self._mixed_s: float | None = None  # row of the fused step
         self.steps = 0
 
     @property
@@ -131,10 +134,18 @@ class Engine:
         decoding = [s for s in self.running if s.pending == 1 and s.leader is None]
         verify = self.drafter.propose(self, decoding) if self.drafter is not None else {}
         decoding = [s for s in decoding if s.id not in verify]
-        if decoding:
-            touched += self._decode(decoding)
-        touched += self._verify(verify)
-        touched += self._extend(bool(decoding))
+        fused, busy = self.step_fn.fused is not None, bool(decoding or verify)
+        mixed = busy and fused and self._budget(True, True) <= MIX_MAX
+        chunks = self._chunks(self._budget(busy, mixed))
+        if fused and busy:  # decoding rows, drafts and small prompt chunks in one fused call
+            touched += self._decode(decoding, chunks if mixed else [], verify)
+            if mixed:
+                chunks = []
+        else:
+            if decoding:
+                touched += self._decode(decoding, [], {})
+            touched += self._verify(verify)
+        touched += self._extend(chunks)
         self.steps += 1
         self._retire()
         return list({s.id: s for s in touched}.values())
@@ -150,45 +161,111 @@ class Engine:
                 s.leader = group[0] if s is not group[0] else None
             self.running += group
 
-    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        rows = self.pool.allocated
-        tokens, pos = [0] * rows, [0] * rows
-        for s in self.running:  # rows not decoding write the next slot they will write anyway
-            pos[s.row] = min(s.cached, self.context - 1)
-        for s in seqs:
-            tokens[s.row] = s.tokens[-1]
-        self.pool.ensure(max(pos) + 1)
+    def _decode(self, seqs: list[Sequence], chunks: list[tuple[Sequence, int]],
+                verify: dict[int, Any]) -> list[Sequence]:
+        """One token for each of `seqs`; with the fused step, also the prompt `chunks` and the
+        drafts to verify (one entry per token, sharing their sequence's cache row)."""
         device = self.pool.cache.k.device
         t0 = time.perf_counter()
-        logits = self.step_fn.decode(self.pool, torch.tensor(tokens, device=device),
-                                     torch.tensor(pos, device=device),
-                                     max(s.row for s in seqs) + 1)
-        self._decode_s = _ema(self._decode_s, (time.perf_counter() - t0))
-        for s in seqs:
+        checked = [s for s in self.running if s.id in verify]
+        if self.step_fn.fused is not None:
+            tokens = [s.tokens[-1] for s in seqs]
+            pos, rows = [s.cached for s in seqs], [s.row for s in seqs]
+            head = list(range(len(seqs)))
+            for s, n in chunks:
+                tokens += s.tokens[s.cached:s.cached + n]
+                pos += range(s.cached, s.cached + n)
+                rows += [s.row] * n
+                if s.cached + n == len(s.tokens):
+                    head.append(len(tokens) - 1)
+            spans = []
+            for s in checked:  # the last token and the drafts, logits at every one
+                fed = [s.tokens[-1], *verify[s.id][0]]
+                spans.append((len(head), len(head) + len(fed)))
+                head += range(len(tokens), len(tokens) + len(fed))
+                tokens += fed
+                pos += range(s.cached, s.cached + len(fed))
+                rows += [s.row] * len(fed)
+            self.pool.ensure(max(pos) + 1)
+            logits = self.step_fn.mixed(self.pool, torch.tensor(tokens, device=device),
+                                        torch.tensor(pos, device=device),
+                                        torch.tensor(rows, device=device),
+                                        torch.tensor(head, device=device))
+        else:
+            full = [0] * self.pool.allocated
+            tokens, pos = list(full), list(full)
+            for s in self.running:  # rows not decoding write the next slot they write anyway
+                pos[s.row] = min(s.cached, self.context - 1)
+            for s in seqs:
+                tokens[s.row] = s.tokens[-1]
+            self.pool.ensure(max(pos) + 1)
+            out = self.step_fn.decode(self.pool, torch.tensor(tokens, device=device),
+                                      torch.tensor(pos, device=device),
+                                      max(s.row for s in seqs) + 1)
+            logits = out[[s.row for s in seqs]]
+        took = time.perf_counter() - t0
+        n_chunk = sum(n for _, n in chunks)
+        if n_chunk == 0 and not checked:
+            self._decode_s = _ema(self._decode_s, took)
+        elif self._decode_s is not None and not checked:
+            self._mixed_s = _ema(self._mixed_s, max(took - self._decode_s, 0.0) / n_chunk)
+        if checked:
+            self._verify(verify, {s.id: logits[a:b] for s, (a, b) in zip(checked, spans,
+                                                                         strict=True)})
+        for i, s in enumerate(seqs):
             s.cached += 1
-            self._sample(s, logits[s.row])
-        return seqs
+            self._sample(s, logits[i])
+        touched = list(seqs)
+        j = len(seqs)
+        for s, n in chunks:
+            start = s.cached
+            s.cached += n
+            if self.prefix is not None:
+                self.prefix.insert(s.tokens, self.pool, s.row, start, s.cached)
+            if s.pending == 0:
+                touched += self._prompt_done(s, logits[j])
+                j += 1
+        return touched
 
-    def _budget(self, decoding: bool) -> int:
-        if not decoding or self.max_gap is None or self._decode_s is None \
-                or self._token_s is None:
+    def _budget(self, decoding: bool, mixed: bool) -> int:
+        """Prompt tokens for this step. Nothing decoding, or no `max_gap`: the whole chunk.
+        Otherwise what fits in (max_gap - 1) decode steps at the measured cost of a prompt token
+        (of the fused mixed step, or of an eager chunk), starting small until measured."""
+        if not decoding or self.max_gap is None:
             return self.chunk
-        tokens = (self.max_gap - 1) * self._decode_s / self._token_s
-        return max(16, min(self.chunk, int(tokens)))
+        per_token = self._mixed_s if mixed else self._token_s
+        if self._decode_s is None or per_token is None:
+            return min(self.chunk, 8 if mixed else 16)
+        tokens = int((self.max_gap - 1) * self._decode_s / max(per_token, 1e-6))
+        return max(1, min(self.chunk, tokens))
 
-    def _extend(self, decoding: bool) -> list[Sequence]:
-        """Prompt chunks and forced tokens, oldest sequence first, within this step's budget."""
-        budget = self._budget(decoding)
-        touched = []
+    def _chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to feed) of the prompts and forced tokens pending, oldest first,
+        within `budget`; a prompt's cached prefix is loaded first (as late as possible, so a
+        prefix computed earlier this step is found)."""
+        out = []
         for s in [s for s in self.running if s.pending > 1 and s.leader is None]:
             if budget <= 0:
                 break
-            if s.cached == 0 and self.prefix is not None:  # (looked up as late as possible)
+            if s.cached == 0 and self.prefix is not None:
                 blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
                 self.pool.ensure(len(blocks) * self.prefix.block + 1)
                 s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
             n = min(s.pending, budget)
             budget -= n
+            out.append((s, n))
+        return out
+
+    def _extend(self, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Feed each chunk on the eager forward (one call per sequence: large chunks batch their
+        matmuls over the tokens)."""
+        touched = []
+        for s, n in chunks:
+            if s.cached == 0 and self.prefix is not None:  # a prefix stored by an earlier chunk
+                blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
+                self.pool.ensure(len(blocks) * self.prefix.block + 1)
+                s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
+                n = min(n, s.pending)
             start = s.cached
             self.pool.ensure(start + n + 1)
             t0 = time.perf_counter()
@@ -213,12 +290,15 @@ class Engine:
             self._sample(o, logits)
         return [s, *sibs]
 
-    def _verify(self, verify: dict[int, Any]) -> list[Sequence]:
-        """Score each row's last token plus its drafts in one forward; keep the drafts the
-        target itself would have chosen (greedy) or accepts by rejection sampling."""
+    def _verify(self, verify: dict[int, Any], outs: dict[int, Tensor] | None = None
+                ) -> list[Sequence]:
+        """Score each row's last token plus its drafts in one forward (unless `outs` holds
+        those logits already); keep the drafts the target itself would have chosen (greedy) or
+        accepts by rejection sampling."""
         seqs = [s for s in self.running if s.id in verify]
-        outs: dict[int, Tensor] = {}
-        for n in sorted({len(v[0]) for v in verify.values()}):  # equal lengths: no padding
+        given = outs is not None
+        outs = outs or {}
+        for n in sorted({len(v[0]) for v in verify.values()} if not given else ()):
             group = [s for s in seqs if len(verify[s.id][0]) == n]
             self.pool.ensure(max(s.cached for s in group) + n + 2)
             got = self.step_fn.extend(self.pool, [s.row for s in group],

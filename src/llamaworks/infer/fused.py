@@ -106,11 +106,15 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, rope_pos: Tensor, write_pos: Tensor, k_cache: Tensor,
-                 v_cache: Tensor, mask: Tensor) -> Tensor:
-        """Logits [B, vocab] (float32) for one new token per row.
+                 v_cache: Tensor, mask: Tensor, cache_rows: Tensor | None = None,
+                 head_rows: Tensor | None = None) -> Tensor:
+        """Logits (float32) for one new token per row: [B, vocab], or [len(head_rows), vocab]
+        for just those rows (the output head is most of a small model's step).
 
-        tokens, rope_pos, write_pos: [B]; k_cache/v_cache: [layers, B, n_kv, slots, head_dim]
-        float32 (written at write_pos); mask: [B, kv_len] bool, the slots each row attends to."""
+        tokens, rope_pos, write_pos: [B]; k_cache/v_cache: [layers, rows, n_kv, slots, head_dim]
+        float32, row b using cache row cache_rows[b] (default b; rows sharing a cache row are the
+        tokens of one prompt chunk) written at write_pos; mask: [B, kv_len] bool, the slots each
+        row attends to."""
         m, cfg = self.model, self.model.config
         x = m.model.embed_tokens(tokens.reshape(-1))
         if cfg.embed_scale is not None:
@@ -120,10 +124,13 @@ class FusedDecoder:
         if cfg.sliding_window:  # keys within the window of the row's write slot, as the model
             slots = torch.arange(mask.shape[1], device=mask.device)
             local = mask & (slots[None, :] > write[:, None] - cfg.sliding_window)
+        rows = torch.empty(0, dtype=torch.long) if cache_rows is None else cache_rows
         x = kernels.ops(self.tier).decode_layers(
             x, self.weights, self.kinds, k_cache, v_cache, write, rope_pos.reshape(-1),
             m.inv_freq, mask, cfg.n_heads, float(cfg.norm_eps),
             getattr(m, "inv_freq_local", m.inv_freq), local, self.sliding,
             float(cfg.attn_scale or 0.0),
-            int(cfg.activation == "gelu_tanh"))
+            int(cfg.activation == "gelu_tanh"), rows)
+        if head_rows is not None:
+            x = x[head_rows]
         return m.lm_head(m.model.norm(x)).float()

@@ -56,30 +56,46 @@ class KVPool:
         self.cache = self._new(1, min(min_len, context))
         self.free = list(range(rows))
 
-    def _new(self, rows: int, length: int) -> KVCache:
+    def _new(self, rows: int, length: int, zero: bool = True) -> KVCache:
         return KVCache(self.model.config, rows, length, self.model.dtype,
-                       self.model.device, per_row=True)
+                       self.model.device, per_row=True, zero=zero)
 
     @property
     def length(self) -> int:
         return self.cache.max_seq_len
 
     @property
+    def bytes_per_token(self) -> int:
+        """Keys + values of one token in one row, all layers."""
+        k = self.cache.k
+        return 2 * k.shape[0] * k.shape[2] * k.shape[4] * k.element_size()
+
+    @property
     def allocated(self) -> int:
         return self.cache.k.shape[1]
 
     def _grow(self, rows: int, length: int) -> None:
+        """A bigger pool holding the old one; the new part zeroed (stale but finite keys are
+        harmless under a mask, garbage could be NaN), without zeroing what is copied over."""
         old = self.cache
         n, t = old.k.shape[1], old.max_seq_len
-        self.cache = self._new(rows, length)
-        self.cache.k[:, :n, :, :t] = old.k
-        self.cache.v[:, :n, :, :t] = old.v
+        self.cache = self._new(rows, length, zero=False)
+        for new, prev in ((self.cache.k, old.k), (self.cache.v, old.v)):
+            new[:, :n, :, :t] = prev
+            new[:, :n, :, t:] = 0
+            new[:, n:] = 0
 
     @staticmethod
     def _pow2(have: int, need: int, cap: int) -> int:
         while have < need:
             have *= 2
         return min(have, cap)
+
+    def reserve(self) -> None:
+        """Allocate every row at the full context now (a server does, as llama.cpp's -c does),
+        so no step ever stalls growing the pool."""
+        if self.allocated < self.rows or self.length < self.context:
+            self._grow(self.rows, self.context)
 
     def ensure(self, length: int) -> None:
         """Grow every row (powers of two, capped at `context`) to hold `length` positions."""

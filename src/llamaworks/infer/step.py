@@ -86,6 +86,20 @@ class Step:
         return self._eager_decode(tokens, pos, view, mask)
 
     @torch.inference_mode()
+    def mixed(self, pool: KVPool, tokens: Tensor, pos: Tensor, rows: Tensor,
+              head_rows: Tensor) -> Tensor:
+        """The fused step over any rows of the pool, one token each (tokens, pos, rows: [N]):
+        decoding rows, and prompt chunks as one entry per token sharing their cache row (a
+        token sees the earlier ones of its chunk: the step writes every key before attending).
+        Logits [len(head_rows), vocab] of the entries in `head_rows`."""
+        assert self.fused is not None
+        mask = causal_mask(pos[:, None], int(pos.max()) + 1)[:, 0]
+        pool.ensure_rows(int(rows.max()) + 1)
+        pool.ensure(int(pos.max()) + 1)
+        c = pool.cache
+        return self.fused(tokens, pos, pos, c.k, c.v, mask, rows, head_rows)
+
+    @torch.inference_mode()
     def extend(self, pool: KVPool, rows: Sequence[int], chunks: Sequence[Sequence[int]],
                starts: Sequence[int], every: bool = False) -> list[Tensor]:
         """Feed several tokens to each of `rows` (chunk i starting at position starts[i]); per

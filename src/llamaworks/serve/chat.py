@@ -97,7 +97,7 @@ class ChatJob:
             max_tokens=_budget(len(ids), asked, default_max_tokens, engine.context, "messages"),
             stop=stop, logprobs=self.top if body.logprobs else None,
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            repetition_penalty=body.repetition_penalty)
+            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         self.streamers = [self._streamer() for _ in range(body.n)]
         self.texts = [""] * body.n
         self.result: RequestOutput | None = None
@@ -229,7 +229,7 @@ class CompletionJob:
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
             max_tokens=budget, stop=body.stop, logprobs=body.logprobs,
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            repetition_penalty=body.repetition_penalty)
+            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         self.texts = [self.tok.decode(q) if body.echo else "" for q in self.prompts]
         self.results: dict[int, RequestOutput] = {}
         self.error: str | None = None

@@ -31,7 +31,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
     llm = LLM(model, load_tokenizer(path))
     engine = ContinuousEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
                               context=args.context, cache_mb=args.cache_mb,
-                              drafter=_drafter(args, model))
+                              drafter=_drafter(args, model), reserve=True)
     name = args.model_name or path.name.removesuffix(".gguf")
     return engine, name
 
@@ -96,9 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      cors_origins=origins)
     for line in warnings(args.host, key, allowed_hosts(args.host, hosts)):
         print(line, file=sys.stderr, flush=True)
+    pool = engine.engine.pool
+    kv_mb = pool.bytes_per_token * pool.rows * pool.context / 2**20
     print(f"serving {name} on http://{args.host}:{args.port} (web chat at /, OpenAI API at "
-          f"/v1; {args.max_batch} rows, queue {args.max_queue}, context {engine.context})",
-          flush=True)
+          f"/v1; {args.max_batch} rows, queue {args.max_queue}, context {engine.context}, KV "
+          f"cache {kv_mb:.0f} MB + prefix cache up to {args.cache_mb:g} MB)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -134,7 +136,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a row before new ones get 429")
     p.add_argument("--context", type=int, default=None,
-                   help="tokens per sequence (default: min(model context, 4096))")
+                   help="tokens per sequence (default: min(model context, 4096)); the KV cache "
+                   "of --max-batch x --context tokens is allocated at start, as llama.cpp's -c")
     p.add_argument("--cache-mb", type=float, default=256,
                    help="memory for the prefix cache (keys/values of prompt blocks shared "
                    "between requests: system prompts, tool lists, chat history); 0 = off")

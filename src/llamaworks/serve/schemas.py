@@ -196,6 +196,7 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extra field (HF's definition)
+    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says
     user: str | None = None
 
     @field_validator("stop")

@@ -98,7 +98,10 @@ inline void add_bias(float* y, const float* bias, int64_t n) {
 // tensors where absent): q, k, v, o biases, q_norm, k_norm [head_dim], pre_feedforward and
 // post_feedforward norms (sandwich: post_attention_layernorm then norms the attention output);
 // kinds: per layer the 7 matrices' kinds. k_cache/v_cache [L, B, n_kv, S, head_dim] float32 (any
-// strides on the first three dims), written at write_pos [B]; rope_pos [B] rotary positions;
+// strides on the first three dims), row b using cache row cache_rows[b] (empty: row b; several
+// rows may share a cache row: a prompt chunk, one token per row, whose later tokens see the
+// earlier ones because every row's keys are written before any row attends), written at
+// write_pos [B]; rope_pos [B] rotary positions;
 // mask [B, kv_len] bool: the cache slots each row attends to; sliding layers (sliding[l] != 0)
 // use inv_freq_local and local_mask instead. attn_scale: the softmax scale (0: 1/sqrt(hd));
 // gelu: tanh-GELU instead of SiLU on the gate. Returns the residual stream after the last layer.
@@ -107,7 +110,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
                          const at::Tensor& rope_pos, const at::Tensor& inv_freq,
                          const at::Tensor& mask, int64_t n_heads, double eps,
                          const at::Tensor& inv_freq_local, const at::Tensor& local_mask,
-                         at::IntArrayRef sliding, double attn_scale, int64_t gelu) {
+                         at::IntArrayRef sliding, double attn_scale, int64_t gelu,
+                         const at::Tensor& cache_rows) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "x must be a float32 [batch, dim] CPU tensor");
   const int64_t B = x_in.size(0), D = x_in.size(1);
@@ -118,8 +122,15 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
               "need 17 weight tensors, 7 kinds and a sliding flag per layer");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k_cache.size(0) == L && k_cache.size(1) == B,
-              "caches must be float32 [layers, batch, n_kv, slots, head_dim]");
+                  k_cache.size(0) == L,
+              "caches must be float32 [layers, rows, n_kv, slots, head_dim]");
+  const at::Tensor cr = cache_rows.numel() ? cache_rows.to(at::kLong).contiguous()
+                                           : at::arange(B, at::kLong);
+  TORCH_CHECK(cr.numel() == B, "cache_rows needs one entry per row (or none)");
+  const int64_t* crow = cr.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(crow[b] >= 0 && crow[b] < k_cache.size(1), "cache row ", crow[b],
+                " out of range");
   const int64_t n_kv = k_cache.size(2), S = k_cache.size(3), hd = k_cache.size(4);
   TORCH_CHECK(k_cache.stride(4) == 1 && k_cache.stride(3) == hd && v_cache.stride(4) == 1 &&
                   v_cache.stride(3) == hd,
@@ -257,16 +268,20 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
         for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)  // q heads, then k heads
           rope(row + hh * hd, &cosv[lm.kind][b * half], &sinv[lm.kind][b * half], half);
         for (int64_t g = 0; g < n_kv; ++g) {
-          std::memcpy(kc + l * kl + b * kb + g * kh + wpos[b] * hd, row + nq + g * hd, hd * 4);
-          std::memcpy(vc + l * vl + b * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd, hd * 4);
+          std::memcpy(kc + l * kl + crow[b] * kb + g * kh + wpos[b] * hd, row + nq + g * hd,
+                      hd * 4);
+          std::memcpy(vc + l * vl + crow[b] * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd,
+                      hd * 4);
         }
       }
       const int64_t tasks = B * n_heads, per = (tasks + T - 1) / T;
+      // head-major: a thread's tasks run one head over consecutive rows, so the rows of a
+      // prompt chunk (sharing a cache row) read the same keys while they are in cache
       for (int64_t t = tid * per; t < std::min(tasks, (tid + 1) * per); ++t) {
-        const int64_t b = t / n_heads, hh = t % n_heads, g = hh / group;
+        const int64_t hh = t / B, b = t % B, g = hh / group;
         const float* q = qkv.data() + b * (nq + 2 * nk) + hh * hd;
-        const float* keys = kc + l * kl + b * kb + g * kh;
-        const float* vals = vc + l * vl + b * vb + g * vh;
+        const float* keys = kc + l * kl + crow[b] * kb + g * kh;
+        const float* vals = vc + l * vl + crow[b] * vb + g * vh;
         const bool* m = masks[lm.kind] + b * kv_len;
         float* sc = scores.data() + t * kv_len;
         float mx = -std::numeric_limits<float>::infinity();
@@ -347,7 +362,7 @@ LW_FRAGMENT(m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor write_pos, Tensor rope_pos, Tensor inv_freq, Tensor mask, "
         "int n_heads, float eps, Tensor inv_freq_local, Tensor local_mask, int[] sliding, "
-        "float attn_scale, int gelu) -> Tensor");
+        "float attn_scale, int gelu, Tensor cache_rows) -> Tensor");
 }
 
 LW_IMPL(m) {
