@@ -131,10 +131,3 @@ def sample_row(logits: Tensor, p: SamplingParams, generator: torch.Generator | N
     if p.greedy:
         return int(logits.argmax())
     return int(torch.multinomial(probs_for(logits, p), 1, generator=generator))
-
-
-def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """Token ids [B] from logits [B, vocab], all rows with the same params (no penalties)."""
-    if p.greedy:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(probs_for(logits, p), 1, generator=generator).squeeze(-1)

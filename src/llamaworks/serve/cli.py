@@ -31,7 +31,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
     llm = LLM(model, load_tokenizer(path))
     engine = ContinuousEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
                               context=args.context, cache_mb=args.cache_mb,
-                              drafter=_drafter(args, model), reserve=True)
+                              max_gap=args.max_gap, drafter=_drafter(args, model),
+                              reserve=True)
     name = args.model_name or path.name.removesuffix(".gguf")
     return engine, name
 
@@ -141,6 +142,10 @@ def register(sub: Any) -> None:
     p.add_argument("--cache-mb", type=float, default=256,
                    help="memory for the prefix cache (keys/values of prompt blocks shared "
                    "between requests: system prompts, tool lists, chat history); 0 = off")
+    p.add_argument("--max-gap", type=float, default=2.0,
+                   help="while sequences decode, a step that also feeds a prompt chunk takes "
+                   "about this many plain steps (chunked prefill); larger = long prompts start "
+                   "sooner, streams stutter more")
     p.add_argument("--draft", default=None, metavar="MODEL|ngram",
                    help="speculative decoding: a smaller model with the same vocabulary, or "
                    "'ngram' for prompt lookup (no second model)")
