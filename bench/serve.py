@@ -114,15 +114,13 @@ class LlamaServer:
 
 def _serve_args(args: argparse.Namespace) -> argparse.Namespace:
     """`llamaworks serve`'s own defaults with this run's model, threads, batch and context."""
-    from llamaworks.serve.cli import register
+    from llamaworks.serve.cli import serve_args
 
-    root = argparse.ArgumentParser()
-    register(root.add_subparsers())
-    argv = ["serve", "--model", str(args.model), "--max-batch", str(args.max_batch),
+    argv = ["--model", str(args.model), "--max-batch", str(args.max_batch),
             "--context", str(args.context)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
-    return root.parse_args(argv)
+    return serve_args(*argv)
 
 
 def _tokens(counts: list[int]) -> str:

@@ -72,6 +72,23 @@ def test_generate_same_seed_same_text_and_sampling_varies_with_seed(capsys):
     assert a["ids"] != c["ids"]
 
 
+def test_generate_and_chat_follow_a_json_schema_file(capsys, tmp_path):
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+              "required": ["capital"], "additionalProperties": False}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    out = run_json(capsys, "generate", "--prompt", "The capital of France as JSON:",
+                   "--max-new-tokens", "40", "--temperature", "1.0", "--seed", "3",
+                   "--json-schema", str(f), "--json")
+    assert set(json.loads(out["text"])) == {"capital"}
+    reply = run_json(capsys, "chat", "-p", "What is the capital of France?", "--json-schema",
+                     str(f), "--json")["answer"]
+    assert json.loads(reply) == {"capital": "Paris"}
+    f.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    assert main(["generate", "--prompt", "x", "--json-schema", str(f)]) == 2
+    assert "uniqueItems" in capsys.readouterr().err
+
+
 def test_chat_once_answers_with_the_template_and_stops_at_end_of_turn():
     r = subprocess.run([sys.executable, "-m", "llamaworks.cli", "chat", "-p",
                         "What is the capital of France? Answer in one word.",

@@ -35,20 +35,17 @@ def test_chat_tools_solves_heldout_problems_with_the_shipped_adapter(capsys):
 def test_server_with_the_adapter_calls_the_calculator_on_its_own_and_answers(tmp_path):
     """tool_choice "auto" through the official openai client: the adapter-tuned model asks for
     the calculator, the client runs it, the model answers with the exact result."""
-    import argparse
-
     import openai
 
     from llamaworks.posttrain.tasks import calculator_schemas
     from llamaworks.serve.app import create_app
     from llamaworks.serve.background import BackgroundServer
-    from llamaworks.serve.cli import build_engine
+    from llamaworks.serve.cli import build_engine, serve_args
     from llamaworks.tools.registry import default_registry
 
-    args = argparse.Namespace(model=None, adapter=str(DEFAULT_TOOL_ADAPTER), quant=None,
-                              group_size=32, threads=None, max_batch=2, max_queue=4,
-                              context=1024, model_name="tools")
-    engine, name = build_engine(args)
+    engine, name = build_engine(serve_args("--adapter", str(DEFAULT_TOOL_ADAPTER), "--max-batch",
+                                           "2", "--max-queue", "4", "--context", "1024",
+                                           "--model-name", "tools"))
     p = problems(1, "test", seed=11)[0]
     try:
         with BackgroundServer(create_app(engine, name)) as url:

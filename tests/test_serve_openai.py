@@ -212,6 +212,65 @@ def test_32_concurrent_streaming_clients_equal_one_at_a_time(client, llm, server
     assert server[1].free_slots == MAX_BATCH
 
 
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
+    "languages": {"type": "array", "items": {"type": "string", "maxLength": 15},
+                  "minItems": 1, "maxItems": 3}},
+    "required": ["name", "age", "languages"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_is_enforced_while_sampling(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                  "strict": True}}
+    msgs = _ask("Describe a fictional programmer.")
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0, n=3,
+                                       seed=11, max_tokens=120, response_format=fmt)
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+        assert c.finish_reason == "stop"
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, temperature=1.0,
+                                            max_tokens=120, response_format=fmt, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+    ask = _ask('What is the capital of France? Answer as a JSON object with a "capital" key.')
+    obj = client.chat.completions.create(model=MODEL, messages=ask, temperature=0,
+                                         max_tokens=60, response_format={"type": "json_object"})
+    assert json.loads(obj.choices[0].message.content) == {"capital": "Paris"}
+
+
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}},
+                   "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_required_tool_choice_calls_one_declared_tool_with_schema_valid_arguments(client):
+    """Sampling at temperature 1.0, the call is always one of the tools, its arguments valid
+    against that tool's own parameters (a grammar over the declared schemas)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=MODEL, messages=_ask("What time is it in Berlin, and is it sunny?"),
+            tools=[WEATHER, CLOCK], tool_choice="required", temperature=1.0, seed=seed,
+            max_tokens=60)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name])
+
+
+def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_keyword(client):
+    bad = {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=_ask("x"), response_format=bad)
+    assert e.value.param == "response_format" and "uniqueItems" in e.value.message
+    r = client.chat.completions.create(model=MODEL, messages=_ask("Hi"), max_tokens=2)
+    assert r.choices[0].message.content is not None  # still serving
+
+
 LONG_SYSTEM = ("You are a helpful assistant for a weather service. Answer in one short "
                "sentence, name the city, and never invent numbers you were not given. ") * 12
 

@@ -160,8 +160,15 @@ def _resolve_sampling(args: argparse.Namespace, shipped: dict[str, Any]) -> None
 def _sampling(args: argparse.Namespace) -> Any:
     from llamaworks.infer.sampling import SamplingParams
 
+    schema = None
+    if getattr(args, "json_schema", None):
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LlamaworksError(f"cannot read --json-schema {args.json_schema}: {e}") from None
     try:
-        return SamplingParams(seed=args.seed, **{k: getattr(args, k) for k in SAMPLING_FIELDS})
+        return SamplingParams(seed=args.seed, json_schema=schema,
+                              **{k: getattr(args, k) for k in SAMPLING_FIELDS})
     except ValueError as e:
         raise LlamaworksError(str(e)) from None
 
@@ -381,6 +388,8 @@ def _add_sampling(p: argparse.ArgumentParser, defaults: dict[str, Any], shipped:
                    metavar="N", help="how many recent tokens the repeat penalty looks at "
                    f"(-1 = all; default: {shipped}{d['penalty_last_n']})")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain the output to this JSON schema (structured outputs)")
     p.set_defaults(sampling_defaults=defaults)
 
 

@@ -66,6 +66,7 @@ class Engine:
         self._token_s: float | None = None  # step; a prompt token in an eager chunk; one more
         self._mixed_s: float | None = None  # row of the fused step
         self.steps = 0
+        self._grammars: Any = None
 
     @property
     def max_batch(self) -> int:
@@ -93,8 +94,21 @@ class Engine:
         eos = self.eos_ids if eos_ids is None else set(eos_ids)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        return [Sequence(prompt_ids, params, stops, i, gen, on_turn_end, max_turn_hooks, decode)
+        seqs = [Sequence(prompt_ids, params, stops, i, gen, on_turn_end, max_turn_hooks, decode)
                 for i in range(params.n)]
+        if params.json_schema is not None or params.grammar is not None:
+            for s in seqs:  # GrammarError (a ValueError) when it cannot be enforced
+                s.constraint = self.grammars.constraint(params.json_schema, params.grammar)
+        return seqs
+
+    @property
+    def grammars(self) -> Any:
+        """The constraint compiler for this tokenizer (built on first use)."""
+        if self._grammars is None:
+            from llamaworks.infer.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars
 
     def add(self, group: list[Sequence]) -> None:
         """Queue the sequences of one prompt; they take rows together (their prompt is
@@ -347,8 +361,13 @@ class Engine:
     def _sample(self, s: Sequence, logits: Tensor) -> None:
         if s.finish:
             return
-        tok = sample_row(logits, s.params, s.gen, s.prompt_ids, s.ids)
+        allowed = logits if s.constraint is None else s.constraint.apply(logits)
+        tok = sample_row(allowed, s.params, s.gen, s.prompt_ids, s.ids)
         self._append(s, tok, logits)
+        if s.constraint is not None and not s.finish:
+            s.constraint.advance(tok)
+            if s.constraint.done:
+                s.finish = "stop"
 
     def _append(self, s: Sequence, tok: int, logits: Tensor) -> None:
         """Record a sampled token: logprobs, text, stop strings and ids, turn hooks, length."""

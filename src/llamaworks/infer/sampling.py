@@ -25,7 +25,9 @@ class SamplingParams:
     reproducible (same seed -> same text). `penalty_last_n`: how many of the latest prompt + output
     tokens the repetition penalty looks at (llama.cpp's `--repeat-last-n`; -1 = all of them, as in
     transformers; 0 = none). `logprobs`: None = none; k >= 0 = the sampled token's
-    log-probability plus the k most likely alternatives, from the model's raw distribution."""
+    log-probability plus the k most likely alternatives, from the model's raw distribution.
+    `json_schema` (a dict or JSON text) or `grammar` (Lark, llguidance's dialect): the output is
+    constrained to it token by token (`infer.grammar`) and ends when it is complete."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -42,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    json_schema: dict | str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -61,6 +65,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give json_schema or grammar, not both")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]

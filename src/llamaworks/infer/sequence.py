@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -98,6 +99,7 @@ class Sequence:
         self.row: int | None = None
         self.leader: Sequence | None = None  # n > 1: the sibling whose prefill this one copies
         self.proposed = self.accepted = 0  # speculative draft tokens
+        self.constraint: Any = None  # grammar state (infer.grammar.Constraint), if constrained
 
     @property
     def text(self) -> str:

@@ -40,10 +40,11 @@ def _room(engine: Any, s: Seq, k: int) -> int:
 
 def _eligible(engine: Any, seqs: Sequence[Seq], max_rows: int) -> list[Seq]:
     """Rows worth speculating on: few enough decoding rows (a big batch already amortizes the
-    weights, drafts would only add work), no turn hook (forced tokens end a turn mid-draft)."""
+    weights, drafts would only add work), no turn hook (forced tokens end a turn mid-draft), no
+    grammar (its mask is per position of the sequence)."""
     if len(seqs) > max_rows:
         return []
-    return [s for s in seqs if s.on_turn_end is None]
+    return [s for s in seqs if s.on_turn_end is None and s.constraint is None]
 
 
 class NgramDrafter:

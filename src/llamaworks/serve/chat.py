@@ -43,6 +43,32 @@ def _budget(n_prompt: int, asked: int | None, default: int, ctx: int, param: str
     return asked
 
 
+def _json_schema(body: ChatRequest | CompletionRequest, engine: ContinuousEngine
+                 ) -> dict[str, Any] | None:
+    """The schema `response_format` asks for, compiled now so that one the grammar engine cannot
+    enforce is a 400 naming what it refused (never silently ignored)."""
+    if body.response_format is None:
+        return None
+    try:
+        schema = body.response_format.schema_or_none()
+    except ValueError as e:
+        raise APIError(400, str(e), param="response_format", code="invalid_value") from None
+    return None if schema is None else _enforceable(engine, schema, "response_format")
+
+
+def _enforceable(engine: ContinuousEngine, schema: dict[str, Any] | None, param: str,
+                 grammar: str | None = None) -> dict[str, Any] | None:
+    """`schema` (or `grammar`) once the grammar engine compiled it; else a 400 with its reason."""
+    from llamaworks.infer.grammar import GrammarError
+
+    try:
+        engine.engine.grammars.compile(json_schema=schema, grammar=grammar)
+    except GrammarError as e:
+        raise APIError(400, f"{param}: this JSON schema cannot be enforced: {e}", param=param,
+                       code="invalid_value") from None
+    return schema
+
+
 class ChatJob:
     """A /v1/chat/completions request."""
 
@@ -58,6 +84,8 @@ class ChatJob:
         tools = body.tools if body.tools and choice != "none" else None
         names = [t.function.name for t in tools or []]
         self.prefix, self.args_head, self.forced = "", "", None
+        self.call_schema: dict[str, Any] | None = None
+        self.call_grammar: str | None = None
         if choice == "required" and len(names) == 1:  # the only tool it may call
             choice = NamedToolChoice(type="function", function={"name": names[0]})
         if isinstance(choice, NamedToolChoice):
@@ -66,13 +94,20 @@ class ChatJob:
                                "among the request's tools", param="tool_choice")
             self.forced = choice.function.name
             fn = next(t.function for t in tools or [] if t.function.name == self.forced)
-            self.args_head = R.arguments_head(fn.parameters)
-            self.prefix = R.forced_call_prefix(self.fmt, self.forced, self._args_marker(tok)) + \
-                self.args_head
+            # the arguments are generated under the function's own parameters schema
+            self.call_schema = _enforceable(engine, fn.parameters or {"type": "object"},
+                                            "tools")
+            self.prefix = R.forced_call_prefix(self.fmt, self.forced, self._args_marker(tok))
         elif choice == "required":
             if not tools:
                 raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
             self.prefix = R.forced_call_prefix(self.fmt, None, self._args_marker(tok))
+            # which function, and its arguments, under a grammar of the declared schemas
+            self.call_grammar = R.forced_call_grammar(
+                self.fmt, [(t.function.name, t.function.parameters) for t in tools],
+                self._args_marker(tok))
+            if self.call_grammar is not None:
+                _enforceable(engine, None, "tools", self.call_grammar)
         self.tools_on = tools is not None
         schemas = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
@@ -97,7 +132,10 @@ class ChatJob:
             max_tokens=_budget(len(ids), asked, default_max_tokens, engine.context, "messages"),
             stop=stop, logprobs=self.top if body.logprobs else None,
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+            json_schema=None if self.call_grammar else self.call_schema or _json_schema(
+                body, engine),
+            grammar=self.call_grammar)
         self.streamers = [self._streamer() for _ in range(body.n)]
         self.texts = [""] * body.n
         self.result: RequestOutput | None = None
@@ -229,7 +267,8 @@ class CompletionJob:
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
             max_tokens=budget, stop=body.stop, logprobs=body.logprobs,
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+            json_schema=_json_schema(body, engine))
         self.texts = [self.tok.decode(q) if body.echo else "" for q in self.prompts]
         self.results: dict[int, RequestOutput] = {}
         self.error: str | None = None

@@ -109,6 +109,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_args(*argv: str) -> argparse.Namespace:
+    """`llamaworks serve ARGV` parsed with every default, for scripts and tests that build the
+    server in-process (`build_engine(serve_args("--max-batch", "2"))`)."""
+    root = argparse.ArgumentParser(prog="llamaworks")
+    register(root.add_subparsers())
+    return root.parse_args(["serve", *argv])
+
+
 def register(sub: Any) -> None:
     from llamaworks.cli import _add_model, _add_quant
 

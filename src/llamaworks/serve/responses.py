@@ -81,6 +81,26 @@ def forced_call_prefix(fmt: str, name: str | None, args_marker: bool = False) ->
     return f'{head}"{name}", "arguments": ' if name else f'{head}"'
 
 
+def forced_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],
+                        args_marker: bool = False) -> str | None:
+    """The Lark grammar (llguidance) of what follows `forced_call_prefix(fmt, None)`: one of the
+    functions' names, then its arguments under its own parameters schema, then the call's end;
+    None for Mistral's `[ARGS]` syntax (a special token, not text)."""
+    from llamaworks.infer.grammar import JSON_LAYOUT
+
+    if fmt == "mistral" and args_marker:
+        return None
+    key = "parameters" if fmt == "llama3" else "arguments"
+    tail = json.dumps({"llama3": "}", "mistral": "}]"}.get(fmt, "}\n" + CLOSE))
+    alts, rules = [], []
+    for i, (name, params) in enumerate(functions):
+        schema = {**(params or {"type": "object"}), "x-guidance": JSON_LAYOUT}
+        head = json.dumps(f'{name}", "{key}": ')  # a Lark string literal (JSON escapes)
+        alts.append(f"{head} a{i} {tail}")
+        rules.append(f"a{i}: %json {json.dumps(schema)}")
+    return "start: " + " | ".join(alts) + "\n" + "\n".join(rules) + "\n"
+
+
 def arguments_head(parameters: dict[str, Any] | None) -> str:
     """The opening of a forced call's arguments: `{"first_property": ` (and the opening quote of
     a string value), so small models fill in a value instead of echoing the schema; "" when the

@@ -183,6 +183,30 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        """The JSON schema to enforce (None for plain text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("response_format of type json_schema needs `json_schema`")
+            return self.json_schema.schema_ or {}
+        return None
+
+
 class _Sampling(_Body):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -197,6 +221,7 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extra field (HF's definition)
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("stop")
