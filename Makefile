@@ -60,7 +60,7 @@ $(CACHE)/convert/.done: | $(PY)
 	touch $@
 
 # The models' own chat templates, from the same source distribution (the chat-format tests).
-$(CACHE)/templates/.done: | $(PY)
+$(CACHE)/templates/.done: tools/llama_cpp_wheel.py | $(PY)
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --templates $(CACHE)/templates
 	touch $@
 

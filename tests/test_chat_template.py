@@ -278,6 +278,8 @@ REAL_TEMPLATES = {
     "meta-llama-Llama-3.2-3B-Instruct": {"bos_token": "<|begin_of_text|>",
                                          "eos_token": "<|eot_id|>"},
     "google-gemma-2-2b-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": {"bos_token": "<｜begin▁of▁sentence｜>",
+                                                 "eos_token": "<｜end▁of▁sentence｜>"},
 }
 
 
@@ -330,6 +332,24 @@ def _outcome(fn) -> tuple[str, str]:
         return "ok", fn()
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError / our TokenizerError
         return "refused", str(e).removeprefix("the chat template refused these messages: ")
+
+
+@pytest.mark.parametrize("kwargs", [{"enable_thinking": False}, {"enable_thinking": True},
+                                    {"reasoning_effort": "low"}])
+def test_template_variables_reach_qwen3_as_in_transformers(hf_tokenizer_file, kwargs):
+    """chat_template_kwargs (Qwen3's enable_thinking) render as transformers renders them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from llamaworks.tokenizer.chat import render_chat
+
+    name = "Qwen-Qwen3-0.6B"
+    hf = PreTrainedTokenizerFast(tokenizer_file=hf_tokenizer_file, **REAL_TEMPLATES[name])
+    hf.chat_template = real_template(name)
+    theirs = hf.apply_chat_template(MULTI_TURN, add_generation_prompt=True, tokenize=False,
+                                    **kwargs)
+    assert render_chat(hf.chat_template, MULTI_TURN, add_generation_prompt=True,
+                       special_tokens=hf.special_tokens_map, **kwargs) == theirs
+    assert ("</think>" in theirs[-20:]) == (kwargs.get("enable_thinking") is False)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

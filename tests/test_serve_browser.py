@@ -98,3 +98,44 @@ def test_tool_call_and_result_are_shown_inline_then_answered(page, url):
     assert tools[0].startswith("call calculator") and '"expression"' in tools[0]
     assert tools[1] == 'result {"result":437}'
     assert page.locator(".msg.assistant .body").last.inner_text().strip()  # the final answer
+
+
+THINK = (r'start: "<think>" /[a-z]{3,8}( [a-z]{2,8}){2,5}/ "</think>" '
+         r'/[A-Z][a-z]{2,8}( [a-z]{2,8}){1,4}\./')
+
+
+@pytest.fixture(scope="module")
+def thinking_url(smollm, smollm_tokenizer):
+    engine = ContinuousEngine(LLM(smollm, smollm_tokenizer), max_batch=2, context=1024)
+    app = create_app(engine, "smollm2", reasoning_format="deepseek")
+    with BackgroundServer(app) as base:
+        yield base
+    engine.shutdown()
+
+
+def test_reasoning_is_shown_collapsed_above_the_answer(page, thinking_url):
+    """The page's own request, with a grammar added on its way out so the real model's reply
+    opens with a think block: the reasoning sits in a closed <details>, the answer below."""
+    import json
+    import re
+
+    def with_grammar(route) -> None:
+        body = json.loads(route.request.post_data)
+        route.continue_(post_data=json.dumps({**body, "guided_grammar": THINK}))
+
+    page.route("**/v1/chat/completions", with_grammar)
+    try:
+        page.goto(thinking_url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('smollm2')")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "60")
+        page.fill("#input", "Is the sky blue?")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-done]", timeout=120_000)
+        thought = page.locator(".msg.assistant details.thinking").last
+        assert thought.get_attribute("open") is None  # collapsed
+        assert re.fullmatch(r"[a-z]+( [a-z]+)+", thought.locator("div").text_content().strip())
+        answer = page.locator(".msg.assistant .body").last.inner_text().strip()
+        assert re.fullmatch(r"[A-Z][a-z]+( [a-z]+)+\.", answer), answer
+    finally:
+        page.unroute("**/v1/chat/completions")

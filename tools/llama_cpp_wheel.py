@@ -97,7 +97,8 @@ def extract_converter(sdist: Path, out: Path) -> None:
 # The models' own chat templates (as published with their tokenizers) that the chat tests use.
 TEMPLATES = ("Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "mistralai-Mistral-Nemo-Instruct-2407",
              "Mistral-Small-3.2-24B-Instruct-2506", "meta-llama-Llama-3.1-8B-Instruct",
-             "meta-llama-Llama-3.2-3B-Instruct", "google-gemma-2-2b-it")
+             "meta-llama-Llama-3.2-3B-Instruct", "google-gemma-2-2b-it",
+             "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B")
 
 
 def extract_templates(sdist: Path, out: Path) -> None:

@@ -196,6 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Namespace,
                 out: Any) -> str:
+    """Stream one reply to `out`; returns the answer (without any reasoning block)."""
+    from llamaworks.chat import reasoning as think
     from llamaworks.infer.generate import generate_tokens
     from llamaworks.infer.threads import use_threads
 
@@ -209,8 +211,60 @@ def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Names
     use_threads(args.threads)  # the free cores now, not when the chat began
     stream = generate_tokens(args.engine, ids, args.max_new_tokens, args.params,
                              stop_ids=tok.stop_ids)
-    _, text = _stream(tok, stream, out)
-    return text.strip()
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    if think.OPEN not in (tok.chat_template or "") and not think.opens_in_thought(prompt):
+        _, text = _stream(tok, stream, out)
+        return text.strip()
+    # a reasoning model: its <think> block shown dimmed (on a terminal), kept out of the history
+    thinking = think.ReasoningStreamer(think.opens_in_thought(prompt))
+    dim = out is not None and out.isatty()
+    shown = _Thoughts(out, dim)
+    _, text = _stream(tok, stream, shown.writer(thinking))
+    shown.write(*thinking.flush())
+    shown.close()
+    return think.split_reasoning(text, think.opens_in_thought(prompt))[1].strip()
+
+
+class _Thoughts:
+    """Writes reasoning deltas (dimmed on a terminal) and answer deltas to `out`."""
+
+    def __init__(self, out: Any, dim: bool):
+        self.out, self.dim, self.in_reasoning = out, dim, False
+
+    def write(self, reasoning: str, answer: str) -> None:
+        if self.out is None:
+            return
+        if reasoning:
+            if not self.in_reasoning and self.dim:
+                self.out.write("\x1b[2m")
+            self.in_reasoning = True
+            self.out.write(reasoning)
+        if answer:
+            if self.in_reasoning:
+                self.out.write("\x1b[0m\n\n" if self.dim else "\n\n")
+                self.in_reasoning = False
+            self.out.write(answer)
+        self.out.flush()
+
+    def close(self) -> None:
+        """End a reply that stopped inside its reasoning (restore the terminal's colour)."""
+        if self.in_reasoning and self.dim and self.out is not None:
+            self.out.write("\x1b[0m")
+            self.out.flush()
+        self.in_reasoning = False
+
+    def writer(self, streamer: Any) -> Any:
+        """A file-like object for `_stream`: each write goes through `streamer`."""
+        outer = self
+
+        class _W:
+            def write(self, delta: str) -> None:
+                outer.write(*streamer.feed(delta))
+
+            def flush(self) -> None:
+                pass
+
+        return _W()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

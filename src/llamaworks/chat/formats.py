@@ -428,10 +428,13 @@ def _template_for(tokenizer: Any, fmt: str | None) -> tuple[str, str]:
 
 
 def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = None,
-           add_generation_prompt: bool = False, fmt: str | None = None) -> str:
+           add_generation_prompt: bool = False, fmt: str | None = None,
+           template_kwargs: Mapping[str, Any] | None = None) -> str:
     """Render OpenAI-format `messages` (and OpenAI `tools` schemas) to prompt text: with the
     model's own template when it handles tools, else in `fmt`'s canonical tool convention on top
-    of the model's template (see the module docstring). `fmt` defaults to `detect_format`."""
+    of the model's template (see the module docstring). `fmt` defaults to `detect_format`.
+    `template_kwargs`: extra template variables (`enable_thinking`, `reasoning_effort`)."""
+    extra = dict(template_kwargs or {})
     fmt, template = _template_for(tokenizer, fmt)
     schemas = tool_schemas(tools)
     msgs = _normalize(messages)
@@ -441,7 +444,7 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = N
             template = MISTRAL_TEMPLATE
     if not _uses_tools(msgs, schemas) or template_handles_tools(template):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
-                                             tools=schemas, chat_template=template)
+                                             tools=schemas, chat_template=template, **extra)
     if fmt == "chatml":
         plain = _compose_chatml(msgs, schemas, _default_system(tokenizer, template))
     elif fmt == "llama3":
@@ -449,7 +452,7 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = N
     else:
         plain = _compose_llama2(msgs, schemas)
     return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
+                                         chat_template=template, **extra)
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = None,

@@ -97,8 +97,12 @@ class Engine:
         seqs = [Sequence(prompt_ids, params, stops, i, gen, on_turn_end, max_turn_hooks, decode)
                 for i in range(params.n)]
         if params.json_schema is not None or params.grammar is not None:
+            opening = self.tokenizer.encode(params.grammar_prefix, bos=False) \
+                if params.grammar_prefix else []
             for s in seqs:  # GrammarError (a ValueError) when it cannot be enforced
                 s.constraint = self.grammars.constraint(params.json_schema, params.grammar)
+                for t in opening:  # the part of it the prompt already holds
+                    s.constraint.advance(t)
         return seqs
 
     @property

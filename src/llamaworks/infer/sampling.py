@@ -27,7 +27,8 @@ class SamplingParams:
     transformers; 0 = none). `logprobs`: None = none; k >= 0 = the sampled token's
     log-probability plus the k most likely alternatives, from the model's raw distribution.
     `json_schema` (a dict or JSON text) or `grammar` (Lark, llguidance's dialect): the output is
-    constrained to it token by token (`infer.grammar`) and ends when it is complete."""
+    constrained to it token by token (`infer.grammar`) and ends when it is complete;
+    `grammar_prefix`: text of it already in the prompt (a forced opening the output continues)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -46,6 +47,7 @@ class SamplingParams:
     n: int = 1
     json_schema: dict | str | None = None
     grammar: str | None = None
+    grammar_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -77,7 +77,8 @@ def _is_json(content_type: str) -> bool:
 def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, request_timeout: float = 600.0,
                default_max_tokens: int = 1024, retry_after: int = 1, host: str = "127.0.0.1",
-               extra_hosts: Collection[str] = (), cors_origins: Collection[str] = ()
+               extra_hosts: Collection[str] = (), cors_origins: Collection[str] = (),
+               reasoning_format: str = "auto"
                ) -> FastAPI:
     """The app. `api_key`: require `Authorization: Bearer KEY` on /v1/*. `max_body_bytes`:
     larger bodies get 413. `request_timeout`: seconds before a request is cancelled.
@@ -228,7 +229,8 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await read_body(request, ChatRequest)
-        return await answer(request, ChatJob(engine, body, model_name, default_max_tokens))
+        return await answer(request, ChatJob(engine, body, model_name, default_max_tokens,
+                                             reasoning_format))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

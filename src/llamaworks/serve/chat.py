@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamaworks.chat import reasoning as think
 from llamaworks.chat.formats import detect_format, render
 from llamaworks.chat.parse import ParseResult, ToolCall, ToolCallStreamer, new_call_id
 from llamaworks.errors import LlamaworksError
@@ -73,7 +74,7 @@ class ChatJob:
     """A /v1/chat/completions request."""
 
     def __init__(self, engine: ContinuousEngine, body: ChatRequest, model: str,
-                 default_max_tokens: int):
+                 default_max_tokens: int, reasoning_format: str = "auto"):
         _check_n(body.n, engine)
         tok = engine.tokenizer
         self.tok, self.body, self.model = tok, body, model
@@ -94,10 +95,13 @@ class ChatJob:
                                "among the request's tools", param="tool_choice")
             self.forced = choice.function.name
             fn = next(t.function for t in tools or [] if t.function.name == self.forced)
-            # the arguments are generated under the function's own parameters schema
+            # the arguments are generated under the function's own parameters schema, after an
+            # opening (`{"first_property": `) that keeps small models filling in a value
             self.call_schema = _enforceable(engine, fn.parameters or {"type": "object"},
                                             "tools")
-            self.prefix = R.forced_call_prefix(self.fmt, self.forced, self._args_marker(tok))
+            self.args_head = R.arguments_head(fn.parameters)
+            self.prefix = R.forced_call_prefix(self.fmt, self.forced, self._args_marker(tok)) + \
+                self.args_head
         elif choice == "required":
             if not tools:
                 raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
@@ -110,9 +114,12 @@ class ChatJob:
                 _enforceable(engine, None, "tools", self.call_grammar)
         self.tools_on = tools is not None
         schemas = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        kwargs = dict(body.chat_template_kwargs or {})
+        if body.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", body.reasoning_effort)
         try:
             text = render(tok, [m.to_render() for m in body.messages], schemas,
-                          add_generation_prompt=True)
+                          add_generation_prompt=True, template_kwargs=kwargs)
         except (LlamaworksError, ValueError, TypeError, LookupError) as e:
             raise APIError(400, f"cannot render these messages with the model's chat "
                            f"template: {e}", param="messages") from None
@@ -121,6 +128,16 @@ class ChatJob:
                            param="messages") from None
         ids = tok.encode(text + self.prefix, bos=False)
         self.prompts = [ids]
+        # reasoning: split <think> blocks off the answer (always with "deepseek", with "auto"
+        # when the model's template knows them or the prompt opens one)
+        self.in_thought = think.opens_in_thought(text + self.prefix)
+        knows = think.OPEN in (tok.chat_template or "") or self.in_thought
+        self.reasoning = reasoning_format == "deepseek" or (reasoning_format == "auto" and knows)
+        self.in_thought = self.reasoning and self.in_thought
+        grammar = self.call_grammar
+        if grammar is None and body.guided_grammar is not None:
+            _enforceable(engine, None, "guided_grammar", body.guided_grammar)
+            grammar = body.guided_grammar
         asked = body.max_completion_tokens or body.max_tokens
         stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
         if self.prefix:
@@ -133,10 +150,11 @@ class ChatJob:
             stop=stop, logprobs=self.top if body.logprobs else None,
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
             repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
-            json_schema=None if self.call_grammar else self.call_schema or _json_schema(
-                body, engine),
-            grammar=self.call_grammar)
+            json_schema=None if grammar else self.call_schema or _json_schema(body, engine),
+            grammar=grammar, grammar_prefix=self.args_head if self.call_schema else "")
         self.streamers = [self._streamer() for _ in range(body.n)]
+        self.thinking = [think.ReasoningStreamer(self.in_thought) if self.reasoning else None
+                         for _ in range(body.n)]
         self.texts = [""] * body.n
         self.result: RequestOutput | None = None
         self.error: str | None = None
@@ -181,9 +199,17 @@ class ChatJob:
         if not self.stream:
             return []
         out = []
-        streamer = self.streamers[ev.index]
+        streamer, thinking = self.streamers[ev.index], self.thinking[ev.index]
         self.texts[ev.index] += ev.text
-        text = streamer.feed(ev.text) if streamer else ev.text
+        answer = ev.text
+        if thinking is not None:
+            thought, answer = thinking.feed(ev.text)
+            if ev.finish_reason:
+                more, rest = thinking.flush()
+                thought, answer = thought + more, answer + rest
+            if thought:
+                out.append(self._chunk(ev.index, {"reasoning_content": thought}))
+        text = streamer.feed(answer) if streamer else answer
         lps = None
         if self.body.logprobs and ev.logprobs:
             lps = {"content": R.chat_logprobs(self.tok, ev.token_ids, ev.logprobs, self.top)}
@@ -192,7 +218,7 @@ class ChatJob:
         if ev.finish_reason:
             finish = ev.finish_reason
             if streamer:
-                res = self._parse(self.texts[ev.index])
+                res = self._parse(self._split(self.texts[ev.index])[1])
                 assert res is not None
                 rest = streamer.remaining_content(res)
                 if rest and not res.calls:
@@ -203,11 +229,35 @@ class ChatJob:
             out.append(self._chunk(ev.index, {}, finish))
         return out
 
+    def _split(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, answer) of a choice's text (no reasoning unless the job splits it)."""
+        return think.split_reasoning(text, self.in_thought) if self.reasoning else (None, text)
+
+    def _reasoning_tokens(self, ids: list[int]) -> int:
+        """How many of `ids` are the reasoning block: up to the shortest prefix whose text
+        closes it (binary search over decodes); all of them if it never closes."""
+        if not self.reasoning or self._split(self.tok.decode(ids))[0] is None:
+            return 0
+
+        def closed(k: int) -> bool:
+            return think.CLOSE in self.tok.decode(ids[:k])
+
+        lo, hi = 0, len(ids)
+        if not closed(hi):
+            return hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if closed(mid) else (mid + 1, hi)
+        return lo
+
     def _usage(self) -> dict[str, Any]:
         assert self.result is not None
-        return R.usage(len(self.result.prompt_token_ids),
-                       sum(len(o.token_ids) for o in self.result.outputs),
-                       self.result.num_cached_tokens)
+        u = R.usage(len(self.result.prompt_token_ids),
+                    sum(len(o.token_ids) for o in self.result.outputs),
+                    self.result.num_cached_tokens)
+        u["completion_tokens_details"] = {"reasoning_tokens": sum(
+            self._reasoning_tokens(o.token_ids) for o in self.result.outputs)}
+        return u
 
     def last_chunks(self) -> list[dict[str, Any]]:
         opts = self.body.stream_options
@@ -220,8 +270,11 @@ class ChatJob:
             raise APIError(500, self.error or "no result", "server_error")
         choices = []
         for o in self.result.outputs:
-            parsed = self._parse(o.text)
-            message, called = R.chat_message(o.text, parsed)
+            thought, answer = self._split(o.text)
+            parsed = self._parse(answer)
+            message, called = R.chat_message(answer, parsed)
+            if thought is not None:
+                message["reasoning_content"] = thought
             lps = None
             if self.body.logprobs:
                 lps = {"content": R.chat_logprobs(self.tok, o.token_ids, o.logprobs or [],

@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, name = build_engine(args)
     app = create_app(engine, name, api_key=key, max_body_bytes=args.max_body_bytes,
                      request_timeout=args.timeout, host=args.host, extra_hosts=hosts,
-                     cors_origins=origins)
+                     cors_origins=origins, reasoning_format=args.reasoning_format)
     for line in warnings(args.host, key, allowed_hosts(args.host, hosts)):
         print(line, file=sys.stderr, flush=True)
     pool = engine.engine.pool
@@ -158,6 +158,9 @@ def register(sub: Any) -> None:
                    help="speculative decoding: a smaller model with the same vocabulary, or "
                    "'ngram' for prompt lookup (no second model)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per step")
+    p.add_argument("--reasoning-format", choices=["auto", "deepseek", "none"], default="auto",
+                   help="split <think> blocks into message.reasoning_content: deepseek = always, "
+                   "auto = when the chat template uses them, none = leave them in the content")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
     p.add_argument("--timeout", type=float, default=600.0,

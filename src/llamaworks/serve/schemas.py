@@ -222,6 +222,7 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extra field (HF's definition)
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says
     response_format: ResponseFormat | None = None
+    guided_grammar: str | None = None  # vLLM's extra field: a grammar (Lark, llguidance's dialect)
     user: str | None = None
 
     @field_validator("stop")
@@ -239,6 +240,8 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables (enable_thinking)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
 
 class CompletionRequest(_Sampling):
