@@ -41,15 +41,20 @@ def page(url):
         browser.close()
 
 
-def test_web_chat_streams_a_reply_and_saves_a_screenshot(page, url, tmp_path):
+def _ask(page, url: str, question: str, max_tokens: int) -> None:
+    """Open the page, ask one greedy question, wait for the whole reply."""
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('model').textContent.includes('smollm2')")
     page.fill("#temperature", "0")
-    page.fill("#max_tokens", "24")
-    page.fill("#input", "What is the capital of France?")
+    page.fill("#max_tokens", str(max_tokens))
+    page.fill("#input", question)
     page.click("#send")
-    reply = page.locator(".msg.assistant .body").last
     page.wait_for_selector(".msg.assistant[data-done]", timeout=120_000)
+
+
+def test_web_chat_streams_a_reply_and_saves_a_screenshot(page, url, tmp_path):
+    _ask(page, url, "What is the capital of France?", 24)
+    reply = page.locator(".msg.assistant .body").last
     text = reply.inner_text()
     shot = tmp_path / "chat.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -125,13 +130,7 @@ def test_reasoning_is_shown_collapsed_above_the_answer(page, thinking_url):
 
     page.route("**/v1/chat/completions", with_grammar)
     try:
-        page.goto(thinking_url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('smollm2')")
-        page.fill("#temperature", "0")
-        page.fill("#max_tokens", "60")
-        page.fill("#input", "Is the sky blue?")
-        page.click("#send")
-        page.wait_for_selector(".msg.assistant[data-done]", timeout=120_000)
+        _ask(page, thinking_url, "Is the sky blue?", 60)
         thought = page.locator(".msg.assistant details.thinking").last
         assert thought.get_attribute("open") is None  # collapsed
         assert re.fullmatch(r"[a-z]+( [a-z]+)+", thought.locator("div").text_content().strip())
