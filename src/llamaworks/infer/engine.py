@@ -389,15 +389,16 @@ class Engine:
             s.cum += entry[tok]
         if p.stop:
             text = s.text
-            hits = [h for h in (text.find(x, max(0, s.emitted - len(x))) for x in p.stop)
-                    if h >= 0]
+            hits = [(h, x) for x in p.stop if (h := text.find(x, max(0, s.emitted - len(x))))
+                    >= 0]
             if hits:
-                s.cut = text[:min(hits)]
+                at, s.stop_reason = min(hits)
+                s.cut = text[:at]
                 s.finish = "stop"
                 return
         if tok in s.stop_ids:
             if s.on_turn_end is None:
-                s.finish = "stop"
+                s.finish, s.stop_reason = "stop", tok
                 return
             turn = self.tokenizer.decode(s.ids[s.turn_start:], skip_special_tokens=True)
             s.turns.append(turn)

@@ -34,6 +34,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Sequence:
         self.emitted = 0  # characters of `text` already streamed
         self.sent = 0  # output tokens already reported as events
         self.finish: str | None = None
+        self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cum = 0.0
         self.cached = 0
@@ -118,7 +120,8 @@ class Sequence:
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(self.index, self.text, self.ids, self.finish, self.logprobs,
-                                self.cum if self.logprobs is not None else None)
+                                self.cum if self.logprobs is not None else None,
+                                self.stop_reason)
 
     def releasable(self) -> str:
         """Text that can be streamed now (not a possible stop-string prefix, no partial UTF-8);

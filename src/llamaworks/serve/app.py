@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaworks.infer.continuous import ContinuousEngine, QueueFullError
 from llamaworks.serve import responses as R
+from llamaworks.serve.anthropic import MessagesJob, MessagesRequest, error_body, to_chat
 from llamaworks.serve.bridge import ClientGone, RequestTimeout, Submission
 from llamaworks.serve.chat import ChatJob, CompletionJob
 from llamaworks.serve.exposure import HostOriginGuard, allowed_hosts
@@ -119,10 +120,11 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
         if api_key is None:
             return
         got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(),
-                                                                  api_key.encode())):
+        key = got[7:] if got.startswith("Bearer ") else request.headers.get("x-api-key")
+        if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
-                           "with the key the server was started with (--api-key)",
+                           "(or 'x-api-key: KEY') with the key the server was started with "
+                           "(--api-key)",
                            "authentication_error", code="invalid_api_key")
 
     async def read_body(request: Request, model: type[BaseModel]) -> Any:
@@ -204,6 +206,36 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
         finally:
             sub.cancel()  # a disconnect cancels this generator: free the rows now
         yield R.sse("[DONE]")
+
+    async def stream_messages(sub: Submission, job: MessagesJob,
+                              start: float) -> AsyncIterator[str]:
+        try:
+            for e in job.first_events():
+                yield e
+            async for j, ev in sub.events(request_timeout):
+                for e in job.on_event(j, ev):
+                    yield e
+            observe(sub, start)
+        except RequestTimeout as e:
+            yield job.sse("error", {"error": {"type": "api_error", "message": str(e)}})
+        finally:
+            sub.cancel()  # a disconnect cancels this generator: free the rows now
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Any:
+        """Anthropic's Messages API (errors in its own shape)."""
+        try:
+            body = await read_body(request, MessagesRequest)
+            job = MessagesJob(ChatJob(engine, to_chat(body), model_name, default_max_tokens,
+                                      reasoning_format), body)
+            if not job.stream:
+                return await answer(request, job)  # type: ignore[arg-type]
+            sub = submit(job)  # type: ignore[arg-type]
+            return StreamingResponse(stream_messages(sub, job, time.monotonic()),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        except APIError as e:
+            return JSONResponse(error_body(e), e.status, headers=e.headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
