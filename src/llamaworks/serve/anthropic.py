@@ -199,6 +199,9 @@ class MessagesJob:
     def sse(kind: str, data: dict[str, Any]) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
 
+    def timeout_event(self, message: str) -> str:
+        return self.sse("error", {"error": {"type": "api_error", "message": message}})
+
     def first_events(self) -> list[str]:
         n = len(self.prompts[0])
         return [self.sse("message_start", {"message": {

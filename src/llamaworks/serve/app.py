@@ -31,6 +31,8 @@ from llamaworks.serve.bridge import ClientGone, RequestTimeout, Submission
 from llamaworks.serve.chat import ChatJob, CompletionJob
 from llamaworks.serve.exposure import HostOriginGuard, allowed_hosts
 from llamaworks.serve.metrics import Metrics
+from llamaworks.serve.responses_api import ResponseJob, ResponsesRequest, ResponseStore
+from llamaworks.serve.responses_api import to_chat as to_responses_chat
 from llamaworks.serve.schemas import (
     APIError,
     ChatRequest,
@@ -207,8 +209,10 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
             sub.cancel()  # a disconnect cancels this generator: free the rows now
         yield R.sse("[DONE]")
 
-    async def stream_messages(sub: Submission, job: MessagesJob,
-                              start: float) -> AsyncIterator[str]:
+    store = ResponseStore()
+
+    async def stream_events(sub: Submission, job: Any, start: float) -> AsyncIterator[str]:
+        """A job's own server-sent events (the Messages and Responses APIs' framing)."""
         try:
             for e in job.first_events():
                 yield e
@@ -217,9 +221,29 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
                     yield e
             observe(sub, start)
         except RequestTimeout as e:
-            yield job.sse("error", {"error": {"type": "api_error", "message": str(e)}})
+            yield job.timeout_event(str(e))
         finally:
             sub.cancel()  # a disconnect cancels this generator: free the rows now
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        """OpenAI's Responses API."""
+        body = await read_body(request, ResponsesRequest)
+        history = store.get(body.previous_response_id) if body.previous_response_id else []
+        chat = to_responses_chat(body, history)
+        job = ResponseJob(ChatJob(engine, chat, model_name, default_max_tokens,
+                                  reasoning_format), body, store,
+                          [m.to_render() for m in chat.messages])
+        return await answer_translated(request, job)
+
+    async def answer_translated(request: Request, job: Any) -> Any:
+        """A job of another API's shape: answered whole, or streamed in its own events."""
+        if not job.stream:
+            return await answer(request, job)
+        sub = submit(job)
+        return StreamingResponse(stream_events(sub, job, time.monotonic()),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
@@ -228,12 +252,7 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
             body = await read_body(request, MessagesRequest)
             job = MessagesJob(ChatJob(engine, to_chat(body), model_name, default_max_tokens,
                                       reasoning_format), body)
-            if not job.stream:
-                return await answer(request, job)  # type: ignore[arg-type]
-            sub = submit(job)  # type: ignore[arg-type]
-            return StreamingResponse(stream_messages(sub, job, time.monotonic()),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return await answer_translated(request, job)
         except APIError as e:
             return JSONResponse(error_body(e), e.status, headers=e.headers)
 
