@@ -121,3 +121,42 @@ def test_the_forced_call_grammar_accepts_each_formats_own_call_text(llm, fmt):
     with pytest.raises(GrammarError):
         for t in llm.tokenizer.encode('get_time", "arguments": {}}', bos=False):
             bad.advance(t)  # not a declared tool
+
+
+def test_a_lazy_grammar_switches_on_at_the_trigger_and_off_after_the_call(llm):
+    """tool_choice "auto": text is free until the output opens a call, then the call must name a
+    declared tool with schema-valid arguments, then text is free again. The random model is
+    placed just after it wrote `<tool_call>` and half a key (mid-token, as models do)."""
+    from llamaworks.chat.parse import parse_tool_calls
+    from llamaworks.serve import responses as R
+
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+               "required": ["city"], "additionalProperties": False}
+    lazy = R.lazy_call_grammar("chatml", [("get_weather", weather)])
+    assert lazy is not None and lazy[0] == "<tool_call>"
+    for seed in range(4):
+        p = SamplingParams(temperature=1.0, seed=seed, max_tokens=60, ignore_eos=True,
+                           lazy_grammar=lazy)
+        (seq,) = group = llm.engine.sequences(llm.tokenizer.encode("Weather?", bos=False), p)
+        written = llm.tokenizer.encode('Let me check. <tool_call>\n{"na', bos=False)
+        seq.tokens += written
+        seq.ids += written
+        seq.sampled += [1] * len(written)
+        llm.engine._trigger(seq)
+        assert seq.constraint is not None
+        llm.engine.run([group])
+        calls = parse_tool_calls(seq.text, "chatml").calls
+        assert [c.name for c in calls][:1] == ["get_weather"], seq.text
+        jsonschema.validate(calls[0].arguments, weather)
+        assert seq.constraint is None or seq.lazy_from > 0  # free again after the call
+
+
+def test_text_without_the_trigger_stays_free(llm):
+    from llamaworks.serve import responses as R
+
+    lazy = R.lazy_call_grammar("chatml", [("noop", None)])
+    free = SamplingParams(temperature=1.0, seed=5, max_tokens=30, ignore_eos=True)
+    lazy_p = SamplingParams(**{**free.__dict__, "lazy_grammar": lazy})
+    a, b = llm.generate(["Hello", "Hello"], [free, lazy_p])
+    if "<tool_call>" not in a.text:  # (a random model that never opens a call)
+        assert a.token_ids == b.token_ids

@@ -69,3 +69,52 @@ def test_server_with_the_adapter_calls_the_calculator_on_its_own_and_answers(tmp
             assert is_correct(final.choices[0].message.content, p.answer)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_sampled_tool_calls_in_auto_mode_are_always_valid_calls(monkeypatch):
+    """tool_choice "auto" at temperature 1.0: once the adapter-tuned model opens a call, the lazy
+    grammar holds it to the calculator's schema, so every call it starts parses (without the
+    grammar, some of the same sampled replies are broken calls left in the text)."""
+    import openai
+
+    from llamaworks.posttrain.tasks import calculator_schemas
+    from llamaworks.serve import responses as R
+    from llamaworks.serve.app import create_app
+    from llamaworks.serve.background import BackgroundServer
+    from llamaworks.serve.cli import build_engine, serve_args
+
+    engine, name = build_engine(serve_args("--adapter", str(DEFAULT_TOOL_ADAPTER), "--max-batch",
+                                           "4", "--context", "1024", "--model-name", "tools"))
+    qs = [p.question for p in problems(8, "test", seed=5)]
+
+    def broken(client) -> tuple[int, int]:
+        calls = bad = 0
+        for i, q in enumerate(qs):
+            r = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": q}],
+                tools=calculator_schemas(), max_tokens=64, temperature=1.0, seed=i)
+            msg = r.choices[0].message
+            for c in msg.tool_calls or []:
+                calls += 1
+                try:
+                    args = json.loads(c.function.arguments)
+                except json.JSONDecodeError:
+                    args = None
+                ok = c.function.name == "calculator" and isinstance(args, dict) and \
+                    isinstance(args.get("expression"), str) and set(args) == {"expression"}
+                bad += not ok
+            bad += "<tool_call>" in (msg.content or "")  # a call that did not parse
+        return calls, bad
+
+    try:
+        with BackgroundServer(create_app(engine, name)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                   timeout=300)
+            calls, bad = broken(client)
+            assert calls >= len(qs) // 2 and bad == 0
+            monkeypatch.setattr(R, "lazy_call_grammar", lambda *a, **k: None)  # no grammar
+            _, bad_free = broken(client)
+    finally:
+        engine.shutdown()
+    assert bad_free > 0  # the same sampling without the grammar breaks calls

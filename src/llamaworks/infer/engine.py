@@ -96,6 +96,8 @@ class Engine:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         seqs = [Sequence(prompt_ids, params, stops, i, gen, on_turn_end, max_turn_hooks, decode)
                 for i in range(params.n)]
+        if params.lazy_grammar is not None:
+            self.grammars.compile(grammar=params.lazy_grammar[1])  # refused now, not mid-reply
         if params.json_schema is not None or params.grammar is not None:
             opening = self.tokenizer.encode(params.grammar_prefix, bos=False) \
                 if params.grammar_prefix else []
@@ -365,13 +367,39 @@ class Engine:
     def _sample(self, s: Sequence, logits: Tensor) -> None:
         if s.finish:
             return
-        allowed = logits if s.constraint is None else s.constraint.apply(logits)
+        c = s.constraint
+        allowed = logits if c is None else c.apply(logits)
         tok = sample_row(allowed, s.params, s.gen, s.prompt_ids, s.ids)
         self._append(s, tok, logits)
-        if s.constraint is not None and not s.finish:
-            s.constraint.advance(tok)
-            if s.constraint.done:
+        if s.finish:
+            return
+        if c is not None:
+            c.advance(tok)
+            if c.done and s.params.lazy_grammar is not None:  # the call is complete: free
+                s.constraint, s.lazy_from = None, len(s.text)
+            elif c.done:
                 s.finish = "stop"
+        elif s.params.lazy_grammar is not None:
+            self._trigger(s)
+
+    def _trigger(self, s: Sequence) -> None:
+        """Switch the lazy grammar on once the output holds its trigger, fed with the text
+        already written after it (any tokenization of those bytes gives the same state)."""
+        from llamaworks.infer.grammar import GrammarError
+
+        trigger, grammar = s.params.lazy_grammar  # type: ignore[misc]
+        text = s.text
+        at = text.find(trigger, s.lazy_from)
+        if at < 0:
+            return
+        s.lazy_from = at + len(trigger)
+        c = self.grammars.constraint(grammar=grammar)
+        try:
+            for t in self.tokenizer.encode(text[at + len(trigger):], bos=False):
+                c.advance(t)
+        except GrammarError:  # it already left the call syntax: leave it free
+            return
+        s.constraint = None if c.done else c
 
     def _append(self, s: Sequence, tok: int, logits: Tensor) -> None:
         """Record a sampled token: logprobs, text, stop strings and ids, turn hooks, length."""

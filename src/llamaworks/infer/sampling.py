@@ -28,7 +28,9 @@ class SamplingParams:
     log-probability plus the k most likely alternatives, from the model's raw distribution.
     `json_schema` (a dict or JSON text) or `grammar` (Lark, llguidance's dialect): the output is
     constrained to it token by token (`infer.grammar`) and ends when it is complete;
-    `grammar_prefix`: text of it already in the prompt (a forced opening the output continues)."""
+    `grammar_prefix`: text of it already in the prompt (a forced opening the output continues).
+    `lazy_grammar` (trigger, grammar): free text until the output contains `trigger`, then the
+    grammar for what follows it, then free again (tool calls with tool_choice "auto")."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -48,6 +50,7 @@ class SamplingParams:
     json_schema: dict | str | None = None
     grammar: str | None = None
     grammar_prefix: str = ""
+    lazy_grammar: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

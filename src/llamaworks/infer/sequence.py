@@ -102,6 +102,7 @@ class Sequence:
         self.leader: Sequence | None = None  # n > 1: the sibling whose prefill this one copies
         self.proposed = self.accepted = 0  # speculative draft tokens
         self.constraint: Any = None  # grammar state (infer.grammar.Constraint), if constrained
+        self.lazy_from = 0  # where in `text` to look for the lazy grammar's next trigger
 
     @property
     def text(self) -> str:

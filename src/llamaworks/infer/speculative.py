@@ -44,7 +44,8 @@ def _eligible(engine: Any, seqs: Sequence[Seq], max_rows: int) -> list[Seq]:
     grammar (its mask is per position of the sequence)."""
     if len(seqs) > max_rows:
         return []
-    return [s for s in seqs if s.on_turn_end is None and s.constraint is None]
+    return [s for s in seqs if s.on_turn_end is None and s.constraint is None
+            and s.params.lazy_grammar is None]
 
 
 class NgramDrafter:

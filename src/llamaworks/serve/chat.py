@@ -113,6 +113,13 @@ class ChatJob:
             if self.call_grammar is not None:
                 _enforceable(engine, None, "tools", self.call_grammar)
         self.tools_on = tools is not None
+        self.lazy = None  # tool_choice auto: calls follow the declared tools once one begins
+        if tools and not self.prefix:
+            self.lazy = R.lazy_call_grammar(
+                self.fmt, [(t.function.name, t.function.parameters) for t in tools],
+                self._args_marker(tok))
+            if self.lazy is not None:
+                _enforceable(engine, None, "tools", self.lazy[1])
         schemas = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         kwargs = dict(body.chat_template_kwargs or {})
         if body.reasoning_effort is not None:
@@ -143,6 +150,7 @@ class ChatJob:
         if self.prefix:
             stop = stop + R.forced_call_stop(self.fmt)
         self.top = body.top_logprobs or 0
+        schema = None if grammar else self.call_schema or _json_schema(body, engine)
         self.params = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=body.n,
@@ -150,8 +158,9 @@ class ChatJob:
             stop=stop, logprobs=self.top if body.logprobs else None,
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
             repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
-            json_schema=None if grammar else self.call_schema or _json_schema(body, engine),
-            grammar=grammar, grammar_prefix=self.args_head if self.call_schema else "")
+            json_schema=schema, grammar=grammar,
+            grammar_prefix=self.args_head if self.call_schema else "",
+            lazy_grammar=self.lazy if grammar is None and schema is None else None)
         self.streamers = [self._streamer() for _ in range(body.n)]
         self.thinking = [think.ReasoningStreamer(self.in_thought) if self.reasoning else None
                          for _ in range(body.n)]

@@ -81,11 +81,30 @@ def forced_call_prefix(fmt: str, name: str | None, args_marker: bool = False) ->
     return f'{head}"{name}", "arguments": ' if name else f'{head}"'
 
 
+# Where a call begins in each format's text: a tool-call grammar is switched on there (lazily,
+# as llama.cpp's lazy grammars), so text before a call stays free.
+CALL_TRIGGERS = {"chatml": OPEN, "mistral": "[TOOL_CALLS]", "llama3": '{"name"'}
+
+
+def lazy_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],
+                      args_marker: bool = False) -> tuple[str, str] | None:
+    """(trigger, grammar of what follows it) for tool_choice "auto": once the model writes the
+    trigger, the rest of the call must name a declared tool and follow its schema."""
+    trigger = CALL_TRIGGERS.get(fmt)
+    if trigger is None:
+        return None
+    lead = forced_call_prefix(fmt, None, args_marker)
+    if not lead.startswith(trigger):
+        return None
+    grammar = forced_call_grammar(fmt, functions, args_marker, lead[len(trigger):])
+    return None if grammar is None else (trigger, grammar)
+
+
 def forced_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],
-                        args_marker: bool = False) -> str | None:
-    """The Lark grammar (llguidance) of what follows `forced_call_prefix(fmt, None)`: one of the
-    functions' names, then its arguments under its own parameters schema, then the call's end;
-    None for Mistral's `[ARGS]` syntax (a special token, not text)."""
+                        args_marker: bool = False, lead: str = "") -> str | None:
+    """The Lark grammar (llguidance) of what follows `forced_call_prefix(fmt, None)` (after
+    `lead`): one of the functions' names, then its arguments under its own parameters schema,
+    then the call's end; None for Mistral's `[ARGS]` syntax (a special token, not text)."""
     from llamaworks.infer.grammar import JSON_LAYOUT
 
     if fmt == "mistral" and args_marker:
@@ -98,7 +117,8 @@ def forced_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],
         head = json.dumps(f'{name}", "{key}": ')  # a Lark string literal (JSON escapes)
         alts.append(f"{head} a{i} {tail}")
         rules.append(f"a{i}: %json {json.dumps(schema)}")
-    return "start: " + " | ".join(alts) + "\n" + "\n".join(rules) + "\n"
+    head = f"{json.dumps(lead)} " if lead else ""
+    return f"start: {head}call\ncall: " + " | ".join(alts) + "\n" + "\n".join(rules) + "\n"
 
 
 def arguments_head(parameters: dict[str, Any] | None) -> str:
