@@ -9,8 +9,9 @@ at 8 clients).
 
 With `--vs-llama-server BIN` (built by `tools/llama_server.py`) it also starts llama-server on the
 same GGUF file (`-np MAX_BATCH -c MAX_BATCH*CONTEXT --cont-batching -t THREADS`, a free port) and
-at each client count runs the same requests against both servers, ours first, back to back, then
-prints clients, llamaworks tok/s, llama-server tok/s and their ratio. Both count generated tokens
+at each client count runs the same requests against both servers in `--rounds` interleaved rounds
+(the order swapped each round, so the machine's drift cancels), then prints clients, llamaworks
+tok/s, llama-server tok/s and the median of the rounds' ratios. Both count generated tokens
 by `usage.completion_tokens`; every request asks for `ignore_eos` (both honour it: exactly
 max_tokens tokens each), and the table gives each server's tokens per request so that a run
 where they differ shows. The clients run in this process, so with the in-process
@@ -28,6 +29,7 @@ import datetime
 import os
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8], metavar="C",
                     help="concurrent client counts, one run each")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --vs-llama-server: interleaved rounds per client count")
     ap.add_argument("--max-batch", type=int, default=8,
                     help="our batch rows, and llama-server's slots (-np)")
     ap.add_argument("--context", type=int, default=1024,
@@ -181,6 +185,7 @@ def main() -> None:
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
     results: dict[int, tuple[list[int], float]] = {}
     theirs: dict[int, tuple[list[int], float]] = {}
+    ratios: dict[int, list[float]] = {}
     try:
         _run(client, model, 2, 2, 4)  # warm-up
         if args.vs_llama_server:
@@ -191,9 +196,16 @@ def main() -> None:
                                          max_retries=0, timeout=600)
             rival_model = rival_client.models.list().data[0].id
             _run(rival_client, rival_model, 2, 2, 4)  # warm-up
-            for c in args.concurrency:
-                results[c] = _run(client, model, args.requests, c, args.max_tokens)
-                theirs[c] = _run(rival_client, rival_model, args.requests, c, args.max_tokens)
+            for c in args.concurrency:  # interleaved rounds, the order swapped each round,
+                runs: list[tuple[tuple[list[int], float], tuple[list[int], float]]] = []
+                for r in range(args.rounds):  # so that the machine's drift cancels
+                    pair = [(client, model), (rival_client, rival_model)]
+                    got = [_run(cl, m, args.requests, c, args.max_tokens)
+                           for cl, m in (pair if r % 2 == 0 else pair[::-1])]
+                    runs.append((got[0], got[1]) if r % 2 == 0 else (got[1], got[0]))
+                ratios[c] = [sum(a[0]) / a[1] / (sum(b[0]) / b[1]) for a, b in runs]
+                results[c] = min((a for a, _ in runs), key=lambda x: x[1])  # (reported: the
+                theirs[c] = min((b for _, b in runs), key=lambda x: x[1])  # best of each)
         else:
             for c in [1, *args.concurrency]:
                 results[c] = _run(client, model, args.requests, c, args.max_tokens)
@@ -207,14 +219,17 @@ def main() -> None:
     print(f"model {model}, {args.requests} requests x {args.max_tokens} tokens (greedy), "
           f"max batch {args.max_batch}, {args.threads or 'default'} threads")
     if args.vs_llama_server:
-        print("| clients | llamaworks tok/s | llama-server tok/s | ratio | tokens/request "
-              "(ours / theirs) |")
-        print("|---|---|---|---|---|")
+        print(f"{args.rounds} interleaved rounds per client count; tok/s: the best round of "
+              "each; ratio: the median of the rounds' ratios")
+        print("| clients | llamaworks tok/s | llama-server tok/s | ratio (median) | ratios | "
+              "tokens/request (ours / theirs) |")
+        print("|---|---|---|---|---|---|")
         for c in args.concurrency:
             (ours, our_s), (their, their_s) = results[c], theirs[c]
             a, b = sum(ours) / our_s, sum(their) / their_s
-            print(f"| {c} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {_tokens(ours)} / "
-                  f"{_tokens(their)} |")
+            each = " ".join(f"{x:.2f}" for x in ratios[c])
+            print(f"| {c} | {a:.1f} | {b:.1f} | {statistics.median(ratios[c]):.2f}x | {each} | "
+                  f"{_tokens(ours)} / {_tokens(their)} |")
         if any(t != args.max_tokens for c in args.concurrency for t in results[c][0] +
                theirs[c][0]):
             print(f"note: not every request generated {args.max_tokens} tokens; tok/s counts the "
