@@ -261,30 +261,34 @@ class Engine:
 
     def _chunks(self, budget: int) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to feed) of the prompts and forced tokens pending, oldest first,
-        within `budget`; a prompt's cached prefix is loaded first (as late as possible, so a
-        prefix computed earlier this step is found)."""
+        within `budget`; a prompt's cached prefix is loaded first (and again just before its
+        chunk runs, so a prefix computed earlier this step is found)."""
         out = []
         for s in [s for s in self.running if s.pending > 1 and s.leader is None]:
             if budget <= 0:
                 break
-            if s.cached == 0 and self.prefix is not None:
-                blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
-                self.pool.ensure(len(blocks) * self.prefix.block + 1)
-                s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
+            self._load_prefix(s)
             n = min(s.pending, budget)
             budget -= n
             out.append((s, n))
         return out
+
+    def _load_prefix(self, s: Sequence) -> bool:
+        """Copy the cached blocks that begin a not yet started prompt into its row (all but its
+        last token: that one's logits are needed); True if any were found."""
+        if s.cached != 0 or self.prefix is None:
+            return False
+        blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
+        self.pool.ensure(len(blocks) * self.prefix.block + 1)
+        s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
+        return bool(blocks)
 
     def _extend(self, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
         """Feed each chunk on the eager forward (one call per sequence: large chunks batch their
         matmuls over the tokens)."""
         touched = []
         for s, n in chunks:
-            if s.cached == 0 and self.prefix is not None:  # a prefix stored by an earlier chunk
-                blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
-                self.pool.ensure(len(blocks) * self.prefix.block + 1)
-                s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
+            if self._load_prefix(s):  # blocks an earlier chunk of this step just stored
                 n = min(n, s.pending)
             start = s.cached
             self.pool.ensure(start + n + 1)

@@ -147,8 +147,9 @@ class ChatJob:
             grammar = body.guided_grammar
         asked = body.max_completion_tokens or body.max_tokens
         stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-        if self.prefix:
-            stop = stop + R.forced_call_stop(self.fmt)
+        if self.prefix and self.call_schema is None and self.call_grammar is None:
+            stop = stop + R.forced_call_stop(self.fmt)  # (a grammar ends the call itself; a
+            # stop string could match inside one of its JSON strings)
         self.top = body.top_logprobs or 0
         schema = None if grammar else self.call_schema or _json_schema(body, engine)
         self.params = SamplingParams(
