@@ -160,10 +160,12 @@ def test_32_clients_mixing_schemas_tools_reasoning_and_three_apis_get_no_errors(
                                                    extra_body={"guided_grammar": think})
                     assert r.choices[0].message.model_extra["reasoning_content"]
                 elif kind == 3:
-                    assert oa.responses.create(model=MODEL, input=ask[0]["content"],
-                                               max_output_tokens=12).output
+                    r = oa.responses.create(model=MODEL, input=ask[0]["content"],
+                                            max_output_tokens=12)
+                    assert r.status in ("completed", "incomplete")
                 elif kind == 4:
-                    assert an.messages.create(model=MODEL, max_tokens=12, messages=ask).content
+                    r = an.messages.create(model=MODEL, max_tokens=12, messages=ask)
+                    assert r.stop_reason in ("end_turn", "max_tokens")
                 else:
                     stream = oa.chat.completions.create(model=MODEL, messages=ask,
                                                         max_tokens=12, stream=True)
