@@ -22,8 +22,7 @@ def generate_tokens(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: i
     max_new_tokens = min(max_new_tokens, ctx - n)
     if max_new_tokens <= 0:
         return
-    p = SamplingParams(**{**params.__dict__, "max_tokens": max_new_tokens, "stop": None,
-                          "stop_token_ids": list(stop_ids), "ignore_eos": True, "n": 1})
+    p = params.token_only(max_new_tokens, stop_ids)
     (seq,) = group = engine.sequences(list(prompt_ids), p)
     engine.add(group)
     sent = 0

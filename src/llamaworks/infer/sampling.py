@@ -8,6 +8,7 @@ the OpenAI/vLLM frequency and presence penalties, in this order: repetition -> f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,12 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
+
+    def token_only(self, max_tokens: int, stop_ids: Sequence[int] = ()) -> SamplingParams:
+        """These settings for one sequence of exactly `max_tokens` unless a `stop_ids` token
+        comes first (no stop strings, no EOS of its own): what a token iterator asks for."""
+        return dataclasses.replace(self, max_tokens=max_tokens, stop=None,
+                                   stop_token_ids=list(stop_ids), ignore_eos=True, n=1)
 
     @property
     def greedy(self) -> bool:

@@ -184,8 +184,7 @@ def speculative_generate(target: Llama, draft: Llama | None, prompt_ids: Sequenc
     if draft is not None:
         drafter.check(target)
     engine = Engine(target, tokenizer or _NoText(), max_batch=1, drafter=drafter, cache_mb=0)
-    p = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens, "stop": None,
-                          "stop_token_ids": list(stop_ids), "ignore_eos": True, "n": 1})
+    p = params.token_only(max_tokens, stop_ids)
     (seq,) = group = engine.sequences(list(prompt_ids), p)
     engine.run([group])
     return SpeculativeResult(seq.ids, seq.proposed, seq.accepted)
