@@ -576,3 +576,84 @@ def test_canonical_mistral_template_is_nemos_own(smollm_tokenizer, spm_tokenizer
     want[1]["tool_calls"][0]["id"] = want[2]["tool_call_id"] = mistral_call_id("c1")
     assert render(spm_tokenizer, chat, TOOLS, fmt="mistral") == \
         _hf(real_template(NEMO), spm_tokenizer, want, TOOLS)
+
+
+def _generation_marked(template: str, branches: list[tuple[str, str]]) -> str:
+    """`template` with transformers' {% generation %} markers around each assistant branch: the
+    text between `open_line` (the branch's `elif`) and `next_line` (the following one)."""
+    for open_line, next_line in branches:
+        assert template.count(open_line) == 1 and template.count(next_line) == 1
+        template = template.replace(open_line, open_line + "\n        {%- generation %}")
+        template = template.replace(next_line, "{%- endgeneration %}\n    " + next_line)
+    return template
+
+
+NEMO_ASSISTANT_BRANCHES = [
+    ('{%- elif (message.tool_calls is defined and message.tool_calls is not none) %}',
+     '{%- elif message["role"] == "assistant" %}'),
+    ('{%- elif message["role"] == "assistant" %}',
+     '{%- elif message["role"] == "tool_results" or message["role"] == "tool" %}')]
+SMALL32_ASSISTANT_BRANCHES = [
+    ("{%- elif message['role'] == 'assistant' %}",
+     "{%- elif message['role'] == 'tool_results' or message['role'] == 'tool' %}")]
+MISTRAL_SFT_CHATS = {
+    "system, call, result, answer": SINGLE_CALL_CHAT,
+    "parallel calls, two user turns": PARALLEL_CHAT + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            _call("call_0a1b2c3d4e5f60718293a4b5", "calculator", {"expression": "2**10"})]},
+        {"role": "tool", "tool_call_id": "call_0a1b2c3d4e5f60718293a4b5", "content": "1024"},
+        {"role": "assistant", "content": "1024."}],
+}
+
+
+def _mistral_ids_mapped(messages: list[dict]) -> list[dict]:
+    out = _dict_args(messages)
+    for m in out:
+        for c in m.get("tool_calls") or []:
+            c["id"] = mistral_call_id(c["id"])
+        if m["role"] == "tool":
+            m["tool_call_id"] = mistral_call_id(m["tool_call_id"])
+    return out
+
+
+@pytest.mark.parametrize("chat", MISTRAL_SFT_CHATS.values(), ids=MISTRAL_SFT_CHATS.keys())
+@pytest.mark.parametrize("name,branches", [(NEMO, NEMO_ASSISTANT_BRANCHES),
+                                           (SMALL32, SMALL32_ASSISTANT_BRANCHES)],
+                         ids=["nemo", "small3.2"])
+def test_assistant_spans_on_mistral_match_transformers_generation_mask(spm_tokenizer, name,
+                                                                       branches, chat):
+    """Mistral's templates put the tool schemas before the last user turn (and Nemo's the system
+    prompt into it only when it ends the conversation), so the spans cannot come from prefix
+    renderings; they still equal transformers' {% generation %} indices on the template with its
+    assistant branches marked: `[TOOL_CALLS]...` and the answers, each with its `</s>`."""
+    template = real_template(name)
+    marked = _generation_marked(template, branches)
+    tok = _with_template(spm_tokenizer, template)
+    want = _mistral_ids_mapped(chat)
+    rendered, indices = render_jinja_template([want], tools=TOOLS, chat_template=marked,
+                                              return_assistant_tokens_mask=True,
+                                              **tok.special_token_strings())
+    assert rendered[0] == _hf(template, tok, want, TOOLS)  # the markers change nothing
+    text, spans = assistant_spans(tok, chat, TOOLS)
+    assert text == rendered[0]
+    assert spans == [tuple(s) for s in indices[0]]
+    pieces = [text[a:b] for a, b in spans]
+    n_assistant = sum(m["role"] == "assistant" for m in chat)
+    assert len(pieces) == n_assistant and all(p.endswith("</s>") for p in pieces)
+    assert pieces[0].startswith("[TOOL_CALLS]")
+    assert not any("[TOOL_RESULTS]" in p or "[INST]" in p for p in pieces)
+
+
+def test_assistant_spans_with_fmt_mistral_use_nemos_template(spm_tokenizer):
+    """fmt="mistral" on a tokenizer without a Mistral template (the canonical template is Nemo's
+    own): the same spans as on the model's own Nemo template."""
+    chat = MISTRAL_SFT_CHATS["parallel calls, two user turns"]
+    ours = assistant_spans(spm_tokenizer, chat, TOOLS, fmt="mistral")
+    assert ours == assistant_spans(_with_template(spm_tokenizer, real_template(NEMO)), chat,
+                                   TOOLS)
+    text, spans = ours
+    assert [text[a:b] for a, b in spans][1:] == ["391, and 21 °C.</s>",
+                                                 '[TOOL_CALLS][{"name": "calculator", '
+                                                 '"arguments": {"expression": "2**10"}, "id": "'
+                                                 + mistral_call_id("call_0a1b2c3d4e5f60718293a4b5")
+                                                 + '"}]</s>', "1024.</s>"]

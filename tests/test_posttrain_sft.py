@@ -96,6 +96,48 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(smollm_tokenizer):
     assert trained.count("<|im_end|>") == 2 and "<|im_start|>" not in trained
 
 
+def test_mistral_assistant_mask_covers_the_calls_and_answers_with_their_eos(vocab_dir):
+    """SFT in the mistral format (Nemo's template, the canonical one; a SentencePiece vocabulary
+    as Mistral-7B's): the ids are the whole rendered text's, and the trained tokens are exactly
+    the `[TOOL_CALLS]` list and the answer, each with its `</s>`, never the `[AVAILABLE_TOOLS]`
+    schemas, the `[INST]` question or the `[TOOL_RESULTS]` block."""
+    from llamaworks.chat.formats import assistant_spans, render
+    from llamaworks.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    conv = {"messages": [{"role": "system", "content": "Use the calculator."},
+                         *tool_conversation(problems(1, "test")[0])],
+            "tools": [{"type": "function", "function": {
+                "name": "calculator", "description": "Evaluate arithmetic.",
+                "parameters": {"type": "object", "properties": {
+                    "expression": {"type": "string"}}, "required": ["expression"]}}}]}
+    ids, mask = encode_conversation(tok, conv, fmt="mistral")
+    text = render(tok, conv["messages"], conv["tools"], fmt="mistral")
+    assert ids == tok.encode(text, bos=False)  # tokenized whole, as a prompt is
+    _, spans = assistant_spans(tok, conv["messages"], conv["tools"], fmt="mistral")
+    call, answer = (text[a:b] for a, b in spans)
+    assert call.startswith("[TOOL_CALLS][{") and call.endswith("}]</s>")
+    assert answer == conv["messages"][-1]["content"] + "</s>"
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    # "[/INST][TOOL_CALLS]" has a "][" token across the boundary (not special tokens in this
+    # vocabulary): it belongs to the assistant turn it starts
+    assert trained == "]" + call + answer
+    untrained = tok.decode([i for i, m in zip(ids, mask, strict=True) if not m])
+    for part in ("[AVAILABLE_TOOLS]", "How many", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"):
+        assert part in untrained and part not in trained
+
+
+def test_finetune_format_takes_every_chat_format():
+    from llamaworks.chat.formats import FORMATS
+    from llamaworks.cli import build_parser
+
+    for fmt in FORMATS:
+        args = build_parser().parse_args(["finetune", "--data", "d.jsonl", "--out", "o",
+                                          "--format", fmt])
+        assert args.format == fmt
+    assert "mistral" in FORMATS
+
+
 def test_bad_data_files_name_the_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"messages": [{"role": "user", "content": "hi"}, '

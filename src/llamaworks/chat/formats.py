@@ -459,7 +459,13 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools
                     fmt: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the [start, end) character spans of every assistant turn's
     generated part: its content, its tool calls and its end-of-turn marker (e.g. `<|im_end|>`),
-    not the role header and not the newline after the marker. For assistant-only SFT loss."""
+    not the role header and not the newline after the marker. For assistant-only SFT loss.
+
+    A turn is located by prefix: the rendering up to it with the generation prompt, then with it.
+    Templates whose earlier turns render differently as the conversation grows (Mistral's put the
+    tool schemas before the last user turn, and Nemo's the system prompt into it only when it is
+    the last message) fall back to `_turn_in_context`: the turn's text as the template renders it
+    right after the same history, found in the full text after the previous turn."""
     messages = list(messages)
     full = render(tokenizer, messages, tools, add_generation_prompt=False, fmt=fmt)
     spans: list[tuple[int, int]] = []
@@ -471,13 +477,40 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools
                                   "with a system or user message")
         prefix = render(tokenizer, messages[:i], tools, add_generation_prompt=True, fmt=fmt)
         upto = render(tokenizer, messages[:i + 1], tools, add_generation_prompt=False, fmt=fmt)
-        if not (upto.startswith(prefix) and full.startswith(upto)):
-            raise ChatFormatError(
-                "this chat template renders earlier turns differently as the conversation grows, "
-                "so assistant spans cannot be located by prefix; use a template without "
-                "history-dependent rewriting")
-        piece = upto[len(prefix):]
-        ends = [piece.rfind(e) + len(e) for e in END_MARKERS if e in piece]
-        end = max(ends) if ends else len(piece.rstrip())
-        spans.append((len(prefix), len(prefix) + end))
+        if upto.startswith(prefix) and full.startswith(upto):
+            start, piece = len(prefix), upto[len(prefix):]
+            piece = piece[:_turn_end(piece)]
+        else:
+            after = spans[-1][1] if spans else 0
+            start, piece = _turn_in_context(tokenizer, messages, i, upto, full, after, tools, fmt)
+        spans.append((start, start + len(piece)))
     return full, spans
+
+
+def _turn_end(piece: str) -> int:
+    """Where an assistant turn's rendering ends: after its last end-of-turn marker, else at its
+    last non-space character."""
+    ends = [piece.rfind(e) + len(e) for e in END_MARKERS if e in piece]
+    return max(ends) if ends else len(piece.rstrip())
+
+
+def _turn_in_context(tokenizer: Any, messages: list[Mapping[str, Any]], i: int, upto: str,
+                     full: str, after: int, tools: Any, fmt: str | None) -> tuple[int, str]:
+    """(start in `full`, text) of assistant turn `i` for history-dependent templates: the
+    history rendered with a placeholder assistant turn (so the template lays it out as it does
+    when the conversation does not end on a user turn) is where `upto` (the conversation through
+    turn i) has the turn's text; that text is then the first match in `full` after `after`."""
+    probe = render(tokenizer, [*messages[:i], {"role": "assistant", "content": _SENTINEL}],
+                   tools, add_generation_prompt=False, fmt=fmt)
+    before = probe.split(_SENTINEL)[0]
+    start = -1
+    if probe.count(_SENTINEL) == 1 and upto.startswith(before):
+        piece = upto[len(before):]
+        piece = piece[:_turn_end(piece)]
+        start = full.find(piece, after) if piece else -1
+    if start < 0:
+        raise ChatFormatError(
+            "this chat template renders earlier turns differently as the conversation grows, "
+            "so assistant spans cannot be located by prefix; use a template without "
+            "history-dependent rewriting")
+    return start, piece

@@ -180,7 +180,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pack conversations into rows instead of sharing a common prefix")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--format", choices=["chatml", "llama3", "llama2"],
+    from llamaworks.chat.formats import FORMATS
+
+    p.add_argument("--format", choices=FORMATS,
                    help="chat format (default: detected from the tokenizer)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (GPU, or a CPU with AVX-512 BF16/AMX: ~3x faster matmuls)")

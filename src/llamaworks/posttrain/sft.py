@@ -103,20 +103,28 @@ def load_conversations(path: str | Path) -> list[dict[str, Any]]:
 
 def encode_conversation(tokenizer: Any, conv: dict[str, Any], fmt: str | None = None
                         ) -> tuple[list[int], list[int]]:
-    """Token ids and a 0/1 mask (1 = assistant-generated token) of one conversation."""
+    """Token ids and a 0/1 mask (1 = assistant-generated token) of one conversation.
+
+    The rendered text is tokenized whole, as at inference (pieces tokenized apart would differ
+    where a tokenizer adds a space prefix, as SentencePiece Llama/Mistral ones do, at each);
+    a span boundary falls where the ids of the text before it stop agreeing with the whole
+    text's, so a token straddling it belongs to what follows."""
     from llamaworks.chat.formats import assistant_spans
 
     text, spans = assistant_spans(tokenizer, conv["messages"], conv.get("tools"), fmt=fmt)
-    ids: list[int] = []
-    mask: list[int] = []
-    pos = 0
-    for start, end in [*spans, (len(text), len(text))]:
-        for piece, m in ((text[pos:start], 0), (text[start:end], 1)):
-            if piece:
-                tok = tokenizer.encode(piece, bos=False)
-                ids += tok
-                mask += [m] * len(tok)
-        pos = end
+    ids = tokenizer.encode(text, bos=False)
+    mask = [0] * len(ids)
+
+    def boundary(pos: int) -> int:
+        head = tokenizer.encode(text[:pos], bos=False) if pos else []
+        n = 0
+        while n < min(len(head), len(ids)) and head[n] == ids[n]:
+            n += 1
+        return n
+
+    for start, end in spans:
+        a, b = boundary(start), boundary(end)
+        mask[a:b] = [1] * (b - a)
     return ids, mask
 
 
