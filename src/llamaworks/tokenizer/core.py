@@ -122,14 +122,22 @@ class Tokenizer:
         return cls._from_backend_and_config(backend, cfg, defaults)
 
     @classmethod
-    def from_tiktoken(cls, path: str | os.PathLike[str]) -> Tokenizer:
+    def from_tiktoken(cls, path: str | os.PathLike[str], version: str | None = None
+                      ) -> Tokenizer:
         """From Meta's Llama 3 `tokenizer.model` (tiktoken `<base64> <rank>` lines) with Meta's
-        256 special tokens after the ranks (<|begin_of_text|> = 128000, <|eot_id|> = 128009, ...),
-        plus a sibling `tokenizer_config.json` if present. Adds BOS by default, as Meta's chat
-        format and llama.cpp's Llama 3 vocabulary do."""
+        256 special tokens after the ranks (<|begin_of_text|> = 128000, <|eot_id|> = 128009, and
+        from Llama 3.1 on <|eom_id|> = 128008, <|python_tag|> = 128010, ...), plus a sibling
+        `tokenizer_config.json` if present. `version` ("3" or "3.1") picks whose names; by
+        default `tiktoken_bpe.llama3_version` decides (3.0's only when a params.json beside the
+        file describes a 3.0 model). Adds BOS by default, as Meta's chat format and llama.cpp's
+        Llama 3 vocabulary do."""
         p = Path(path)
         ranks = tiktoken_bpe.read_tiktoken_ranks(p)
-        specials = tiktoken_bpe.LLAMA3_SPECIAL_TOKENS
+        version = version or tiktoken_bpe.llama3_version(p)
+        if version not in tiktoken_bpe.SPECIAL_TOKENS:
+            raise TokenizerError(f"unknown Llama 3 special-token version {version!r}; use one of "
+                                 f"{', '.join(tiktoken_bpe.SPECIAL_TOKENS)}")
+        specials = tiktoken_bpe.SPECIAL_TOKENS[version]
         backend = tiktoken_bpe.build_tiktoken_backend(ranks, specials)
         n = len(ranks)
         defaults = {"bos_id": n + specials.index(tiktoken_bpe.BOS),
