@@ -1,5 +1,5 @@
 """Chat formats with tools: ChatML (Hermes/Qwen2.5 tool calls), Llama-3.1 JSON calls, Llama-2,
-Mistral (`[TOOL_CALLS]`).
+Mistral (`[TOOL_CALLS]`), Gemma (```` ```tool_code ```` blocks of Python calls).
 
 `render` turns OpenAI-format messages (roles system/user/assistant/tool; assistant `tool_calls`;
 tool `tool_call_id` + `content`) into the prompt text a model expects:
@@ -28,8 +28,15 @@ tool `tool_call_id` + `content`) into the prompt text a model expects:
   `[TOOL_RESULTS]`). Those templates refuse call ids that are not 9 alphanumeric characters, so
   other ids (OpenAI's `call_...`, ours) are mapped to 9-character ones (`mistral_call_id`), the
   same in the assistant's `tool_calls` and the tool result's `tool_call_id`.
+- gemma: Google's Gemma 3 function-calling convention (prompt-only: Gemma's template knows the
+  roles user and model only). The tool schemas go into the first user turn, after instructions (in
+  our words) to call them as Python code in a ```` ```tool_code ```` block; an assistant's calls
+  are that block, one `name(argument=literal, ...)` per line (`gemma_call_text`); consecutive tool
+  results merge into one user turn of ```` ```tool_output ```` blocks (with the user message that
+  follows them, if any, so that turns still alternate).
 - A tokenizer without a template uses the format's canonical template (`CANONICAL_TEMPLATES`;
-  for mistral that is Mistral-Nemo-Instruct-2407's own, verbatim).
+  for mistral that is Mistral-Nemo-Instruct-2407's own, verbatim; for gemma Gemma 3's, as
+  llamaworks ships it for Gemma GGUFs).
 
 `assistant_spans` gives the character spans the assistant produces (for assistant-only SFT loss).
 """
@@ -39,14 +46,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import keyword
+import math
 import re
 from collections.abc import Mapping, Sequence
+from importlib.resources import files
 from typing import Any
 
+from llamaworks.chat.parse import FENCE, GEMMA_CALL, GEMMA_RESULT
 from llamaworks.errors import LlamaworksError
 from llamaworks.tokenizer.train import CHATML_TEMPLATE  # the one our trained tokenizers ship
 
-FORMATS = ("chatml", "llama3", "llama2", "mistral")
+FORMATS = ("chatml", "llama3", "llama2", "mistral", "gemma")
 
 # Meta's Llama-2 chat template (as shipped in meta-llama/Llama-2-7b-chat-hf).
 LLAMA2_TEMPLATE = (
@@ -162,12 +173,16 @@ MISTRAL_TEMPLATE = r"""{%- if messages[0]["role"] == "system" %}
 {%- endfor %}
 """  # noqa: E501 - verbatim
 
+# Gemma 3's chat template (its tokenizer_config.json's; the one Gemma GGUFs get).
+GEMMA_TEMPLATE = files("llamaworks.tokenizer").joinpath("templates/gemma3.jinja").read_text()
+
 CANONICAL_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE,
-                       "llama2": LLAMA2_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
+                       "llama2": LLAMA2_TEMPLATE, "mistral": MISTRAL_TEMPLATE,
+                       "gemma": GEMMA_TEMPLATE}
 
 # End-of-turn markers an assistant span ends with (the model generates them; loss includes them).
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "</s>", "<|end_of_text|>",
-               "<|endoftext|>")
+               "<|endoftext|>", "<end_of_turn>")
 
 QWEN_TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -181,6 +196,16 @@ LLAMA31_TOOLS_PREAMBLE = (
     "proper arguments that best answers the given prompt.\n\nRespond in the format {\"name\": "
     "function name, \"parameters\": dictionary of argument name and its value}.Do not use "
     "variables.\n\n")
+
+# Gemma: instructions in our words for Google's convention (calls as Python code in a tool_code
+# block, results in a tool_output block), then the functions' JSON schemas.
+GEMMA_TOOLS_PREAMBLE = (
+    "You can call the functions described below. To call one or more of them, write a "
+    + GEMMA_CALL + " block holding the calls as Python code, one per line, with keyword "
+    "arguments whose values are literals:\n" + GEMMA_CALL + "\nfunction_name(argument_name="
+    "value)\n" + FENCE + "\nThe results come back in " + GEMMA_RESULT + " blocks; use them to "
+    "call more functions or to answer.\n\nThe functions, as JSON schemas:\n```json")
+GEMMA_TOOLS_POSTAMBLE = "\n" + FENCE
 
 _SENTINEL = "\u2063llamaworks-sentinel\u2063"
 
@@ -215,14 +240,17 @@ def template_handles_tools(template: str | None) -> bool:
 
 
 def detect_format(tokenizer: Any) -> str:
-    """"chatml", "llama3", "llama2" or "mistral", from the chat template text, else the special
-    tokens. Mistral's templates are `[INST]` ones that also write `[TOOL_CALLS]` or
-    `[AVAILABLE_TOOLS]` (Mistral-7B-v0.3, Nemo, Small 3.x); older `[INST]` ones are llama2."""
+    """"chatml", "llama3", "llama2", "mistral" or "gemma", from the chat template text, else the
+    special tokens. Mistral's templates are `[INST]` ones that also write `[TOOL_CALLS]` or
+    `[AVAILABLE_TOOLS]` (Mistral-7B-v0.3, Nemo, Small 3.x); older `[INST]` ones are llama2.
+    Gemma's (2 and 3) write `<start_of_turn>`."""
     t = getattr(tokenizer, "chat_template", None) or ""
     if "<|start_header_id|>" in t or "<|eot_id|>" in t:
         return "llama3"
     if "<|im_start|>" in t:
         return "chatml"
+    if "<start_of_turn>" in t:
+        return "gemma"
     if "[TOOL_CALLS]" in t or "[AVAILABLE_TOOLS]" in t:
         return "mistral"
     if "[INST]" in t:
@@ -233,6 +261,8 @@ def detect_format(tokenizer: Any) -> str:
             return "llama3"
         if to_id("<|im_start|>") is not None:
             return "chatml"
+        if to_id("<start_of_turn>") is not None:
+            return "gemma"
         if to_id("[TOOL_CALLS]") is not None:
             return "mistral"
         bos_id = getattr(tokenizer, "bos_id", None)
@@ -303,6 +333,55 @@ def hermes_call_text(name: str, arguments: Any) -> str:
 def llama3_call_text(name: str, arguments: Any) -> str:
     """One Llama-3.1 JSON tool call: `{"name": ..., "parameters": {...}}`."""
     return f'{{"name": "{name}", "parameters": {_tojson(arguments)}}}'
+
+
+def python_literal(value: Any) -> str:
+    """A JSON value as Python source: strings in double quotes with JSON's escapes (valid Python
+    escapes meaning the same), True/False/None, lists, dicts."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ChatFormatError(f"a tool call argument is {value}, which has no literal")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(python_literal(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise ChatFormatError(f"a tool call argument has non-string keys: {value!r}")
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {python_literal(v)}"
+                               for k, v in value.items()) + "}"
+    raise ChatFormatError(f"a tool call argument is a {type(value).__name__}, not a JSON value")
+
+
+def _identifier(name: Any) -> bool:
+    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+
+
+def gemma_call_text(name: str, arguments: Any) -> str:
+    """One Gemma tool call as Python: `name(argument=literal, ...)`."""
+    if not _identifier(name):
+        raise ChatFormatError(f"gemma writes tool calls as Python calls, and {name!r} is not a "
+                              "Python identifier")
+    if not isinstance(arguments, Mapping):
+        raise ChatFormatError(f"tool call {name!r}: arguments must be an object, got "
+                              f"{arguments!r}")
+    for k in arguments:
+        if not _identifier(k):
+            raise ChatFormatError(f"tool call {name!r}: argument name {k!r} is not a Python "
+                                  "identifier, so it cannot be a keyword argument")
+    args = ", ".join(f"{k}={python_literal(v)}" for k, v in arguments.items())
+    return f"{name}({args})"
+
+
+def gemma_calls_block(calls: Sequence[Mapping[str, Any]]) -> str:
+    """An assistant's tool calls as one ```` ```tool_code ```` block, a call per line."""
+    return GEMMA_CALL + "\n" + "\n".join(gemma_call_text(*_call_parts(c)) for c in calls) + \
+        "\n" + FENCE
 
 
 def _default_system(tokenizer: Any, template: str) -> str:
@@ -392,6 +471,39 @@ def _compose_llama3(messages: list[dict], tools: list[dict] | None) -> list[dict
     return msgs
 
 
+def _compose_gemma(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    msgs: list[dict] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            content = _content_text(m.get("content")).strip()
+            block = gemma_calls_block(m["tool_calls"])
+            msgs.append({"role": "assistant", "content": f"{content}\n{block}" if content
+                         else block})
+        elif m["role"] in ("tool", "ipython"):
+            block = f"{GEMMA_RESULT}\n{_content_text(m.get('content'))}\n{FENCE}"
+            if msgs and msgs[-1].get("_tool_turn"):
+                msgs[-1]["content"] += "\n" + block
+            else:
+                msgs.append({"role": "user", "content": block, "_tool_turn": True})
+        elif m["role"] == "user" and msgs and msgs[-1].get("_tool_turn"):
+            msgs[-1] = {**m, "content": msgs[-1]["content"] + "\n\n" +
+                        _content_text(m.get("content"))}
+        else:
+            msgs.append(m)
+    for m in msgs:
+        m.pop("_tool_turn", None)
+    if tools:
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if first >= len(msgs) or msgs[first]["role"] != "user":
+            raise ChatFormatError("gemma puts the tool schemas in the first user turn, and this "
+                                  "conversation has none: start it with a user message")
+        block = GEMMA_TOOLS_PREAMBLE + "".join("\n" + _tojson(t) for t in tools) + \
+            GEMMA_TOOLS_POSTAMBLE
+        user = _content_text(msgs[first].get("content"))
+        msgs[first] = {**msgs[first], "content": f"{block}\n\n{user}"}
+    return msgs
+
+
 _MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
 
 
@@ -449,6 +561,8 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Any = N
         plain = _compose_chatml(msgs, schemas, _default_system(tokenizer, template))
     elif fmt == "llama3":
         plain = _compose_llama3(msgs, schemas)
+    elif fmt == "gemma":
+        plain = _compose_gemma(msgs, schemas)
     else:
         plain = _compose_llama2(msgs, schemas)
     return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,

@@ -12,6 +12,12 @@ Formats (see `chat.formats`):
   Ministral 3), with `[CALL_ID]id` before `[ARGS]` in Mistral Small 3.2's template. A call keeps
   the id the model wrote (so rendering it back through the template gives the same text); a call
   without one gets a fresh 9-character id, the only kind Mistral's templates accept.
+- "gemma": Google's Gemma 3 convention, fenced blocks of Python calls with keyword arguments,
+  ```` ```tool_code\nget_weather(city="Paris")\n``` ````, any number, one call per line; the text
+  outside them is the content. The code is read with `ast` and never run: only calls of a plain
+  function name with keyword arguments whose values are literals (strings, numbers, True/False/
+  None, lists, tuples, dicts with string keys) become `ToolCall`s; anything else (positional
+  arguments, names, expressions, f-strings) is refused in `errors`.
 
 Never raises on model output: malformed JSON, a missing name, non-object arguments and an
 unterminated block (a generation cut off mid-call) are reported in `ParseResult.errors`. An
@@ -21,7 +27,10 @@ after the JSON), with an error noting the missing `</tool_call>`.
 
 from __future__ import annotations
 
+import ast
 import json
+import math
+import textwrap
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +38,8 @@ from typing import Any
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 TOOL_CALLS, CALL_ID, ARGS = "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"
-FORMATS = ("chatml", "llama3", "llama2", "mistral")  # as chat.formats.FORMATS
+GEMMA_CALL, GEMMA_RESULT, FENCE = "```tool_code", "```tool_output", "```"
+FORMATS = ("chatml", "llama3", "llama2", "mistral", "gemma")  # as chat.formats.FORMATS
 
 
 def new_call_id() -> str:
@@ -239,6 +249,121 @@ def _parse_mistral(text: str) -> ParseResult:
     return ParseResult((text[:first] + text[pos:]).strip(), calls, errors)
 
 
+def _literal(node: ast.expr) -> Any:
+    """The JSON value of a Python literal node; ValueError (a phrase) for anything else."""
+    if isinstance(node, ast.Constant):
+        v = node.value
+        if v is None or isinstance(v, (bool, int, str)):
+            return v
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError("is not a finite number")
+            return v
+        raise ValueError(f"is a {type(v).__name__} literal, which JSON has no value for")
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) and \
+            isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float):
+        v = _literal(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        out = {}
+        for k, v in zip(node.keys, node.values, strict=True):
+            if not (isinstance(k, ast.Constant) and isinstance(k.value, str)):
+                raise ValueError("is a dict whose keys are not all string literals")
+            out[k.value] = _literal(v)
+        return out
+    raise ValueError(f"is not a literal (a {type(node).__name__} expression)")
+
+
+def _python_calls(code: str, errors: list[str]) -> list[ToolCall] | None:
+    """The calls in one tool_code block (None when it is not Python at all); problems with
+    single calls go to `errors` and the others are kept."""
+    src = textwrap.dedent(code).strip()
+    if not src:
+        errors.append("empty tool_code block")
+        return []
+    try:
+        tree = ast.parse(src, mode="exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        msg = getattr(e, "msg", None) or type(e).__name__
+        errors.append(f"tool_code is not valid Python ({msg}): {_short(src)!r}")
+        return None
+    calls: list[ToolCall] = []
+    for stmt in tree.body:
+        seg = ast.get_source_segment(src, stmt) or ""
+        call = stmt.value if isinstance(stmt, ast.Expr) else None
+        if not isinstance(call, ast.Call):
+            errors.append(f"tool_code must be function calls, one per line: {_short(seg)!r}")
+            continue
+        if not isinstance(call.func, ast.Name):
+            errors.append(f"a tool call must call a function by its name: {_short(seg)!r}")
+            continue
+        name = call.func.id
+        if call.args:
+            errors.append(f"tool call {name!r}: positional arguments are not supported, only "
+                          f"keyword ones (name=value): {_short(seg)!r}")
+            continue
+        args: dict[str, Any] = {}
+        for kw in call.keywords:
+            if kw.arg is None:
+                errors.append(f"tool call {name!r}: **arguments are not supported: "
+                              f"{_short(seg)!r}")
+                break
+            try:
+                args[kw.arg] = _literal(kw.value)
+            except ValueError as e:
+                errors.append(f"tool call {name!r}: argument {kw.arg!r} {e}: {_short(seg)!r}")
+                break
+        else:
+            calls.append(ToolCall(new_call_id(), name, args))
+    return calls
+
+
+def _parse_gemma(text: str) -> ParseResult:
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    errors: list[str] = []
+    pos = 0
+    while True:
+        start = text.find(GEMMA_CALL, pos)
+        if start < 0:
+            content.append(text[pos:])
+            break
+        content.append(text[pos:start])
+        body = start + len(GEMMA_CALL)
+        # the block ends at the first fence after which its code is Python (a string argument
+        # may hold a fence), else at the first fence
+        fences, at = [], text.find(FENCE, body)
+        while at >= 0:
+            fences.append(at)
+            at = text.find(FENCE, at + len(FENCE))
+        end = next((f for f in fences if _parses(text[body:f])), fences[0] if fences else -1)
+        if end < 0:  # unterminated: a generation cut off, or one that stopped after the code
+            n_err = len(errors)
+            got = _python_calls(text[body:], errors)
+            if got and len(errors) == n_err:
+                calls += got
+                errors.append(f"tool call {got[-1].name!r} is not closed with {FENCE} (accepted: "
+                              "its code is complete)")
+            else:
+                del errors[n_err:]
+                errors.append(f"unterminated tool_code block (generation cut off?): "
+                              f"{_short(text[start:])!r}")
+            break
+        calls += _python_calls(text[body:end], errors) or []
+        pos = end + len(FENCE)
+    return ParseResult("".join(content).strip(), calls, errors)
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(textwrap.dedent(code).strip(), mode="exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
 def _is_truncated(text: str) -> bool:
     """True when JSON text ends inside a string or with brackets still open (cut off)."""
     depth, in_str, esc = 0, False, False
@@ -260,6 +385,8 @@ def parse_tool_calls(text: str, fmt: str = "chatml") -> ParseResult:
         return _parse_llama3(text)
     if fmt == "mistral":
         return _parse_mistral(text)
+    if fmt == "gemma":
+        return _parse_gemma(text)
     if fmt not in FORMATS:
         raise ValueError(f"unknown chat format {fmt!r}; use one of {', '.join(FORMATS)}")
     return _parse_hermes(text)
@@ -267,17 +394,17 @@ def parse_tool_calls(text: str, fmt: str = "chatml") -> ParseResult:
 
 class ToolCallStreamer:
     """Incremental parsing for streaming: `feed(delta)` returns the text that is safe to show as
-    content now (it holds back anything that may be the start of a tool call: `<tool_call>`, or
-    `[TOOL_CALLS]` for mistral), `finish()` parses everything fed. After a call starts nothing
-    more is released; `finish().content` then holds the whole content, of which `emitted` (what
-    `feed` released) is a prefix once both are stripped, so a server sends
-    `remaining_content(result)` as a last content delta."""
+    content now (it holds back anything that may be the start of a tool call: `<tool_call>`,
+    `[TOOL_CALLS]` for mistral, ```` ```tool_code ```` for gemma), `finish()` parses everything
+    fed. After a call starts nothing more is released; `finish().content` then holds the whole
+    content, of which `emitted` (what `feed` released) is a prefix once both are stripped, so a
+    server sends `remaining_content(result)` as a last content delta."""
 
     def __init__(self, fmt: str = "chatml") -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown chat format {fmt!r}; use one of {', '.join(FORMATS)}")
         self.fmt = fmt
-        self.marker = TOOL_CALLS if fmt == "mistral" else OPEN
+        self.marker = {"mistral": TOOL_CALLS, "gemma": GEMMA_CALL}.get(fmt, OPEN)
         self.text = ""
         self.emitted = ""
         self.in_call = False

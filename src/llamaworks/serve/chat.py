@@ -87,6 +87,8 @@ class ChatJob:
         self.prefix, self.args_head, self.forced = "", "", None
         self.call_schema: dict[str, Any] | None = None
         self.call_grammar: str | None = None
+        if tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            self._can_force("'required'" if choice == "required" else "naming a function")
         if choice == "required" and len(names) == 1:  # the only tool it may call
             choice = NamedToolChoice(type="function", function={"name": names[0]})
         if isinstance(choice, NamedToolChoice):
@@ -168,6 +170,15 @@ class ChatJob:
         self.texts = [""] * body.n
         self.result: RequestOutput | None = None
         self.error: str | None = None
+
+    def _can_force(self, what: str) -> None:
+        """400 when the chat format's calls cannot be forced (gemma's are Python code, which
+        neither the forced call prefix nor the call grammar covers)."""
+        if self.fmt not in R.FORCED_CALL_FORMATS:
+            raise APIError(400, f"tool_choice {what} cannot be enforced for this model's chat "
+                           f"format ({self.fmt}: tool calls are Python code in ```tool_code "
+                           "blocks, which the tool-call grammar does not cover); use "
+                           "tool_choice 'auto'", param="tool_choice", code="invalid_value")
 
     @staticmethod
     def _args_marker(tok: Any) -> bool:

@@ -68,7 +68,9 @@ def forced_call_prefix(fmt: str, name: str | None, args_marker: bool = False) ->
     """The start of the assistant turn that commits the model to calling `name` (or, with None,
     to calling some tool): the tool-call syntax up to the arguments object. Mistral: Nemo's
     `[TOOL_CALLS][{"name": ..., "arguments": `, or with `args_marker` (a vocabulary that has
-    `[ARGS]`, as Small 3.2's) `[TOOL_CALLS]name[ARGS]`."""
+    `[ARGS]`, as Small 3.2's) `[TOOL_CALLS]name[ARGS]`. Only for `FORCED_CALL_FORMATS`."""
+    if fmt not in FORCED_CALL_FORMATS:
+        raise ValueError(f"a tool call cannot be forced in chat format {fmt!r}")
     if fmt == "llama3":
         return f'{{"name": "{name}", "parameters": ' if name else '{"name": "'
     if fmt == "mistral":
@@ -82,8 +84,11 @@ def forced_call_prefix(fmt: str, name: str | None, args_marker: bool = False) ->
 
 
 # Where a call begins in each format's text: a tool-call grammar is switched on there (lazily,
-# as llama.cpp's lazy grammars), so text before a call stays free.
+# as llama.cpp's lazy grammars), so text before a call stays free. gemma has none: its calls are
+# Python code (```tool_code blocks), which the JSON-schema call grammar does not cover, so they
+# are parsed after generation only, and a call cannot be forced (`FORCED_CALL_FORMATS`).
 CALL_TRIGGERS = {"chatml": OPEN, "mistral": "[TOOL_CALLS]", "llama3": '{"name"'}
+FORCED_CALL_FORMATS = ("chatml", "llama2", "llama3", "mistral")
 
 
 def lazy_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],

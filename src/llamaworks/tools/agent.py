@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamaworks.chat.formats import detect_format, render
-from llamaworks.chat.parse import ToolCallStreamer, parse_tool_calls
+from llamaworks.chat.parse import GEMMA_RESULT, ToolCallStreamer, parse_tool_calls
 from llamaworks.tools.registry import ToolRegistry
 
 Event = dict[str, Any]
 Complete = Callable[[list[dict], list[dict]], str]
 
-# Stop generating when a Hermes-format model starts writing the tool's answer itself.
+# Stop generating when a Hermes-format (or Gemma) model starts writing the tool's answer itself.
 HERMES_STOPS = ("<tool_response>",)
+GEMMA_STOPS = (GEMMA_RESULT,)
 
 
 @dataclass
@@ -48,8 +49,9 @@ def _llm_complete(llm: Any, params: Any, fmt: str, on_event: Callable[[Event], N
     tok = llm.tokenizer
     ctx = llm.model.config.max_seq_len
     base = params or SamplingParams(temperature=0.0, max_tokens=512)
-    if fmt in ("chatml", "llama2"):
-        base = dataclasses.replace(base, stop=list(dict.fromkeys([*base.stop, *HERMES_STOPS])))
+    stops = {"chatml": HERMES_STOPS, "llama2": HERMES_STOPS, "gemma": GEMMA_STOPS}.get(fmt, ())
+    if stops:
+        base = dataclasses.replace(base, stop=list(dict.fromkeys([*base.stop, *stops])))
 
     def complete(messages: list[dict], tools: list[dict]) -> str:
         prompt = render(tok, messages, tools or None, add_generation_prompt=True, fmt=fmt)
