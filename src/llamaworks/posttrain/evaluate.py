@@ -1,11 +1,20 @@
-"""Accuracy on the procedural arithmetic problems, with or without the calculator tool.
+"""Accuracy on the procedural problems: the legacy arithmetic templates (batched rollouts) and
+the generalization suite (through the agent loop, per family and kind).
 
-Greedy rollouts (see `rollout`), batched; a problem counts as solved when the last number of the
-final assistant turn equals the exact answer."""
+`accuracy` / `solve`: greedy rollouts (see `rollout`), batched; a problem counts as solved when
+its final assistant turn answers it exactly (`is_correct` for a legacy problem, the kind's
+checker for a suite problem). A suite problem is offered both suite tools (calculator and
+python, run in the sandbox), a legacy one the calculator alone, as each was trained.
+
+`suite_accuracy`: each suite problem through `tools.agent.run_agent`, optionally under the lazy
+tool-call grammar; returns accuracy per family, kind and side of the family split, each family's
+tool-use rate, and tool-call validity (the fraction of attempted calls that parsed).
+`grammar_comparison` runs it with and without the grammar."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -18,17 +27,52 @@ from llamaworks.posttrain.rollout import (
     per_prompt,
     rollout,
 )
-from llamaworks.posttrain.tasks import Problem, calculator_schemas, is_correct
+from llamaworks.posttrain.tasks import (
+    Problem,
+    SuiteProblem,
+    calculator_schemas,
+    check,
+    is_correct,
+    report,
+    suite_schemas,
+)
+
+# builds the lazy tool-call grammar: serve.responses.lazy_call_grammar(fmt, functions)
+GrammarBuilder = Callable[[str, list[tuple[str, dict]]], tuple[str, str] | None]
 
 
 def prompt_messages(p: Problem) -> list[dict]:
     return [{"role": "user", "content": p.question}]
 
 
+def tool_schemas(p: Problem) -> list[dict]:
+    """The tools a problem is offered: both suite tools for a suite problem, the calculator for a
+    legacy one (as the shipped adapter was trained)."""
+    return suite_schemas() if isinstance(p, SuiteProblem) else calculator_schemas()
+
+
+@functools.cache
+def _suite_registry() -> Any:
+    from llamaworks.tools.registry import default_registry
+
+    return default_registry(["calculator", "python"])  # python: the sandbox, strict by default
+
+
+def suite_runner(name: str, arguments: dict) -> str:
+    """Run a suite tool (calculator or python); errors come back as text."""
+    return _suite_registry().call(name, arguments)
+
+
+def correct(p: Problem, text: str) -> bool:
+    """Whether `text` answers `p` exactly: its kind's checker for a suite problem, else
+    `is_correct`."""
+    return check(p, text) if isinstance(p, SuiteProblem) else is_correct(text, p.answer)
+
+
 def prompt_ids(tokenizer: Any, p: Problem, tools: bool) -> list[int]:
     from llamaworks.chat.formats import render
 
-    text = render(tokenizer, prompt_messages(p), calculator_schemas() if tools else None,
+    text = render(tokenizer, prompt_messages(p), tool_schemas(p) if tools else None,
                   add_generation_prompt=True)
     return tokenizer.encode(text, bos=False)
 
@@ -39,30 +83,111 @@ def solve(model: Llama, tokenizer: Any, problems: Sequence[Problem], tools: bool
     """One rollout per problem (callers repeat problems for groups)."""
     step = None
     if tools:
-        schemas = calculator_schemas()
-        step = per_prompt([conversation_step(tokenizer, prompt_messages(p), schemas,
-                                             calculator_runner) for p in problems])
+        step = per_prompt([conversation_step(
+            tokenizer, prompt_messages(p), tool_schemas(p),
+            suite_runner if isinstance(p, SuiteProblem) else calculator_runner)
+            for p in problems])
     prompts = [prompt_ids(tokenizer, p, tools) for p in problems]
     return rollout(model, tokenizer, prompts, max_new=max_new, temperature=temperature,
                    seed=seed, tool_step=step, max_tool_calls=max_tool_calls)
 
 
 def accuracy(model: Llama, tokenizer: Any, problems: Sequence[Problem], tools: bool,
-             batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
-    """Greedy accuracy on `problems`: {"n", "correct", "accuracy", "tool_call_rate", ...}."""
+             batch_size: int = 16, progress: bool = True, max_new: int | None = None
+             ) -> dict[str, Any]:
+    """Greedy accuracy on `problems`: {"n", "correct", "accuracy", "tool_call_rate", ...}; with
+    suite problems also "report" (`tasks.report`: per family, kind and family split). Suite
+    problems get room for a plan and up to their number of calls plus one (`max_new` default
+    320 tokens, else 96 as before)."""
     model.eval()
-    correct = calls = finished = 0
+    suite_calls = [len(p.calls) for p in problems if isinstance(p, SuiteProblem)]
+    max_tool_calls = max(2, max(suite_calls, default=0) + 1)
+    max_new = max_new or (320 if suite_calls else 96)
+    n_ok = calls = finished = 0
     examples = []
+    oks, used = [], []
     for s in tqdm(range(0, len(problems), batch_size), desc="arithmetic", disable=not progress):
         chunk = problems[s:s + batch_size]
-        for p, r in zip(chunk, solve(model, tokenizer, chunk, tools), strict=True):
-            ok = is_correct(r.final_text, p.answer)
-            correct += ok
+        outs = solve(model, tokenizer, chunk, tools, max_new=max_new,
+                     max_tool_calls=max_tool_calls)
+        for p, r in zip(chunk, outs, strict=True):
+            ok = correct(p, r.final_text)
+            n_ok += ok
             calls += r.tool_calls > 0
             finished += r.finished
+            oks.append(ok)
+            used.append(r.tool_calls > 0)
             if len(examples) < 3:
                 examples.append({"question": p.question, "answer": p.answer,
                                  "turns": r.turns, "correct": ok})
     n = len(problems)
-    return {"n": n, "correct": correct, "accuracy": correct / n, "tool_call_rate": calls / n,
-            "finished_rate": finished / n, "examples": examples}
+    out = {"n": n, "correct": n_ok, "accuracy": n_ok / n, "tool_call_rate": calls / n,
+           "finished_rate": finished / n, "examples": examples}
+    if problems and all(isinstance(p, SuiteProblem) for p in problems):
+        out["report"] = report(problems, oks, used)  # type: ignore[arg-type]
+    return out
+
+
+def suite_accuracy(llm: Any, problems: Sequence[SuiteProblem], *,
+                   call_grammar: GrammarBuilder | None = None, registry: Any = None,
+                   max_steps: int = 4, params: Any = None, progress: bool = False
+                   ) -> dict[str, Any]:
+    """Run each problem through the agent loop (`llm`: an `LLM`, or a `complete(messages,
+    tools)` callable) with the suite tools, and score its final answer with the kind's checker.
+    `call_grammar` (e.g. `serve.responses.lazy_call_grammar`) builds the lazy tool-call grammar
+    for the LLM's chat format and the registry's tools. Returns `tasks.report` (accuracy per
+    family, kind and family split, with tool-use rates) plus call counts: "calls" (run),
+    "malformed_calls", "invalid_calls", "call_validity" (run / (run + malformed)), the same per
+    kind, "finish_reasons" and up to 5 failed "examples"."""
+    from llamaworks.infer.sampling import SamplingParams
+    from llamaworks.tools.agent import registry_functions, run_agent
+
+    registry = registry if registry is not None else _suite_registry()
+    grammar = None
+    if call_grammar is not None:
+        from llamaworks.chat.formats import detect_format
+
+        grammar = call_grammar(detect_format(llm.tokenizer), registry_functions(registry))
+        if grammar is None:
+            raise ValueError("this chat format has no lazy tool-call grammar")
+    if params is None and hasattr(llm, "tokenizer"):
+        params = SamplingParams(temperature=0.0, max_tokens=192)
+    oks, used = [], []
+    per_kind: dict[str, dict[str, int]] = {}
+    finishes: dict[str, int] = {}
+    examples = []
+    for p in tqdm(problems, desc="suite", disable=not progress):
+        res = run_agent(llm, prompt_messages(p), registry, max_steps=max_steps, params=params,
+                        call_grammar=grammar)
+        ok = check(p, res.answer)
+        oks.append(ok)
+        used.append(res.tool_calls > 0)
+        cell = per_kind.setdefault(p.kind, {"calls": 0, "malformed_calls": 0,
+                                            "invalid_calls": 0})
+        cell["calls"] += res.tool_calls
+        cell["malformed_calls"] += res.malformed_calls
+        cell["invalid_calls"] += res.invalid_calls
+        finishes[res.finish_reason] = finishes.get(res.finish_reason, 0) + 1
+        if not ok and len(examples) < 5:
+            examples.append({"family": p.family, "question": p.question, "answer": p.answer,
+                             "reply": res.answer, "steps": res.steps})
+    out = report(problems, oks, used)
+
+    def validity(c: dict[str, int]) -> float:
+        tried = c["calls"] + c["malformed_calls"]
+        return c["calls"] / tried if tried else 1.0
+
+    total = {k: sum(c[k] for c in per_kind.values())
+             for k in ("calls", "malformed_calls", "invalid_calls")}
+    for kind, c in per_kind.items():
+        out["per_kind"][kind].update(c, call_validity=validity(c))
+    return out | total | {"call_validity": validity(total), "grammar": grammar is not None,
+                          "finish_reasons": finishes, "examples": examples}
+
+
+def grammar_comparison(llm: Any, problems: Sequence[SuiteProblem], call_grammar: GrammarBuilder,
+                       **kwargs: Any) -> dict[str, Any]:
+    """`suite_accuracy` on the same problems without and with the lazy tool-call grammar:
+    {"free": ..., "grammar": ...}."""
+    return {"free": suite_accuracy(llm, problems, **kwargs),
+            "grammar": suite_accuracy(llm, problems, call_grammar=call_grammar, **kwargs)}

@@ -1,5 +1,6 @@
-"""Verifiable task data, generated procedurally (no download): multi-step arithmetic word problems
-with exact integer answers, and their tool-use conversations for SFT.
+"""The seven original arithmetic templates (the "legacy" family group) and the API the shipped
+tool-use adapter was trained and scored with: `problems`, `tool_conversation`, `write_split`.
+Kept byte for byte in what they generate, so the adapter's numbers stay comparable.
 
 Numbers are three-digit times two-digit products plus or minus more terms, large enough that a
 small model's mental arithmetic fails and a calculator call is the reliable route. Every problem
@@ -25,9 +26,12 @@ NAMES = ("Maria", "Tom", "Aisha", "Kenji", "Lena", "Carlos", "Priya", "Omar", "S
 
 @dataclass(frozen=True)
 class Problem:
+    """One word problem: its text, the calculator expression that solves it, the exact answer
+    (an int for every arithmetic problem; a word for a few suite problems) and its template."""
+
     question: str
     expression: str  # what a calculator call should evaluate
-    answer: int
+    answer: int | str
     template: str
 
 
@@ -147,8 +151,13 @@ def extract_answer(text: str) -> str | None:
     return s
 
 
-def is_correct(text: str, answer: int) -> bool:
-    return extract_answer(text) == str(answer)
+def is_correct(text: str, answer: int | str) -> bool:
+    """Whether `text` ends on `answer`: its last number for a numeric answer (as always), else
+    the word after the last "answer is" (or the last word), case-insensitively."""
+    if isinstance(answer, int) or re.fullmatch(r"-?\d+", str(answer)):
+        return extract_answer(text) == str(answer)
+    m = re.findall(r"answer is\W*([A-Za-z]+)", text, re.I) or re.findall(r"[A-Za-z]+", text)
+    return bool(m) and m[-1].lower() == str(answer).lower()
 
 
 def iter_jsonl(items: list[Problem]) -> Iterator[str]:
