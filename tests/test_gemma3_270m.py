@@ -134,3 +134,24 @@ def test_chat_uses_gemmas_template(gemma_path):
     assert run.returncode == 0, run.stderr[-2000:]
     answer = json.loads(run.stdout.strip().splitlines()[-1])["answer"]
     assert isinstance(answer, str) and answer.strip()
+
+
+def test_a_prompt_longer_than_the_sliding_layers_ring_decodes_as_transformers(gemma_path,
+                                                                             hf_gemma):
+    """15 of 18 layers slide over 512 positions; their cache is a ring of 1024 slots. A
+    1200-token prompt (fed in chunks) and 16 greedy tokens wrap it: transformers' tokens."""
+    from llamaworks.infer.llm import LLM
+    from llamaworks.infer.sampling import SamplingParams
+
+    tok = load_tokenizer(gemma_path)
+    text = " ".join(f"Item {i}: {TEXTS[i % 2]}" for i in range(200))
+    prompt = tok.encode(text, bos=None)[:1200]
+    assert len(prompt) == 1200
+    llm = LLM(gemma_path)
+    ours = llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))
+    pool = llm.engine.pool
+    assert pool.ring == 1024 and pool.context > 1024 and pool.cache.rk.shape[0] == 15
+    with torch.no_grad():
+        want = hf_gemma.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                 min_new_tokens=16)[0, len(prompt):].tolist()
+    assert ours[0].token_ids == want

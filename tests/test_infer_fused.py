@@ -64,7 +64,7 @@ def test_fused_bf16_weights_are_exact_bf16_dots_in_float32(tier):
         rounded(prompt, cache=cache)
         k, v = cache.k.clone(), cache.v.clone()
         ref = rounded(torch.tensor([[42]]), torch.tensor([6]), cache)[:, -1]
-        got = fused(torch.tensor([42]), torch.tensor([6]), torch.tensor([6]), k, v,
+        got = fused(torch.tensor([42]), torch.tensor([6]), torch.tensor([6]), (k, v),
                     torch.ones(1, 7, dtype=torch.bool))
     top = ref.topk(8, -1).indices
     torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=5e-5, rtol=1e-5)
@@ -111,7 +111,7 @@ def test_per_row_cache_positions_equal_each_row_decoded_alone(tier):
                 for r in range(3)]))
             p = pos + step
             mask = torch.arange(int(p.max()) + 1)[None, :] <= p[:, None]
-            got.append(fused(toks, p, p, pool.k[:, :3], pool.v[:, :3], mask))
+            got.append(fused(toks, p, p, (pool.k[:, :3], pool.v[:, :3]), mask))
     torch.testing.assert_close(torch.stack(got), torch.stack(alone), atol=5e-5, rtol=1e-5)
     for r, p in enumerate(prompts):
         n = len(p) + 2
@@ -142,11 +142,11 @@ def test_bad_shapes_get_a_clear_error():
     model = tiny_model()
     fused = FusedDecoder.build(model)
     cache = KVCache(model.config, 1, 16)
-    with pytest.raises(RuntimeError, match="mask must be bool"):
-        fused(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), cache.k, cache.v,
+    with pytest.raises(RuntimeError, match="mask longer than layer 0"):
+        fused(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), cache,
               torch.ones(1, 40, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="write position 99 out of range"):
-        fused(torch.tensor([5]), torch.tensor([0]), torch.tensor([99]), cache.k, cache.v,
+        fused(torch.tensor([5]), torch.tensor([0]), torch.tensor([99]), cache,
               torch.ones(1, 4, dtype=torch.bool))
 
 

@@ -214,3 +214,18 @@ def test_speculative_serving_gives_the_plain_greedy_stream():
         eng.shutdown()
     assert [r.result.token_ids for r in reqs] == want
     assert sum(s.proposed for r in reqs for s in r.seqs) > 0  # drafts were verified
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_n_samples_start_when_a_chunk_leaves_only_the_last_prompt_token(model, chunk):
+    """A 9-token prompt in chunks of 4 or 8 ends with one token, decoded as the first reply
+    step: its n siblings must start from it too (they used to wait forever)."""
+    tok = ByteTokenizer()
+    prompt = tok.encode("abcdefghi")
+    assert len(prompt) == 9
+    p = SamplingParams(temperature=0.0, n=3, max_tokens=5, ignore_eos=True)
+    engine = Engine(model, tok, max_batch=3, chunk=chunk, cache_mb=0)
+    group = engine.sequences(prompt, p)
+    engine.run([group])
+    want = _run(Engine(model, tok, cache_mb=0), ["abcdefghi"], p)[0]
+    assert [s.ids for s in group] == want and all(len(ids) == 5 for ids in want)

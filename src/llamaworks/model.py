@@ -96,30 +96,69 @@ class KVCache(nn.Module):
     `update` writes the new positions in place and returns the first `kv_len` positions.
     per_row: each batch row is written at its own positions (`input_pos` [B, T], as continuous
     batching needs); the model then takes those positions as given and needs `attn_mask` and
-    `kv_len`. Otherwise all rows share one set of write positions."""
+    `kv_len`. Otherwise all rows share one set of write positions.
+
+    ring: slots of each sliding layer's cache (0: every layer holds max_seq_len). A sliding layer
+    only ever attends to its last `sliding_window` positions, so its cache can be a ring: position
+    p lives in slot p % ring, and the model masks those slots by the position they hold (see
+    `ring_mask`). One forward may then write at most ring - sliding_window + 1 tokens per row
+    (later tokens of a chunk overwrite slots that earlier ones still need otherwise), so a ring is
+    sized window + the most tokens a caller feeds at once. Global layers keep `k`/`v`
+    [n_global, ...]; ring layers `rk`/`rv` [n_ring, batch, n_kv, ring, head_dim]."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 per_row: bool = False, zero: bool = True):
+                 per_row: bool = False, zero: bool = True, ring: int = 0):
         super().__init__()
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
+        self.ring = ring if ring and any(sliding) else 0
+        self.ringed = [bool(self.ring) and x for x in sliding]
+        self.index = [sum(1 for j in range(i) if self.ringed[j] == self.ringed[i])
+                      for i in range(cfg.n_layers)]  # each layer's place in its tensor
+        n_ring = sum(self.ringed)
         new = torch.zeros if zero else torch.empty  # empty: every slot is written before use
-        self.register_buffer("k", new(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", new(shape, dtype=dtype, device=device), persistent=False)
+        for name, layers, slots in (("", cfg.n_layers - n_ring, max_seq_len),
+                                    ("r", n_ring, self.ring)):
+            shape = (layers, batch_size, cfg.n_kv_heads, slots, cfg.head_dim)
+            for kv in "kv":
+                t = new(shape, dtype=dtype, device=device) if slots else None
+                self.register_buffer(name + kv, t, persistent=False)
         self.max_seq_len = max_seq_len
+        self.window = cfg.sliding_window or 0
         self.per_row = per_row
+
+    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer `layer`'s keys and values [batch, n_kv, slots, head_dim] (views)."""
+        i = self.index[layer]
+        if self.ringed[layer]:
+            return self.rk[i], self.rv[i]
+        return self.k[i], self.v[i]
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int
                ) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, n_kv, T, hd] at `input_pos` ([T], or [B, T] per row)."""
+        """Write k/v [B, n_kv, T, hd] at `input_pos` ([T], or [B, T] per row); a ring layer
+        writes at input_pos % ring and returns its whole ring."""
+        ck, cv = KVCache.layer_kv(self, layer)
+        if self.ringed[layer]:
+            input_pos, kv_len = input_pos % self.ring, self.ring
         if input_pos.dim() == 1:
-            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
-            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+            ck.index_copy_(2, input_pos, k.to(ck.dtype))
+            cv.index_copy_(2, input_pos, v.to(cv.dtype))
         else:
             index = input_pos[:, None, :, None].expand_as(k)
-            self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-            self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+            ck.scatter_(2, index, k.to(ck.dtype))
+            cv.scatter_(2, index, v.to(cv.dtype))
+        return ck[:, :, :kv_len], cv[:, :, :kv_len]
+
+
+def ring_mask(query_pos: Tensor, ring: int, window: int) -> Tensor:
+    """[..., ring] bool for queries at `query_pos` (any shape): ring slot s holds, of the
+    positions p = s mod ring, the latest one not after the query (while a forward writes at most
+    ring - window + 1 tokens per row), and the query sees it when it is within the window:
+    (q - s) mod ring < window, and it exists: (q - s) mod ring <= q."""
+    q = query_pos[..., None]
+    back = (q - torch.arange(ring, device=query_pos.device)) % ring
+    return (back < window) & (back <= q)
 
 
 def _window_mask(mask: Tensor | None, query_pos: Tensor, kv_len: int, window: int) -> Tensor:
@@ -328,9 +367,18 @@ class Llama(nn.Module):
                 mask = key_pos[None, :] <= write_pos[:, None]  # [T, kv_len]
         kv_len = kv_len or t
         window = cfg.sliding_window
-        near = (_window_mask(mask, write_pos, kv_len, window)
-                if window and kv_len > window and any(b.sliding for b in self.model.layers)
-                else mask)
+        ring = getattr(cache, "ring", 0)  # sliding layers' cache is a ring of slots
+        if ring:
+            if t > ring - window + 1:
+                raise ValueError(f"{t} tokens in one forward overrun a ring of {ring} slots "
+                                 f"for a window of {window}: feed at most "
+                                 f"{ring - window + 1} at a time")
+            near = ring_mask(write_pos, ring, window)
+            near = near[:, None] if near.dim() == 3 else near  # [B, 1, T, ring] or [T, ring]
+        elif window and kv_len > window and any(b.sliding for b in self.model.layers):
+            near = _window_mask(mask, write_pos, kv_len, window)
+        else:
+            near = mask
         for layer in self.model.layers:
             if layer.sliding:
                 x = layer(x, *local, near, cache, write_pos, kv_len)

@@ -232,10 +232,13 @@ class Engine:
         if checked:
             self._verify(verify, {s.id: logits[a:b] for s, (a, b) in zip(checked, spans,
                                                                          strict=True)})
+        touched = list(seqs)
         for i, s in enumerate(seqs):
             s.cached += 1
-            self._sample(s, logits[i])
-        touched = list(seqs)
+            if not s.ids and any(o.leader is s for o in self.running):
+                touched += self._prompt_done(s, logits[i])  # a chunk left the last prompt
+            else:  # token to decode: n > 1 siblings wait on it
+                self._sample(s, logits[i])
         j = len(seqs)
         for s, n in chunks:
             start = s.cached
@@ -268,7 +271,7 @@ class Engine:
             if budget <= 0:
                 break
             self._load_prefix(s)
-            n = min(s.pending, budget)
+            n = min(s.pending, budget, self.pool.max_feed or budget)  # a ring caps a chunk
             budget -= n
             out.append((s, n))
         return out
@@ -278,7 +281,7 @@ class Engine:
         last token: that one's logits are needed); True if any were found."""
         if s.cached != 0 or self.prefix is None:
             return False
-        blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1)
+        blocks = self.prefix.match(s.tokens, len(s.prompt_ids) - 1, self.pool)
         self.pool.ensure(len(blocks) * self.prefix.block + 1)
         s.cached = s.cached_prefix = self.prefix.load(blocks, self.pool, s.row)
         return bool(blocks)

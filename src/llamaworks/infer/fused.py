@@ -19,12 +19,16 @@ LoRA wrappers, PyTorch's packed int4, a bf16 residual stream) returns None from
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from llamaworks.infer import kernels
-from llamaworks.model import Llama
+from llamaworks.model import KVCache, Llama, ring_mask
+
+if TYPE_CHECKING:
+    from llamaworks.infer.kv import RowView
 
 F32, BF16, Q4_1, Q8_0 = 0, 1, 4, 8
 
@@ -105,28 +109,44 @@ class FusedDecoder:
         return cls(model, weights, kinds)
 
     @torch.inference_mode()
-    def __call__(self, tokens: Tensor, rope_pos: Tensor, write_pos: Tensor, k_cache: Tensor,
-                 v_cache: Tensor, mask: Tensor, cache_rows: Tensor | None = None,
-                 head_rows: Tensor | None = None) -> Tensor:
+    def __call__(self, tokens: Tensor, rope_pos: Tensor, write_pos: Tensor,
+                 cache: KVCache | RowView | tuple[Tensor, Tensor], mask: Tensor,
+                 cache_rows: Tensor | None = None, head_rows: Tensor | None = None) -> Tensor:
         """Logits (float32) for one new token per row: [B, vocab], or [len(head_rows), vocab]
         for just those rows (the output head is most of a small model's step).
 
-        tokens, rope_pos, write_pos: [B]; k_cache/v_cache: [layers, rows, n_kv, slots, head_dim]
-        float32, row b using cache row cache_rows[b] (default b; rows sharing a cache row are the
-        tokens of one prompt chunk) written at write_pos; mask: [B, kv_len] bool, the slots each
-        row attends to."""
+        tokens, rope_pos, write_pos: [B]; cache: a `KVCache` (or a contiguous view of pool
+        rows) whose sliding layers may be rings, or (k, v) float32 tensors [layers, rows, n_kv,
+        slots, head_dim]; row b uses cache row cache_rows[b] (default b; rows sharing a cache
+        row are the tokens of one prompt chunk, at most ring - window + 1 of them with rings)
+        written at write_pos; mask: [B, kv_len] bool, the slots each row attends to on global
+        layers (sliding layers narrow it to the window, or read their ring by position)."""
         m, cfg = self.model, self.model.config
         x = m.model.embed_tokens(tokens.reshape(-1))
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         write = write_pos.reshape(-1)
-        local = mask
-        if cfg.sliding_window:  # keys within the window of the row's write slot, as the model
+        if isinstance(cache, tuple):
+            ks, vs = list(cache[0].unbind(0)), list(cache[1].unbind(0))
+            ring = 0
+        else:
+            kv = [cache.layer_kv(i) for i in range(cfg.n_layers)]
+            ks, vs = [k for k, _ in kv], [v for _, v in kv]
+            ring = cache.ring
+        local, local_write = mask, write
+        if ring:  # each ring slot by the position it holds
+            window = cfg.sliding_window
+            if cache_rows is not None and len(cache_rows) > ring - window + 1:
+                most = int(torch.bincount(cache_rows).max())
+                if most > ring - window + 1:
+                    raise ValueError(f"{most} tokens of one row overrun a ring of {ring} slots")
+            local, local_write = ring_mask(write, ring, window), write % ring
+        elif cfg.sliding_window:  # keys within the window of the row's write slot, as the model
             slots = torch.arange(mask.shape[1], device=mask.device)
             local = mask & (slots[None, :] > write[:, None] - cfg.sliding_window)
         rows = torch.empty(0, dtype=torch.long) if cache_rows is None else cache_rows
         x = kernels.ops(self.tier).decode_layers(
-            x, self.weights, self.kinds, k_cache, v_cache, write, rope_pos.reshape(-1),
+            x, self.weights, self.kinds, ks, vs, write, local_write, rope_pos.reshape(-1),
             m.inv_freq, mask, cfg.n_heads, float(cfg.norm_eps),
             getattr(m, "inv_freq_local", m.inv_freq), local, self.sliding,
             float(cfg.attn_scale or 0.0),

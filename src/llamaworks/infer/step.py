@@ -72,6 +72,7 @@ class Step:
         hi = hi or tokens.shape[0]
         if self.compiled is not None and tokens.shape[0] == pool.allocated:
             mask = causal_mask(pos[:, None], pool.length)[:, 0]
+            pool.wrote(range(pool.allocated), pos)
             try:
                 return self.compiled(tokens, pos, pool.view(range(pool.allocated)),
                                      mask)[:hi].clone()
@@ -81,8 +82,9 @@ class Step:
         kv_len = int(pos.max()) + 1
         mask = causal_mask(pos[:, None], kv_len)[:, 0]  # [hi, kv_len]
         view = pool.view(range(hi))
+        pool.wrote(range(hi), pos)
         if self.fused is not None and pool.cache.k.dtype == torch.float32:
-            return self.fused(tokens, pos, pos, view.k, view.v, mask)
+            return self.fused(tokens, pos, pos, view, mask)
         return self._eager_decode(tokens, pos, view, mask)
 
     @torch.inference_mode()
@@ -96,8 +98,8 @@ class Step:
         mask = causal_mask(pos[:, None], int(pos.max()) + 1)[:, 0]
         pool.ensure_rows(int(rows.max()) + 1)
         pool.ensure(int(pos.max()) + 1)
-        c = pool.cache
-        return self.fused(tokens, pos, pos, c.k, c.v, mask, rows, head_rows)
+        pool.wrote(rows, pos)
+        return self.fused(tokens, pos, pos, pool.cache, mask, rows, head_rows)
 
     @torch.inference_mode()
     def extend(self, pool: KVPool, rows: Sequence[int], chunks: Sequence[Sequence[int]],
@@ -106,17 +108,30 @@ class Step:
         row, logits [T_i, vocab] of every fed token if `every`, else [1, vocab] of its last.
         Rows are right-padded to the longest chunk; the padding writes slots past each row's
         tokens, which the row overwrites before it ever attends to them."""
+        feed = pool.max_feed
+        if feed is not None and max(len(c) for c in chunks) > feed:  # rings: in pieces
+            out: list[list[Tensor]] = [[] for _ in rows]
+            for a in range(0, max(len(c) for c in chunks), feed):
+                part = [(i, c[a:a + feed]) for i, c in enumerate(chunks) if len(c) > a]
+                got = self.extend(pool, [rows[i] for i, _ in part], [c for _, c in part],
+                                  [starts[i] + a for i, _ in part], every)
+                for (i, _), lg in zip(part, got, strict=True):
+                    if every or a + feed >= len(chunks[i]):
+                        out[i].append(lg)
+            return [torch.cat(o) for o in out]
         model, device = self.model, pool.cache.k.device
         lengths = [len(c) for c in chunks]
         t = max(lengths)
         if len(rows) == 1:  # one row: shared 1-D positions (SDPA's causal kernel from slot 0)
             tokens = torch.tensor([list(chunks[0])], device=device)
             pos = torch.arange(starts[0], starts[0] + t, device=device)
+            pool.wrote(rows, pos[None])
             h = model(tokens, pos, pool.view(rows), None, starts[0] + t, hidden_only=True)
         else:
             tokens = torch.tensor([list(c) + [0] * (t - len(c)) for c in chunks], device=device)
             pos = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)
             kv_len = int(pos.max()) + 1
+            pool.wrote(rows, pos)  # the padding too
             h = model(tokens, pos, pool.view(rows), causal_mask(pos, kv_len)[:, None], kv_len,
                       hidden_only=True)
         if every:

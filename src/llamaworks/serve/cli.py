@@ -98,10 +98,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for line in warnings(args.host, key, allowed_hosts(args.host, hosts)):
         print(line, file=sys.stderr, flush=True)
     pool = engine.engine.pool
-    kv_mb = pool.bytes_per_token * pool.rows * pool.context / 2**20
+    kv_mb = pool.bytes_at(pool.rows, pool.context) / 2**20
+    ring = f", sliding layers in rings of {pool.ring}" if pool.ring else ""
     print(f"serving {name} on http://{args.host}:{args.port} (web chat at /, OpenAI API at "
           f"/v1; {args.max_batch} rows, queue {args.max_queue}, context {engine.context}, KV "
-          f"cache {kv_mb:.0f} MB + prefix cache up to {args.cache_mb:g} MB)", flush=True)
+          f"cache {kv_mb:.0f} MB{ring} + prefix cache up to {args.cache_mb:g} MB)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

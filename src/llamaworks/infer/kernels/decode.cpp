@@ -97,16 +97,19 @@ inline void add_bias(float* y, const float* bias, int64_t n) {
 // input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down, then the extras (empty
 // tensors where absent): q, k, v, o biases, q_norm, k_norm [head_dim], pre_feedforward and
 // post_feedforward norms (sandwich: post_attention_layernorm then norms the attention output);
-// kinds: per layer the 7 matrices' kinds. k_cache/v_cache [L, B, n_kv, S, head_dim] float32 (any
-// strides on the first three dims), row b using cache row cache_rows[b] (empty: row b; several
-// rows may share a cache row: a prompt chunk, one token per row, whose later tokens see the
-// earlier ones because every row's keys are written before any row attends), written at
-// write_pos [B]; rope_pos [B] rotary positions;
+// kinds: per layer the 7 matrices' kinds. k_cache/v_cache: per layer [rows, n_kv, S_l, head_dim]
+// float32 (any strides on the first two dims; each layer may have its own slot count S_l: a
+// sliding layer's cache may be a ring of slots), row b using cache row cache_rows[b] (empty: row
+// b; several rows may share a cache row: a prompt chunk, one token per row, whose later tokens
+// see the earlier ones because every row's keys are written before any row attends), written at
+// write_pos [B] (local_write_pos [B] on sliding layers); rope_pos [B] rotary positions;
 // mask [B, kv_len] bool: the cache slots each row attends to; sliding layers (sliding[l] != 0)
-// use inv_freq_local and local_mask instead. attn_scale: the softmax scale (0: 1/sqrt(hd));
-// gelu: tanh-GELU instead of SiLU on the gate. Returns the residual stream after the last layer.
+// use inv_freq_local and local_mask [B, local_kv_len] instead. attn_scale: the softmax scale (0:
+// 1/sqrt(hd)); gelu: tanh-GELU instead of SiLU on the gate. Returns the residual stream after the
+// last layer.
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef kinds,
-                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& write_pos,
+                         at::TensorList k_cache, at::TensorList v_cache,
+                         const at::Tensor& write_pos, const at::Tensor& local_write_pos,
                          const at::Tensor& rope_pos, const at::Tensor& inv_freq,
                          const at::Tensor& mask, int64_t n_heads, double eps,
                          const at::Tensor& inv_freq_local, const at::Tensor& local_mask,
@@ -120,43 +123,53 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
                   static_cast<int64_t>(kinds.size()) == 7 * L &&
                   static_cast<int64_t>(sliding.size()) == L,
               "need 17 weight tensors, 7 kinds and a sliding flag per layer");
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k_cache.size(0) == L,
-              "caches must be float32 [layers, rows, n_kv, slots, head_dim]");
+  TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == L &&
+                  static_cast<int64_t>(v_cache.size()) == L,
+              "need one key and one value cache per layer");
   const at::Tensor cr = cache_rows.numel() ? cache_rows.to(at::kLong).contiguous()
                                            : at::arange(B, at::kLong);
   TORCH_CHECK(cr.numel() == B, "cache_rows needs one entry per row (or none)");
   const int64_t* crow = cr.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(crow[b] >= 0 && crow[b] < k_cache.size(1), "cache row ", crow[b],
-                " out of range");
-  const int64_t n_kv = k_cache.size(2), S = k_cache.size(3), hd = k_cache.size(4);
-  TORCH_CHECK(k_cache.stride(4) == 1 && k_cache.stride(3) == hd && v_cache.stride(4) == 1 &&
-                  v_cache.stride(3) == hd,
-              "each cache head must be a contiguous [slots, head_dim] block");
+  const int64_t n_kv = k_cache[0].size(1), hd = k_cache[0].size(3);
   TORCH_CHECK(n_heads % n_kv == 0 && hd % 2 == 0, "n_heads must be a multiple of n_kv");
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) <= S &&
-                  mask.scalar_type() == at::kBool,
-              "mask must be bool [batch, kv_len <= slots]");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.scalar_type() == at::kBool &&
+                  local_mask.dim() == 2 && local_mask.size(0) == B &&
+                  local_mask.scalar_type() == at::kBool,
+              "mask and local_mask must be bool [batch, kv_len]");
   TORCH_CHECK(inv_freq.numel() == hd / 2 && inv_freq.scalar_type() == at::kFloat &&
                   inv_freq_local.numel() == hd / 2 &&
                   inv_freq_local.scalar_type() == at::kFloat,
               "inv_freq and inv_freq_local must be float32 [head_dim / 2]");
-  TORCH_CHECK(local_mask.sizes() == mask.sizes() && local_mask.scalar_type() == at::kBool,
-              "local_mask must be shaped as mask");
-  const int64_t kv_len = mask.size(1), half = hd / 2, group = n_heads / n_kv;
-  const int64_t nq = n_heads * hd, nk = n_kv * hd;
   const at::Tensor wp = write_pos.to(at::kLong).contiguous(), rp = rope_pos.to(at::kLong).contiguous();
+  const at::Tensor lwp = local_write_pos.to(at::kLong).contiguous();
+  TORCH_CHECK(wp.numel() == B && rp.numel() == B && lwp.numel() == B,
+              "write_pos, local_write_pos and rope_pos need one entry per row");
+  const int64_t* wposv[2] = {wp.data_ptr<int64_t>(), lwp.data_ptr<int64_t>()};
+  const int64_t kv_lens[2] = {mask.size(1), local_mask.size(1)};
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &kc = k_cache[l], &vc = v_cache[l];
+    const int kind = sliding[l] != 0;
+    TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.scalar_type() == at::kFloat &&
+                    vc.scalar_type() == at::kFloat && kc.size(1) == n_kv && kc.size(3) == hd,
+                "caches must be float32 [rows, n_kv, slots, head_dim], alike in every layer");
+    TORCH_CHECK(kc.stride(3) == 1 && kc.stride(2) == hd && vc.stride(3) == 1 &&
+                    vc.stride(2) == hd,
+                "each cache head must be a contiguous [slots, head_dim] block");
+    TORCH_CHECK(kv_lens[kind] <= kc.size(2), "mask longer than layer ", l, "'s cache");
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(crow[b] >= 0 && crow[b] < kc.size(0), "cache row ", crow[b], " out of range");
+      TORCH_CHECK(wposv[kind][b] >= 0 && wposv[kind][b] < kc.size(2), "cache write position ",
+                  wposv[kind][b], " out of range in layer ", l);
+    }
+  }
+  const int64_t half = hd / 2, group = n_heads / n_kv;
+  const int64_t nq = n_heads * hd, nk = n_kv * hd;
   const at::Tensor mk = mask.contiguous(), fr = inv_freq.contiguous();
-  TORCH_CHECK(wp.numel() == B && rp.numel() == B, "write_pos and rope_pos need one entry per row");
-  const int64_t* wpos = wp.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(wpos[b] >= 0 && wpos[b] < S, "cache write position ", wpos[b], " out of range");
 
   // cos/sin of every row's position, shared by all layers of a kind (float32, as
   // model.rope_cos_sin): [0] global layers, [1] sliding layers
   const at::Tensor frl = inv_freq_local.contiguous(), lmk = local_mask.contiguous();
+  const int64_t kv_most = std::max(kv_lens[0], kv_lens[1]);
   std::vector<float> cosv[2] = {std::vector<float>(B * half), std::vector<float>(B * half)};
   std::vector<float> sinv[2] = {std::vector<float>(B * half), std::vector<float>(B * half)};
   for (int k = 0; k < 2; ++k) {
@@ -174,12 +187,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   float* xp = x.data_ptr<float>();
   const int64_t H = weights[6].size(0);  // hidden size of the MLP (gate rows)
   std::vector<float> h(B * std::max(D, nq)), qkv(B * (nq + 2 * nk)), att(B * nq), out(B * D);
-  std::vector<float> gu(B * 2 * H), act(B * H), scores(B * n_heads * kv_len);
+  std::vector<float> gu(B * 2 * H), act(B * H), scores(B * n_heads * kv_most);
   const bool* masks[2] = {mk.data_ptr<bool>(), lmk.data_ptr<bool>()};
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const int64_t kl = k_cache.stride(0), kb = k_cache.stride(1), kh = k_cache.stride(2);
-  const int64_t vl = v_cache.stride(0), vb = v_cache.stride(1), vh = v_cache.stride(2);
   const float scale = attn_scale > 0 ? static_cast<float>(attn_scale)
                                      : 1.f / std::sqrt(static_cast<float>(hd));
   Input in;
@@ -189,6 +198,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
     const float *norm1, *norm2;
     const float *bq, *bk, *bv, *bo, *qn, *kn, *pre_ffn, *post_ffn;  // nullptr: absent
     int kind;  // 0 global, 1 sliding
+    float *kc, *vc;  // this layer's cache, its row and head strides, its write slots
+    int64_t kb, kh, vb, vh;
+    const int64_t* wpos;
   };
   std::vector<LayerMats> layers(L);  // checked here: nothing below may throw
   for (int64_t l = 0; l < L; ++l) {
@@ -221,6 +233,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
     TORCH_CHECK((lm.pre_ffn == nullptr) == (lm.post_ffn == nullptr),
                 "sandwich norms come together");
     lm.kind = sliding[l] != 0;
+    lm.kc = k_cache[l].data_ptr<float>(), lm.vc = v_cache[l].data_ptr<float>();
+    lm.kb = k_cache[l].stride(0), lm.kh = k_cache[l].stride(1);
+    lm.vb = v_cache[l].stride(0), lm.vh = v_cache[l].stride(1);
+    lm.wpos = wposv[lm.kind];
   }
 
   {  // every buffer the quantized inputs need, allocated here: nothing in the region may throw
@@ -268,10 +284,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
         for (int64_t hh = 0; hh < n_heads + n_kv; ++hh)  // q heads, then k heads
           rope(row + hh * hd, &cosv[lm.kind][b * half], &sinv[lm.kind][b * half], half);
         for (int64_t g = 0; g < n_kv; ++g) {
-          std::memcpy(kc + l * kl + crow[b] * kb + g * kh + wpos[b] * hd, row + nq + g * hd,
-                      hd * 4);
-          std::memcpy(vc + l * vl + crow[b] * vb + g * vh + wpos[b] * hd, row + nq + nk + g * hd,
-                      hd * 4);
+          const int64_t w = lm.wpos[b] * hd;
+          std::memcpy(lm.kc + crow[b] * lm.kb + g * lm.kh + w, row + nq + g * hd, hd * 4);
+          std::memcpy(lm.vc + crow[b] * lm.vb + g * lm.vh + w, row + nq + nk + g * hd, hd * 4);
         }
       }
       const int64_t tasks = B * n_heads, per = (tasks + T - 1) / T;
@@ -280,10 +295,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
       for (int64_t t = tid * per; t < std::min(tasks, (tid + 1) * per); ++t) {
         const int64_t hh = t / B, b = t % B, g = hh / group;
         const float* q = qkv.data() + b * (nq + 2 * nk) + hh * hd;
-        const float* keys = kc + l * kl + crow[b] * kb + g * kh;
-        const float* vals = vc + l * vl + crow[b] * vb + g * vh;
+        const float* keys = lm.kc + crow[b] * lm.kb + g * lm.kh;
+        const float* vals = lm.vc + crow[b] * lm.vb + g * lm.vh;
+        const int64_t kv_len = kv_lens[lm.kind];
         const bool* m = masks[lm.kind] + b * kv_len;
-        float* sc = scores.data() + t * kv_len;
+        float* sc = scores.data() + t * kv_most;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < kv_len; ++s) {
           if (!m[s]) continue;
@@ -359,8 +375,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
 }  // namespace
 
 LW_FRAGMENT(m) {
-  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor write_pos, Tensor rope_pos, Tensor inv_freq, Tensor mask, "
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!)[] k_cache, "
+        "Tensor(b!)[] v_cache, Tensor write_pos, Tensor local_write_pos, Tensor rope_pos, "
+        "Tensor inv_freq, Tensor mask, "
         "int n_heads, float eps, Tensor inv_freq_local, Tensor local_mask, int[] sliding, "
         "float attn_scale, int gelu, Tensor cache_rows) -> Tensor");
 }
