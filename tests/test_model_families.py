@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from family_fixtures import hf_family_model
+from family_fixtures import QWEN2_VOCAB_SIZE, hf_family_model, write_qwen2_tokenizer
 from infer_fixtures import decode_logits
 
 transformers = pytest.importorskip("transformers")
@@ -153,6 +153,8 @@ def load_model_from(hf) -> torch.nn.Module:
 
 
 GGUF_CASES = {  # converter arch: (transformers config, its kwargs)
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=True, vocab_size=QWEN2_VOCAB_SIZE)),
     "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=40,
                                   tie_word_embeddings=False)),
     "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -161,41 +163,95 @@ GGUF_CASES = {  # converter arch: (transformers config, its kwargs)
     "llama (mistral)": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
                                               sliding_window=None, tie_word_embeddings=False)),
 }
+# text the GGUF's tokenizer (read by us) must split as the HF tokenizer the converter read; all
+# NFC (Qwen2's HF tokenizer NFC-normalizes, our GGUF tokenizer does not: "cafe\u0301" differs)
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog. I'm sure we'll see; HE'S there, they'RE not.",
+    "Äpfel und Öl kosten 12,50 € – straße, naïve café, Ærøskøbing.",
+    "我想在apple工作1314151天～ 你好，世界！",
+    "日本語のテキスト、カタカナとひらがな。",
+    "нещо на Български и Русский язык",
+    "مرحبا بالعالم، هذا اختبار.",
+    "नमस्ते दुनिया, यह एक परीक्षण है।",
+    "한국어 문장입니다. 🚀 😶\u200d🌫️ 🦙🦙 ✅",
+    "def f(x):\n\treturn x**2  # 3.14159 3..3 333333\r\n\n\n   \t end",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def test_qwen2_tokenizer_json_built_from_llama_cpps_vocab_gives_its_test_ids(vocab_dir, tmp_path):
+    """`write_qwen2_tokenizer` (Qwen2's HF tokenizer rebuilt from ggml-vocab-qwen2.gguf) gives
+    llama.cpp's expected ids (made by the real Qwen tokenizer) on every .inp/.out case, both as
+    the bare tokenizer.json and through transformers' AutoTokenizer on the directory."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    name = "ggml-vocab-qwen2.gguf"
+    d = write_qwen2_tokenizer(vocab_dir / name, tmp_path / "tok")
+    raw = (vocab_dir / f"{name}.inp").read_text(encoding="utf-8")
+    sep = "\n__ggml_vocab_test__\n"
+    inputs = raw[:-len(sep)].split(sep) if raw.endswith(sep) else raw.split(sep)
+    outputs = (vocab_dir / f"{name}.out").read_text(encoding="utf-8").splitlines()
+    assert len(inputs) == len(outputs) > 40
+    bare = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(d)
+    assert type(auto).__name__ == "Qwen2Tokenizer" and len(auto) == 151646
+    for text, out in zip(inputs, outputs, strict=True):
+        want = [int(t) for t in out.split()]
+        assert bare.encode(text, add_special_tokens=False).ids == want, text
+        assert auto.encode(text, add_special_tokens=False) == want, text
+    assert auto.encode("<|im_start|>user\nhi<|im_end|>") == [151644, 872, 198, 6023, 151645]
+    assert (auto.bos_token, auto.eos_token_id, auto.pad_token_id) == (None, 151643, 151643)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_gguf_made_by_llama_cpps_converter_loads_with_transformers_logits(case, tmp_path,
-                                                                         smollm_tokenizer):
+                                                                         vocab_dir, request):
     """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, extracted by `make`)
-    turns a random tiny checkpoint into GGUF; we load that file with HF's logits. The vocabulary
-    is SmolLM2's (the converter needs a real tokenizer); 6 layers, so Gemma 3's 5 local : 1 global
-    pattern, which llama.cpp assumes for GGUF files, holds."""
+    turns a random tiny checkpoint into GGUF; we load that file with HF's logits, and its
+    tokenizer splits text as the HF tokenizer the converter read. The converter needs a real
+    tokenizer whose pre-tokenizer it knows (by the hash of its ids on a check text): Qwen2 gets
+    Qwen2's own (rebuilt from llama.cpp's ggml-vocab-qwen2.gguf, 151936 ids, tied embeddings),
+    the others SmolLM2's. 6 layers, so Gemma 3's 5 local : 1 global pattern, which llama.cpp
+    assumes for GGUF files, holds."""
     import subprocess
     import sys
     from pathlib import Path
+
+    from llamaworks.checkpoint import load_tokenizer
+    from llamaworks.checkpoint.gguf import read_metadata
+    from llamaworks.tokenizer import Tokenizer
 
     converter = Path(__file__).resolve().parents[1] / ".cache" / "convert" / "convert_hf_to_gguf.py"
     if not converter.exists():
         pytest.fail(f"{converter} missing: run `make test` (it extracts llama.cpp's converter)")
     cls_name, kw = GGUF_CASES[case]
-    hf = hf_family_model(cls_name, dict(vocab_size=49152, hidden_size=64, intermediate_size=96,
-                                        num_hidden_layers=6, max_position_embeddings=128,
-                                        rms_norm_eps=1e-6, **kw))
+    hf = hf_family_model(cls_name, {**dict(vocab_size=49152, hidden_size=64, intermediate_size=96,
+                                           num_hidden_layers=6, max_position_embeddings=128,
+                                           rms_norm_eps=1e-6), **kw})
+    vocab_size = hf.config.vocab_size
     hf.save_pretrained(tmp_path / "hf")
-    smollm_tokenizer.save(tmp_path / "hf")
+    if case == "qwen2":
+        write_qwen2_tokenizer(vocab_dir / "ggml-vocab-qwen2.gguf", tmp_path / "hf")
+        tok = Tokenizer.from_dir(tmp_path / "hf")
+    else:
+        tok = request.getfixturevalue("smollm_tokenizer")
+        tok.save(tmp_path / "hf")
     out = tmp_path / "model.gguf"
     run = subprocess.run([sys.executable, str(converter), str(tmp_path / "hf"), "--outtype",
                           "f32", "--outfile", str(out)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    md = read_metadata(out)
+    assert md["tokenizer.ggml.pre"] == ("qwen2" if case == "qwen2" else "smollm"), case
+    assert len(md["tokenizer.ggml.tokens"]) == vocab_size
     # `llamaworks score` on the HF directory transformers saved (with its tokenizer)
     text = "The quick brown fox jumps over the lazy dog."
     score = subprocess.run([sys.executable, "-m", "llamaworks.cli", "score", "--model",
                             str(tmp_path / "hf"), "--text", text, "--json"], capture_output=True,
                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert score.returncode == 0, score.stderr[-2000:]
-    ids = torch.tensor([smollm_tokenizer.encode(text, bos=None)])
+    ids = torch.tensor([tok.encode(text, bos=None)])
     with torch.no_grad():
         want_lp = torch.log_softmax(hf(ids).logits[0, :-1], -1).gather(
             -1, ids[0, 1:, None]).sum().item()
@@ -203,11 +259,17 @@ def test_gguf_made_by_llama_cpps_converter_loads_with_transformers_logits(case, 
     assert got["tokens"] == ids.shape[1] and len(got["nll"]) == ids.shape[1] - 1
     assert abs(sum(got["nll"]) + want_lp) < 1e-4 * abs(want_lp), (got, want_lp)
     ours = load_model(out).model
-    assert ours.config.family == {"qwen3": "qwen3", "gemma3": "gemma3_text"}.get(case, "llama")
-    tokens = torch.randint(0, 49152, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    assert ours.config.family == {"qwen2": "qwen2", "qwen3": "qwen3",
+                                  "gemma3": "gemma3_text"}.get(case, "llama")
+    assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
+    tokens = torch.randint(0, vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got, want = ours(tokens), hf(tokens).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    gguf_tok = load_tokenizer(out)
+    for s in MULTILINGUAL:
+        assert gguf_tok.encode(s) == auto.encode(s, add_special_tokens=False), (case, s)
 
 
 EXPORT_CASES = ["qwen2-bias-tied", "qwen3-mqa-head-dim", "gemma3-local-global",
