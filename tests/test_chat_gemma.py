@@ -333,7 +333,7 @@ def test_server_refuses_forced_calls_for_gemma_with_a_400(gemma_tok, choice):
 
 @pytest.mark.slow
 def test_server_renders_gemma_tools_and_parses_calls_with_tool_choice_auto(gemma_tok):
-    from llamaworks.serve import responses as R
+    from llamaworks.chat import calls as C
 
     job = _job(gemma_tok, tool_choice="auto")
     assert (job.fmt, job.prefix, job.lazy) == ("gemma", "", None)  # free text, parsed after
@@ -341,10 +341,10 @@ def test_server_renders_gemma_tools_and_parses_calls_with_tool_choice_auto(gemma
     assert "```tool_code" in prompt and '"name": "get_weather"' in prompt
     res = job._parse('```tool_code\nget_weather(city="Paris")\n```')
     assert _calls(res) == [("get_weather", {"city": "Paris"})]
-    assert R.lazy_call_grammar("gemma", [("get_weather", TOOLS[1]["function"]["parameters"])]) \
+    assert C.lazy_call_grammar("gemma", [("get_weather", TOOLS[1]["function"]["parameters"])]) \
         is None
     with pytest.raises(ValueError, match="cannot be forced"):
-        R.forced_call_prefix("gemma", "get_weather")
+        C.forced_call_prefix("gemma", "get_weather")
 
 
 @pytest.mark.slow

@@ -182,7 +182,8 @@ def test_mistral_streamer_holds_back_only_a_possible_marker_prefix():
 def test_forced_mistral_call_prefix_parses_as_the_named_call(args_marker):
     """The server's tool_choice prefix for Mistral vocabularies, followed by what a model writes
     next (the arguments), is the call in that variant's syntax."""
-    from llamaworks.serve.responses import forced_call_prefix, forced_call_stop
+    from llamaworks.chat.calls import forced_call_prefix
+    from llamaworks.serve.responses import forced_call_stop
 
     prefix = forced_call_prefix("mistral", "get_weather", args_marker)
     rest = '{"city": "Paris"}' + ("" if args_marker else "}]")

@@ -102,16 +102,16 @@ def test_constrained_and_free_rows_decode_side_by_side(llm):
 def test_the_forced_call_grammar_accepts_each_formats_own_call_text(llm, fmt):
     """What follows `forced_call_prefix(fmt, None)` in the format's real call syntax (as
     chat.formats writes a call) is a complete sentence of the grammar over the declared tools."""
+    from llamaworks.chat import calls as C
     from llamaworks.chat.formats import hermes_call_text, llama3_call_text
-    from llamaworks.serve import responses as R
 
     weather = {"type": "object", "properties": {"city": {"type": "string"}},
                "required": ["city"], "additionalProperties": False}
-    grammar = R.forced_call_grammar(fmt, [("get_weather", weather), ("noop", None)])
+    grammar = C.forced_call_grammar(fmt, [("get_weather", weather), ("noop", None)])
     full = {"chatml": hermes_call_text("get_weather", {"city": "Oslo"}),
             "llama3": llama3_call_text("get_weather", {"city": "Oslo"}),
             "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]'}
-    prefix = R.forced_call_prefix(fmt, None)
+    prefix = C.forced_call_prefix(fmt, None)
     assert full[fmt].startswith(prefix)
     c = llm.engine.grammars.constraint(grammar=grammar)
     for t in llm.tokenizer.encode(full[fmt][len(prefix):], bos=False):
@@ -127,12 +127,12 @@ def test_a_lazy_grammar_switches_on_at_the_trigger_and_off_after_the_call(llm):
     """tool_choice "auto": text is free until the output opens a call, then the call must name a
     declared tool with schema-valid arguments, then text is free again. The random model is
     placed just after it wrote `<tool_call>` and half a key (mid-token, as models do)."""
+    from llamaworks.chat import calls as C
     from llamaworks.chat.parse import parse_tool_calls
-    from llamaworks.serve import responses as R
 
     weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
                "required": ["city"], "additionalProperties": False}
-    lazy = R.lazy_call_grammar("chatml", [("get_weather", weather)])
+    lazy = C.lazy_call_grammar("chatml", [("get_weather", weather)])
     assert lazy is not None and lazy[0] == "<tool_call>"
     for seed in range(4):
         p = SamplingParams(temperature=1.0, seed=seed, max_tokens=60, ignore_eos=True,
@@ -152,9 +152,9 @@ def test_a_lazy_grammar_switches_on_at_the_trigger_and_off_after_the_call(llm):
 
 
 def test_text_without_the_trigger_stays_free(llm):
-    from llamaworks.serve import responses as R
+    from llamaworks.chat import calls as C
 
-    lazy = R.lazy_call_grammar("chatml", [("noop", None)])
+    lazy = C.lazy_call_grammar("chatml", [("noop", None)])
     free = SamplingParams(temperature=1.0, seed=5, max_tokens=30, ignore_eos=True)
     lazy_p = SamplingParams(**{**free.__dict__, "lazy_grammar": lazy})
     a, b = llm.generate(["Hello", "Hello"], [free, lazy_p])

@@ -78,8 +78,8 @@ def test_sampled_tool_calls_in_auto_mode_are_always_valid_calls(monkeypatch):
     grammar, some of the same sampled replies are broken calls left in the text)."""
     import openai
 
+    from llamaworks.chat import calls as C
     from llamaworks.posttrain.tasks import calculator_schemas
-    from llamaworks.serve import responses as R
     from llamaworks.serve.app import create_app
     from llamaworks.serve.background import BackgroundServer
     from llamaworks.serve.cli import build_engine, serve_args
@@ -113,7 +113,7 @@ def test_sampled_tool_calls_in_auto_mode_are_always_valid_calls(monkeypatch):
                                    timeout=300)
             calls, bad = broken(client)
             assert calls >= len(qs) // 2 and bad == 0
-            monkeypatch.setattr(R, "lazy_call_grammar", lambda *a, **k: None)  # no grammar
+            monkeypatch.setattr(C, "lazy_call_grammar", lambda *a, **k: None)  # no grammar
             _, bad_free = broken(client)
     finally:
         engine.shutdown()

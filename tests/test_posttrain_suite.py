@@ -423,15 +423,13 @@ def test_shipped_adapter_smoke_run_through_the_suite_with_and_without_the_gramma
     from llamaworks.checkpoint.discovery import default_model_path
     from llamaworks.infer.load import load_for_use
     from llamaworks.posttrain.evaluate import grammar_comparison
-    from llamaworks.serve.responses import lazy_call_grammar
     from llamaworks.tools.chat import DEFAULT_TOOL_ADAPTER
     from llamaworks.tools.registry import default_registry
 
     path = default_model_path()
     llm = LLM(load_for_use(path, adapters=(DEFAULT_TOOL_ADAPTER,)), tokenizer=load_tokenizer(path))
     ps = T.suite(2, "heldout", kinds="arithmetic", seed=0)
-    out = grammar_comparison(llm, ps, lazy_call_grammar, registry=default_registry("calculator"),
-                             max_steps=3)
+    out = grammar_comparison(llm, ps, registry=default_registry("calculator"), max_steps=3)
     for side in ("free", "grammar"):
         assert out[side]["n"] == 2 and 0.0 <= out[side]["accuracy"] <= 1.0
     assert out["grammar"]["grammar"] and out["grammar"]["call_validity"] == 1.0

@@ -1,8 +1,9 @@
 """The agent loop and broken tool calls: a call that does not parse is shown to the model as an
 error in a tool message and counted, the turn stays exactly as the model wrote it, and nothing
 of it runs (nothing is repaired silently); calls that parse but name no tool or break the
-tool's schema are answered by the registry's error and counted as invalid. With an LLM, the lazy
-tool-call grammar is passed to its sampling."""
+tool's schema are answered by the registry's error and counted as invalid. With an LLM,
+`grammar=True` builds the lazy tool-call grammar of the registry's tools and passes it to its
+sampling."""
 
 from __future__ import annotations
 
@@ -88,9 +89,9 @@ def test_well_formed_calls_count_nothing():
     assert res.call_validity == 1.0 and events[-1]["malformed_calls"] == 0
 
 
-def test_call_grammar_needs_an_llm():
-    with pytest.raises(ValueError, match="call_grammar"):
-        _run(["391"], call_grammar=("<tool_call>", "start: x"))
+def test_grammar_needs_an_llm():
+    with pytest.raises(ValueError, match="grammar=True constrains an LLM"):
+        _run(["391"], grammar=True)
 
 
 class _ChatMLBytes:
@@ -114,10 +115,10 @@ class _ChatMLBytes:
 class _FakeLLM:
     """Enough of an LLM for the agent's LLM path: records the sampling params of each turn."""
 
-    def __init__(self, replies: list[str]):
+    def __init__(self, replies: list[str], tokenizer=None):
         from types import SimpleNamespace
 
-        self.tokenizer = _ChatMLBytes()
+        self.tokenizer = tokenizer or _ChatMLBytes()
         self.model = SimpleNamespace(config=SimpleNamespace(max_seq_len=8192))
         self.replies, self.params = list(replies), []
 
@@ -126,16 +127,28 @@ class _FakeLLM:
         yield self.replies.pop(0)
 
 
-def test_call_grammar_is_the_llm_sampling_lazy_grammar():
-    from llamaworks.serve.responses import lazy_call_grammar
+def test_grammar_sets_the_llm_sampling_lazy_grammar_of_the_registry_tools():
+    from llamaworks.chat.calls import lazy_call_grammar
 
     reg = default_registry("calculator")
     grammar = lazy_call_grammar("chatml", registry_functions(reg))
     assert grammar is not None and grammar[0] == "<tool_call>"
+    assert "calculator" in grammar[1] and "expression" in grammar[1]  # its tool and schema
     llm = _FakeLLM([GOOD, "The answer is 391."])
-    res = run_agent(llm, [{"role": "user", "content": "17*23?"}], reg, call_grammar=grammar)
+    res = run_agent(llm, [{"role": "user", "content": "17*23?"}], reg, grammar=True)
     assert res.answer == "The answer is 391." and res.tool_calls == 1
     assert [p.lazy_grammar for p in llm.params] == [grammar, grammar]
     plain = _FakeLLM(["391"])
     run_agent(plain, [{"role": "user", "content": "?"}], reg)
     assert plain.params[0].lazy_grammar is None
+
+
+def test_grammar_is_refused_for_a_format_without_a_call_grammar():
+    class _GemmaBytes(_ChatMLBytes):
+        chat_template = "<start_of_turn>user\n{{ messages[0]['content'] }}<end_of_turn>\n"
+
+    llm = _FakeLLM(["391"], tokenizer=_GemmaBytes())
+    with pytest.raises(ValueError, match="'gemma' has no tool-call grammar"):
+        run_agent(llm, [{"role": "user", "content": "?"}], default_registry("calculator"),
+                  grammar=True)
+    assert llm.params == []  # refused before generating

@@ -17,11 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
+from llamaworks.chat.calls import JSON_LAYOUT  # the layout of JSON in generated text
 from llamaworks.errors import LlamaworksError
-
-# JSON as OpenAI's structured outputs write it ({"a": 1, "b": [2, 3]}): no free whitespace, so a
-# model cannot spend its tokens on blanks (a schema's "x-guidance" options override these)
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(LlamaworksError, ValueError):

@@ -7,14 +7,14 @@ checker for a suite problem). A suite problem is offered both suite tools (calcu
 python, run in the sandbox), a legacy one the calculator alone, as each was trained.
 
 `suite_accuracy`: each suite problem through `tools.agent.run_agent`, optionally under the lazy
-tool-call grammar; returns accuracy per family, kind and side of the family split, each family's
-tool-use rate, and tool-call validity (the fraction of attempted calls that parsed).
-`grammar_comparison` runs it with and without the grammar."""
+tool-call grammar (`grammar=True`); returns accuracy per family, kind and side of the family
+split, each family's tool-use rate, and tool-call validity (the fraction of attempted calls that
+parsed). `grammar_comparison` runs it with and without the grammar."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -36,9 +36,6 @@ from llamaworks.posttrain.tasks import (
     report,
     suite_schemas,
 )
-
-# builds the lazy tool-call grammar: serve.responses.lazy_call_grammar(fmt, functions)
-GrammarBuilder = Callable[[str, list[tuple[str, dict]]], tuple[str, str] | None]
 
 
 def prompt_messages(p: Problem) -> list[dict]:
@@ -128,28 +125,20 @@ def accuracy(model: Llama, tokenizer: Any, problems: Sequence[Problem], tools: b
     return out
 
 
-def suite_accuracy(llm: Any, problems: Sequence[SuiteProblem], *,
-                   call_grammar: GrammarBuilder | None = None, registry: Any = None,
-                   max_steps: int = 4, params: Any = None, progress: bool = False
-                   ) -> dict[str, Any]:
+def suite_accuracy(llm: Any, problems: Sequence[SuiteProblem], *, grammar: bool = False,
+                   registry: Any = None, max_steps: int = 4, params: Any = None,
+                   progress: bool = False) -> dict[str, Any]:
     """Run each problem through the agent loop (`llm`: an `LLM`, or a `complete(messages,
     tools)` callable) with the suite tools, and score its final answer with the kind's checker.
-    `call_grammar` (e.g. `serve.responses.lazy_call_grammar`) builds the lazy tool-call grammar
-    for the LLM's chat format and the registry's tools. Returns `tasks.report` (accuracy per
+    `grammar`: the LLM samples its calls under the lazy tool-call grammar of the registry's tools
+    (`run_agent(grammar=True)`). Returns `tasks.report` (accuracy per
     family, kind and family split, with tool-use rates) plus call counts: "calls" (run),
     "malformed_calls", "invalid_calls", "call_validity" (run / (run + malformed)), the same per
     kind, "finish_reasons" and up to 5 failed "examples"."""
     from llamaworks.infer.sampling import SamplingParams
-    from llamaworks.tools.agent import registry_functions, run_agent
+    from llamaworks.tools.agent import run_agent
 
     registry = registry if registry is not None else _suite_registry()
-    grammar = None
-    if call_grammar is not None:
-        from llamaworks.chat.formats import detect_format
-
-        grammar = call_grammar(detect_format(llm.tokenizer), registry_functions(registry))
-        if grammar is None:
-            raise ValueError("this chat format has no lazy tool-call grammar")
     if params is None and hasattr(llm, "tokenizer"):
         params = SamplingParams(temperature=0.0, max_tokens=192)
     oks, used = [], []
@@ -158,7 +147,7 @@ def suite_accuracy(llm: Any, problems: Sequence[SuiteProblem], *,
     examples = []
     for p in tqdm(problems, desc="suite", disable=not progress):
         res = run_agent(llm, prompt_messages(p), registry, max_steps=max_steps, params=params,
-                        call_grammar=grammar)
+                        grammar=grammar)
         ok = check(p, res.answer)
         oks.append(ok)
         used.append(res.tool_calls > 0)
@@ -181,13 +170,13 @@ def suite_accuracy(llm: Any, problems: Sequence[SuiteProblem], *,
              for k in ("calls", "malformed_calls", "invalid_calls")}
     for kind, c in per_kind.items():
         out["per_kind"][kind].update(c, call_validity=validity(c))
-    return out | total | {"call_validity": validity(total), "grammar": grammar is not None,
+    return out | total | {"call_validity": validity(total), "grammar": grammar,
                           "finish_reasons": finishes, "examples": examples}
 
 
-def grammar_comparison(llm: Any, problems: Sequence[SuiteProblem], call_grammar: GrammarBuilder,
-                       **kwargs: Any) -> dict[str, Any]:
+def grammar_comparison(llm: Any, problems: Sequence[SuiteProblem], **kwargs: Any
+                       ) -> dict[str, Any]:
     """`suite_accuracy` on the same problems without and with the lazy tool-call grammar:
     {"free": ..., "grammar": ...}."""
-    return {"free": suite_accuracy(llm, problems, **kwargs),
-            "grammar": suite_accuracy(llm, problems, call_grammar=call_grammar, **kwargs)}
+    return {"free": suite_accuracy(llm, problems, grammar=False, **kwargs),
+            "grammar": suite_accuracy(llm, problems, grammar=True, **kwargs)}

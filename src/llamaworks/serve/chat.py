@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamaworks.chat import calls as C
 from llamaworks.chat import reasoning as think
 from llamaworks.chat.formats import detect_format, render
 from llamaworks.chat.parse import ParseResult, ToolCall, ToolCallStreamer, new_call_id
@@ -102,24 +103,24 @@ class ChatJob:
             self.call_schema = _enforceable(engine, fn.parameters or {"type": "object"},
                                             "tools")
             self.args_head = R.arguments_head(fn.parameters)
-            self.prefix = R.forced_call_prefix(self.fmt, self.forced, self._args_marker(tok)) + \
+            self.prefix = C.forced_call_prefix(self.fmt, self.forced, C.has_args_marker(tok)) + \
                 self.args_head
         elif choice == "required":
             if not tools:
                 raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
-            self.prefix = R.forced_call_prefix(self.fmt, None, self._args_marker(tok))
+            self.prefix = C.forced_call_prefix(self.fmt, None, C.has_args_marker(tok))
             # which function, and its arguments, under a grammar of the declared schemas
-            self.call_grammar = R.forced_call_grammar(
+            self.call_grammar = C.forced_call_grammar(
                 self.fmt, [(t.function.name, t.function.parameters) for t in tools],
-                self._args_marker(tok))
+                C.has_args_marker(tok))
             if self.call_grammar is not None:
                 _enforceable(engine, None, "tools", self.call_grammar)
         self.tools_on = tools is not None
         self.lazy = None  # tool_choice auto: calls follow the declared tools once one begins
         if tools and not self.prefix:
-            self.lazy = R.lazy_call_grammar(
+            self.lazy = C.lazy_call_grammar(
                 self.fmt, [(t.function.name, t.function.parameters) for t in tools],
-                self._args_marker(tok))
+                C.has_args_marker(tok))
             if self.lazy is not None:
                 _enforceable(engine, None, "tools", self.lazy[1])
         schemas = [t.model_dump(exclude_none=True) for t in tools] if tools else None
@@ -174,16 +175,11 @@ class ChatJob:
     def _can_force(self, what: str) -> None:
         """400 when the chat format's calls cannot be forced (gemma's are Python code, which
         neither the forced call prefix nor the call grammar covers)."""
-        if self.fmt not in R.FORCED_CALL_FORMATS:
+        if self.fmt not in C.FORCED_CALL_FORMATS:
             raise APIError(400, f"tool_choice {what} cannot be enforced for this model's chat "
                            f"format ({self.fmt}: tool calls are Python code in ```tool_code "
                            "blocks, which the tool-call grammar does not cover); use "
                            "tool_choice 'auto'", param="tool_choice", code="invalid_value")
-
-    @staticmethod
-    def _args_marker(tok: Any) -> bool:
-        """Whether the vocabulary spells calls as Mistral Small 3.2 does (`[ARGS]`)."""
-        return tok.token_to_id("[ARGS]") is not None
 
     def _streamer(self) -> ToolCallStreamer | None:
         if not self.tools_on:

@@ -8,8 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from llamaworks.chat.formats import hermes_call_text
-from llamaworks.chat.parse import CLOSE, OPEN, ParseResult, parse_tool_calls
+from llamaworks.chat.parse import CLOSE, ParseResult, parse_tool_calls
 
 
 def new_id(prefix: str) -> str:
@@ -63,69 +62,7 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
             "top_logprobs": tops, "text_offset": offsets}
 
 
-# -- tool calls ---------------------------------------------------------------------------------
-def forced_call_prefix(fmt: str, name: str | None, args_marker: bool = False) -> str:
-    """The start of the assistant turn that commits the model to calling `name` (or, with None,
-    to calling some tool): the tool-call syntax up to the arguments object. Mistral: Nemo's
-    `[TOOL_CALLS][{"name": ..., "arguments": `, or with `args_marker` (a vocabulary that has
-    `[ARGS]`, as Small 3.2's) `[TOOL_CALLS]name[ARGS]`. Only for `FORCED_CALL_FORMATS`."""
-    if fmt not in FORCED_CALL_FORMATS:
-        raise ValueError(f"a tool call cannot be forced in chat format {fmt!r}")
-    if fmt == "llama3":
-        return f'{{"name": "{name}", "parameters": ' if name else '{"name": "'
-    if fmt == "mistral":
-        if args_marker:
-            return f"[TOOL_CALLS]{name}[ARGS]" if name else "[TOOL_CALLS]"
-        return f'[TOOL_CALLS][{{"name": "{name}", "arguments": ' if name else \
-            '[TOOL_CALLS][{"name": "'
-    head = hermes_call_text("NAME", {}).split('"NAME"')[0]  # '<tool_call>\n{"name": '
-    assert head.startswith(OPEN)
-    return f'{head}"{name}", "arguments": ' if name else f'{head}"'
-
-
-# Where a call begins in each format's text: a tool-call grammar is switched on there (lazily,
-# as llama.cpp's lazy grammars), so text before a call stays free. gemma has none: its calls are
-# Python code (```tool_code blocks), which the JSON-schema call grammar does not cover, so they
-# are parsed after generation only, and a call cannot be forced (`FORCED_CALL_FORMATS`).
-CALL_TRIGGERS = {"chatml": OPEN, "mistral": "[TOOL_CALLS]", "llama3": '{"name"'}
-FORCED_CALL_FORMATS = ("chatml", "llama2", "llama3", "mistral")
-
-
-def lazy_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],
-                      args_marker: bool = False) -> tuple[str, str] | None:
-    """(trigger, grammar of what follows it) for tool_choice "auto": once the model writes the
-    trigger, the rest of the call must name a declared tool and follow its schema."""
-    trigger = CALL_TRIGGERS.get(fmt)
-    if trigger is None:
-        return None
-    lead = forced_call_prefix(fmt, None, args_marker)
-    if not lead.startswith(trigger):
-        return None
-    grammar = forced_call_grammar(fmt, functions, args_marker, lead[len(trigger):])
-    return None if grammar is None else (trigger, grammar)
-
-
-def forced_call_grammar(fmt: str, functions: list[tuple[str, dict[str, Any]]],
-                        args_marker: bool = False, lead: str = "") -> str | None:
-    """The Lark grammar (llguidance) of what follows `forced_call_prefix(fmt, None)` (after
-    `lead`): one of the functions' names, then its arguments under its own parameters schema,
-    then the call's end; None for Mistral's `[ARGS]` syntax (a special token, not text)."""
-    from llamaworks.infer.grammar import JSON_LAYOUT
-
-    if fmt == "mistral" and args_marker:
-        return None
-    key = "parameters" if fmt == "llama3" else "arguments"
-    tail = json.dumps({"llama3": "}", "mistral": "}]"}.get(fmt, "}\n" + CLOSE))
-    alts, rules = [], []
-    for i, (name, params) in enumerate(functions):
-        schema = {**(params or {"type": "object"}), "x-guidance": JSON_LAYOUT}
-        head = json.dumps(f'{name}", "{key}": ')  # a Lark string literal (JSON escapes)
-        alts.append(f"{head} a{i} {tail}")
-        rules.append(f"a{i}: %json {json.dumps(schema)}")
-    head = f"{json.dumps(lead)} " if lead else ""
-    return f"start: {head}call\ncall: " + " | ".join(alts) + "\n" + "\n".join(rules) + "\n"
-
-
+# -- tool calls (the call grammars themselves: chat.calls) ------------------------------------
 def arguments_head(parameters: dict[str, Any] | None) -> str:
     """The opening of a forced call's arguments: `{"first_property": ` (and the opening quote of
     a string value), so small models fill in a value instead of echoing the schema; "" when the

@@ -14,11 +14,12 @@ errors, and `AgentResult.malformed_calls` counts one per error. A call that pars
 registered tool or whose arguments fail the tool's schema is run through the registry, which
 answers with its error text, and is counted in `invalid_calls`.
 
-With an LLM, `call_grammar` (the `(trigger, grammar)` pair of
-`serve.responses.lazy_call_grammar` for the registry's tools, see `registry_functions`) is set as
-the sampling's `lazy_grammar`: text stays free until the model opens a call, then the call must
-name a registered tool with schema-valid arguments, so every call parses. tools/ does not build
-it itself: the function lives in serve/, downstream of this package.
+With an LLM, `grammar=True` holds every call to the registry's tools: the lazy tool-call grammar
+of the chat format (`chat.calls.lazy_call_grammar` over `registry_functions(registry)`, the one
+the server uses for tool_choice "auto") is set as the sampling's `lazy_grammar`. Text stays free
+until the model opens a call; then the call must name a registered tool with schema-valid
+arguments, so every call it finishes parses. A format without such a grammar (gemma's Python
+calls) and a `complete()` callable (it writes its own text) are refused with a ValueError.
 
 `on_event` receives every step as it happens: {"type": "delta", "text"} while generating, then
 {"type": "assistant", "step", "content", "tool_calls", "errors"}, {"type": "tool", "step",
@@ -33,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamaworks.chat.calls import tool_call_grammar
 from llamaworks.chat.formats import detect_format, render
 from llamaworks.chat.parse import GEMMA_RESULT, ToolCallStreamer, parse_tool_calls
 from llamaworks.tools.registry import ToolRegistry, validate
@@ -76,7 +78,7 @@ class AgentResult:
 
 def registry_functions(registry: ToolRegistry) -> list[tuple[str, dict]]:
     """(name, parameters schema) of each registered tool: the `functions` argument of
-    `serve.responses.lazy_call_grammar`, for building `run_agent`'s `call_grammar`."""
+    `chat.calls.lazy_call_grammar`."""
     return [(t.name, t.parameters) for t in registry.tools.values()]
 
 
@@ -86,14 +88,14 @@ def _invalid(registry: ToolRegistry, name: str, arguments: dict) -> bool:
 
 
 def _llm_complete(llm: Any, params: Any, fmt: str, on_event: Callable[[Event], None] | None,
-                  call_grammar: tuple[str, str] | None = None) -> Complete:
+                  lazy: tuple[str, str] | None = None) -> Complete:
     from llamaworks.infer.sampling import SamplingParams
 
     tok = llm.tokenizer
     ctx = llm.model.config.max_seq_len
     base = params or SamplingParams(temperature=0.0, max_tokens=512)
-    if call_grammar is not None:
-        base = dataclasses.replace(base, lazy_grammar=tuple(call_grammar))
+    if lazy is not None:
+        base = dataclasses.replace(base, lazy_grammar=lazy)
     stops = {"chatml": HERMES_STOPS, "llama2": HERMES_STOPS, "gemma": GEMMA_STOPS}.get(fmt, ())
     if stops:
         base = dataclasses.replace(base, stop=list(dict.fromkeys([*base.stop, *stops])))
@@ -122,27 +124,35 @@ class _ContextFull(Exception):
     pass
 
 
+def parse_error_result(errors: Sequence[str]) -> str:
+    """The tool message that answers a turn whose calls did not parse (none of them ran)."""
+    return ("error: your tool call could not be parsed: " + "; ".join(errors) +
+            ". No call of this turn was run; write the call again.")
+
+
 def run_agent(llm: Any, messages: Sequence[Mapping[str, Any]], registry: ToolRegistry, *,
               max_steps: int = 5, params: Any = None, fmt: str | None = None,
               on_event: Callable[[Event], None] | None = None,
-              call_grammar: tuple[str, str] | None = None) -> AgentResult:
+              grammar: bool = False) -> AgentResult:
     """Run the tool loop on `messages` (OpenAI format) with the tools in `registry`; returns the
     final answer, the tool steps, the extended conversation and the count of broken calls.
     `llm` is an `LLM` or a callable `complete(messages, tools) -> str`; `fmt` defaults to the LLM
-    tokenizer's format ("chatml" for a callable). `call_grammar`: a lazy tool-call grammar
-    `(trigger, grammar)` the LLM's sampling follows once a call begins (LLM only)."""
+    tokenizer's format ("chatml" for a callable). `grammar`: sample under the lazy tool-call
+    grammar of the registry's tools (LLM only; see the module docstring)."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     emit = on_event or (lambda e: None)
     if callable(llm) and not hasattr(llm, "tokenizer"):
-        if call_grammar is not None:
-            raise ValueError("call_grammar constrains an LLM's sampling; a complete() callable "
-                             "writes its own text")
+        if grammar:
+            raise ValueError("grammar=True constrains an LLM's sampling; a complete() callable "
+                             "writes its own text, so there is nothing to constrain")
         fmt = fmt or "chatml"
         complete: Complete = llm
     else:
         fmt = fmt or detect_format(llm.tokenizer)
-        complete = _llm_complete(llm, params, fmt, on_event, call_grammar)
+        lazy = tool_call_grammar(llm.tokenizer, registry_functions(registry), fmt) \
+            if grammar else None
+        complete = _llm_complete(llm, params, fmt, on_event, lazy)
     tools = registry.schemas()
     convo = [dict(m) for m in messages]
     steps: list[dict] = []
@@ -161,8 +171,7 @@ def run_agent(llm: Any, messages: Sequence[Mapping[str, Any]], registry: ToolReg
         if res.errors:  # nothing of this turn runs; the model sees what it wrote and why
             malformed += len(res.errors)
             convo.append({"role": "assistant", "content": raw})
-            text = ("error: your tool call could not be parsed: " + "; ".join(res.errors) +
-                    ". No call of this turn was run; write the call again.")
+            text = parse_error_result(res.errors)
             steps.append({"tool": None, "arguments": None, "result": text})
             convo.append({"role": "tool", "tool_call_id": "", "content": text})
             emit({"type": "tool", "step": step, "tool": None, "arguments": None,
