@@ -9,9 +9,11 @@ the Q4_1 it exactly is); F16, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K become `GGUFLinear
 as stored (integer dots over those blocks; F16 a float dot); an embedding table in any of these
 is a `BlockEmbedding`, and a tied output head shares its blocks. Only the other types (BF16,
 Q2_K, Q3_K, IQ4) are dequantized to float32, as `checkpoint.load_model` does.
-`quant=` converts on load instead (everything through float32, then `quantize_model`); converting
-tensors that the file already stores quantized into another quantized type warns (double
-quantization). LoRA adapters are merged into a float32 base first, then `quant` applies.
+An HF safetensors directory is read tensor by tensor with bf16 matrices kept in bf16
+(`load_hf_as_stored`). `quant=` converts on load instead (everything through float32, then
+`quantize_model`); converting tensors that the file already stores quantized into another
+quantized type warns (double quantization). LoRA adapters are merged into a float32 base
+first, then `quant` applies.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def load_as_stored(path: str | Path) -> Loaded:
     """`path` with GGUF Q4_1 / Q8_0 matrices kept in their blocks (see the module docstring);
     other formats, or no usable kernels, load as `checkpoint.load_model` does (float32)."""
     p = Path(path)
-    if detect_format(p) != "gguf" or not kernels.preferred():
+    fmt = detect_format(p)
+    if fmt == "hf":
+        return load_hf_as_stored(p)
+    if fmt != "gguf" or not kernels.preferred():
         return load_model(p)
     from llamaworks.checkpoint.gguf import StoredBlocks, load_gguf
 
@@ -91,6 +96,63 @@ def load_as_stored(path: str | Path) -> Loaded:
     del sd, blocks
     return_freed_memory()  # the per-tensor copies and the fused groups' parts were freed
     return Loaded(model=model.eval(), config=cfg, path=p, format="gguf")
+
+
+def load_hf_as_stored(path: str | Path) -> Loaded:
+    """An HF safetensors directory read tensor by tensor (`safe_open`, memory-mapped: nothing is
+    held twice but the tensor being placed), bf16 projection matrices kept in bf16 as
+    `BF16Linear` (the fused step runs them as bf16 x float32 dots), everything else float32
+    (embeddings, norms, biases; fp16 or float32 matrices). An 8B bf16 checkpoint then needs about
+    its file size plus its float32 embedding table, not twice the file. `.bin` pickles go through
+    the checked loader (`checkpoint.load_model`)."""
+    from safetensors import SafetensorError, safe_open
+
+    from llamaworks.checkpoint.hf import _IGNORED_SUFFIXES, read_config, weight_files
+    from llamaworks.infer.quantize import BF16Linear
+
+    d = resolve(Path(path), "hf")
+    d = d if d.is_dir() else d.parent
+    files = weight_files(d)
+    if any(f.suffix != ".safetensors" for f in files):
+        return load_model(d)
+    cfg = read_config(d)
+    model = Llama(cfg, device="meta")
+    shapes = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    floats: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if key.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    name = key if key.startswith(("model.", "lm_head.")) else "model." + key
+                    if cfg.tie_embeddings and name == "lm_head.weight":
+                        continue
+                    t = st.get_tensor(key)
+                    if name not in shapes or tuple(shapes[name]) != tuple(t.shape):
+                        want = tuple(shapes[name]) if name in shapes else "no such tensor"
+                        raise CheckpointError(f"{f}: {key} has shape {tuple(t.shape)}; the "
+                                              f"config wants {want}")
+                    module = name.removesuffix(".weight")
+                    if t.dtype == torch.bfloat16 and t.dim() == 2 and \
+                            isinstance(model.get_submodule(module), nn.Linear):
+                        _replace(model, module, BF16Linear.from_weight(t))
+                    else:
+                        floats[name] = t.float()
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    for name in [n for n in floats if n.endswith(".bias")]:
+        owner = model.get_submodule(name.removesuffix(".bias"))
+        if isinstance(owner, BF16Linear):
+            owner.bias = floats.pop(name)
+    model.load_state_dict(floats, strict=False, assign=True)
+    model.tie_weights()
+    model.reset_rope()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{d}: no weights for {left[:5]} ({len(left)} in all)")
+    return_freed_memory()
+    return Loaded(model=model.eval(), config=cfg, path=d, format="hf")
 
 
 # Matrices that read the same input: packed into one buffer, so `fuse_projections` runs them as one

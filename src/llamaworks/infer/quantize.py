@@ -50,6 +50,17 @@ class BF16Linear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
         _keep_bias(self, linear)
 
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> BF16Linear:
+        """Over a bf16 [out, in] matrix as given (no float32 copy on the way, as a checkpoint
+        stores it)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.to(torch.bfloat16))
+        self.register_buffer("bias", bias)
+        return self
+
     def rows(self, idx: Tensor) -> Tensor:
         return self.weight[idx].float()
 
