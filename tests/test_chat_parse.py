@@ -68,6 +68,18 @@ def test_unclosed_call_with_complete_json_is_kept_with_an_error():
     assert len(res.errors) == 1 and "not closed" in res.errors[0]
 
 
+def test_a_closing_tag_inside_a_json_string_does_not_end_the_call():
+    """A call sampled under the call grammar may write `</tool_call>` inside a string: the call
+    ends at the tag after its JSON object, not at the first one."""
+    inner = '<tool_call>\n{"name": "python", "arguments": {"code": "print(\'</tool_call>\')"}}'
+    res = parse_tool_calls("Run it. " + inner + "\n</tool_call> then " + CALC)
+    assert _calls(res) == [("python", {"code": "print('</tool_call>')"}),
+                           ("calculator", {"expression": "17*23"})]
+    assert res.errors == [] and res.content == "Run it.  then"
+    cut = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"s": "a</tool_call>b')
+    assert cut.calls == [] and len(cut.errors) == 1  # still broken when the JSON never ends
+
+
 def test_to_openai_is_a_valid_openai_tool_call():
     call = ToolCall("call_1", "calculator", {"expression": "√2 ≈ 1.41"})
     wire = ChatCompletionMessageToolCall.model_validate(call.to_openai())

@@ -3,6 +3,8 @@
 Formats (see `chat.formats`):
 - "chatml" and "llama2": Hermes/Qwen2.5 blocks `<tool_call>\\n{"name": ..., "arguments": {...}}\\n
   </tool_call>`, any number, anywhere in the text; the text outside the blocks is the content.
+  A block whose JSON object is whole ends at the `</tool_call>` after it, so a string argument
+  may itself contain `</tool_call>`.
 - "llama3": Llama-3.1 JSON calls, the whole reply being `{"name": ..., "parameters": {...}}`
   (optionally after `<|python_tag|>`; several calls separated by `;` or newlines). Hermes blocks
   are recognised too.
@@ -112,6 +114,23 @@ def _parse_json_call(body: str, errors: list[str]) -> ToolCall | None:
     return _call_from_obj(obj, errors, body)
 
 
+def _closed_json_end(text: str, at: int) -> int:
+    """Where `</tool_call>` starts when a whole JSON object follows `at` and then (after
+    whitespace) the closing tag, else -1: a JSON string may itself hold `</tool_call>` (a call
+    sampled under the call grammar can write one), so the first closing tag is not the end."""
+    body = text[at:]
+    lead = len(body) - len(body.lstrip())
+    if not body[lead:].startswith("{"):
+        return -1
+    try:
+        _, stop = json.JSONDecoder().raw_decode(body, lead)
+    except json.JSONDecodeError:
+        return -1
+    rest = body[stop:]
+    close = stop + len(rest) - len(rest.lstrip())
+    return at + close if body.startswith(CLOSE, close) else -1
+
+
 def _parse_hermes(text: str) -> ParseResult:
     content: list[str] = []
     calls: list[ToolCall] = []
@@ -124,7 +143,9 @@ def _parse_hermes(text: str) -> ParseResult:
             break
         content.append(text[pos:start])
         body_start = start + len(OPEN)
-        end = text.find(CLOSE, body_start)
+        end = _closed_json_end(text, body_start)
+        if end < 0:
+            end = text.find(CLOSE, body_start)
         nxt = text.find(OPEN, body_start)
         if end < 0 or (0 <= nxt < end):  # unterminated: runs to the next block or the end
             stop = nxt if nxt >= 0 else len(text)
