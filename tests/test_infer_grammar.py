@@ -160,3 +160,24 @@ def test_text_without_the_trigger_stays_free(llm):
     a, b = llm.generate(["Hello", "Hello"], [free, lazy_p])
     if "<tool_call>" not in a.text:  # (a random model that never opens a call)
         assert a.token_ids == b.token_ids
+
+
+def test_a_trigger_in_forced_text_does_not_switch_the_lazy_grammar_on(llm):
+    """Tokens forced into a row (a tool's result in a GRPO rollout) may contain the trigger; only
+    text the model writes opens a call. Without that rule the model would have to continue the
+    call the tool result began (`me": "noop", ...`)."""
+    from llamaworks.chat import calls as C
+
+    lazy = C.lazy_call_grammar("chatml", [("noop", None)])
+    tok = llm.tokenizer
+    for seed in range(3):
+        p = SamplingParams(temperature=1.0, seed=seed, max_tokens=30, ignore_eos=True,
+                           lazy_grammar=lazy)
+        (seq,) = group = llm.engine.sequences(tok.encode("Result?", bos=False), p)
+        forced = 'the tool printed <tool_call>\n{"na'
+        llm.engine._force(seq, tok.encode(forced, bos=False))
+        llm.engine._trigger(seq)
+        assert seq.constraint is None
+        llm.engine.run([group])
+        after = seq.text[len(forced):]
+        assert after and not after.startswith('me": "noop"'), after

@@ -454,6 +454,8 @@ class Engine:
         s.ids += ids
         s.sampled += [0] * len(ids)
         s.turn_start = len(s.ids)
+        if s.params.lazy_grammar is not None:  # a trigger in a tool's result is not a call
+            s.lazy_from = len(s.text)
 
     def _retire(self) -> None:
         """Free the rows of finished sequences (storing their blocks in the prefix cache)."""
