@@ -1,5 +1,7 @@
 """Rollouts over a shared prompt prefix decode exactly like the inference engine, and tokens forced
-in after a tool call are attended to as if they had been part of the prompt."""
+in after a tool call are attended to as if they had been part of the prompt; the tool step of a
+conversation follows the agent loop's rule for broken calls (none of the turn's calls runs, the
+parse errors come back as the tool result, counted)."""
 
 from __future__ import annotations
 
@@ -65,3 +67,59 @@ def test_sampled_rollouts_are_reproducible_with_a_seed():
     assert [r.ids for r in a] == [r.ids for r in b]
     assert len({tuple(r.ids) for r in a}) > 1
     assert torch.is_inference_mode_enabled() is False
+
+
+# -- the tool step of one conversation: the agent loop's rule for broken calls ------------------
+GOOD = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17*23"}}\n</tool_call>'
+BAD = '<tool_call>\n{"name": "calculator", "arguments": {"expression": 17*23}}\n</tool_call>'
+UNCLOSED = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17*23"}}'
+
+
+def _step():
+    from posttrain_fixtures import suite_tokenizer
+
+    from llamaworks.posttrain.rollout import ConversationStep
+    from llamaworks.posttrain.tasks import suite_schemas
+    from llamaworks.tools.registry import default_registry
+
+    ran: list[tuple[str, dict]] = []
+    calc = default_registry("calculator")
+
+    def run(name: str, arguments: dict) -> str:
+        ran.append((name, arguments))
+        return calc.call(name, arguments)
+
+    return ConversationStep(suite_tokenizer(), [{"role": "user", "content": "17*23?"}],
+                            suite_schemas(), run), ran
+
+
+def test_a_turn_with_any_broken_call_runs_none_and_the_error_is_the_tool_result():
+    step, ran = _step()
+    forced = step("Let me compute. " + GOOD + "\n" + BAD)
+    assert ran == [] and (step.calls, step.malformed) == (0, 1)
+    assert "your tool call could not be parsed" in forced and "not valid JSON" in forced
+    assert "No call of this turn was run" in forced
+    assert forced.startswith("\n<|im_start|>user") and forced.endswith("<|im_start|>assistant\n")
+    assert step.history[-2] == {"role": "assistant", "content": "Let me compute. " + GOOD +
+                                "\n" + BAD}  # the turn as the model wrote it
+    assert "<tool_response>" in forced  # shown as the tool's answer, as the agent loop does
+    # the model writes the call again: it runs, and its result is forced in
+    forced = step(GOOD)
+    assert ran == [("calculator", {"expression": "17*23"})] and step.calls == 1
+    assert "391" in forced and step.malformed == 1
+    assert step("The answer is 391.") is None  # no call: the row is done
+
+
+def test_an_unclosed_call_is_not_run_even_with_complete_json():
+    step, ran = _step()
+    forced = step(UNCLOSED)
+    assert ran == [] and step.malformed == 1 and "not closed" in forced
+
+
+def test_parsed_calls_to_unknown_tools_or_with_bad_arguments_run_and_count_invalid():
+    step, ran = _step()
+    step('<tool_call>\n{"name": "search", "arguments": {"q": "x"}}\n</tool_call>\n' +
+         '<tool_call>\n{"name": "calculator", "arguments": {"expr": "1"}}\n</tool_call>')
+    assert [n for n, _ in ran] == ["search", "calculator"]  # the runner answers with its error
+    assert (step.calls, step.invalid, step.malformed) == (2, 2, 0)
+    assert all(m["content"].startswith("error") for m in step.history[-2:])

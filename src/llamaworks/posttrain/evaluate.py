@@ -4,7 +4,10 @@ the generalization suite (through the agent loop, per family and kind).
 `accuracy` / `solve`: greedy rollouts (see `rollout`), batched; a problem counts as solved when
 its final assistant turn answers it exactly (`is_correct` for a legacy problem, the kind's
 checker for a suite problem). A suite problem is offered both suite tools (calculator and
-python, run in the sandbox), a legacy one the calculator alone, as each was trained.
+python, run in the sandbox), a legacy one the calculator alone, as each was trained. `solve`
+(GRPO's rollouts) can sample the calls under the lazy tool-call grammar of those tools
+(`grammar=True`, `chat.calls.lazy_call_grammar`); each rollout counts its calls run, its
+malformed calls (the turn's calls not run, the errors shown to the model) and invalid ones.
 
 `suite_accuracy`: each suite problem through `tools.agent.run_agent`, optionally under the lazy
 tool-call grammar (`grammar=True`); returns accuracy per family, kind and side of the family
@@ -21,9 +24,10 @@ from tqdm import tqdm
 
 from llamaworks.model import Llama
 from llamaworks.posttrain.rollout import (
+    ConversationStep,
     Rollout,
     calculator_runner,
-    conversation_step,
+    cut_call,
     per_prompt,
     rollout,
 )
@@ -66,6 +70,12 @@ def correct(p: Problem, text: str) -> bool:
     return check(p, text) if isinstance(p, SuiteProblem) else is_correct(text, p.answer)
 
 
+def needs_tool(p: Problem) -> bool:
+    """Whether the canonical solution of `p` calls a tool: every legacy problem (the calculator),
+    a suite problem unless it is of kind no_tool."""
+    return not isinstance(p, SuiteProblem) or bool(p.calls)
+
+
 def prompt_ids(tokenizer: Any, p: Problem, tools: bool) -> list[int]:
     from llamaworks.chat.formats import render
 
@@ -76,17 +86,40 @@ def prompt_ids(tokenizer: Any, p: Problem, tools: bool) -> list[int]:
 
 def solve(model: Llama, tokenizer: Any, problems: Sequence[Problem], tools: bool, *,
           temperature: float = 0.0, seed: int | None = None, max_new: int = 96,
-          max_tool_calls: int = 2) -> list[Rollout]:
-    """One rollout per problem (callers repeat problems for groups)."""
-    step = None
+          max_tool_calls: int = 2, grammar: bool = False) -> list[Rollout]:
+    """One rollout per problem (callers repeat problems for groups). With `tools`, each
+    rollout's `tool_calls`, `malformed_calls` and `invalid_calls` count its calls (see
+    `rollout.ConversationStep`) and `cut_call` says whether `max_new` cut its last turn inside a
+    call; `grammar`: sample the calls under the lazy tool-call grammar of the problem's tools
+    (then every call of a turn the model ended parses)."""
+    from llamaworks.chat.calls import schema_functions, tool_call_grammar
+    from llamaworks.chat.formats import detect_format
+
+    if grammar and not tools:
+        raise ValueError("grammar=True holds tool calls to the offered tools: pass tools=True")
+    steps: list[ConversationStep] = []
+    grammars = None
     if tools:
-        step = per_prompt([conversation_step(
+        fmt = detect_format(tokenizer)
+        steps = [ConversationStep(
             tokenizer, prompt_messages(p), tool_schemas(p),
-            suite_runner if isinstance(p, SuiteProblem) else calculator_runner)
-            for p in problems])
+            suite_runner if isinstance(p, SuiteProblem) else calculator_runner, fmt)
+            for p in problems]
+        if grammar:  # one per tool set (suite problems: both tools; legacy: the calculator)
+            built: dict[bool, tuple[str, str]] = {}
+            for kind in {isinstance(p, SuiteProblem) for p in problems}:
+                schemas = tool_schemas(next(p for p in problems
+                                            if isinstance(p, SuiteProblem) == kind))
+                built[kind] = tool_call_grammar(tokenizer, schema_functions(schemas), fmt)
+            grammars = [built[isinstance(p, SuiteProblem)] for p in problems]
     prompts = [prompt_ids(tokenizer, p, tools) for p in problems]
-    return rollout(model, tokenizer, prompts, max_new=max_new, temperature=temperature,
-                   seed=seed, tool_step=step, max_tool_calls=max_tool_calls)
+    outs = rollout(model, tokenizer, prompts, max_new=max_new, temperature=temperature,
+                   seed=seed, tool_step=per_prompt(steps) if tools else None,
+                   max_tool_calls=max_tool_calls, lazy_grammars=grammars)
+    for r, st in zip(outs, steps, strict=False):
+        r.tool_calls, r.malformed_calls, r.invalid_calls = st.calls, st.malformed, st.invalid
+        r.cut_call = not r.finished and cut_call(r.final_text, st.fmt)
+    return outs
 
 
 def accuracy(model: Llama, tokenizer: Any, problems: Sequence[Problem], tools: bool,

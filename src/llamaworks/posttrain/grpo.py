@@ -1,11 +1,13 @@
-"""GRPO (Shao et al., 2024) with verifiable rewards on the arithmetic task, on a LoRA policy.
+"""GRPO (Shao et al., 2024) with verifiable rewards on the procedural tasks (the legacy
+arithmetic templates or the suite's training families), on a LoRA policy.
 
 Each step: G sampled rollouts per prompt (tool calls executed during the rollout, their tokens
-masked from the loss) -> rewards (answer correct = 1, plus a small format reward for a
-well-formed tool call and a finished turn) -> group-normalized advantages -> the clipped
-policy-ratio objective with an optional k3 KL penalty to the frozen reference (the same model
-with the adapter switched off). Losses are averaged over each sequence's generated tokens, then
-over sequences (the paper's normalization).
+masked from the loss; by default sampled under the lazy tool-call grammar, so every finished
+call parses) -> rewards (answer correct = 1 by the problem's checker, plus a small format reward
+for well-formed tool calls and a finished turn, only on a problem that needs a tool) ->
+group-normalized advantages -> the clipped policy-ratio objective with an optional k3 KL penalty
+to the frozen reference (the same model with the adapter switched off). Losses are averaged over
+each sequence's generated tokens, then over sequences (the paper's normalization).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from torch import Tensor
 
 from llamaworks.atomic import atomic_path, atomic_write_json
 from llamaworks.model import Llama
-from llamaworks.posttrain.evaluate import solve
+from llamaworks.posttrain.evaluate import correct, needs_tool, solve
 from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter, set_lora_enabled
 from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
-from llamaworks.posttrain.tasks import Problem, is_correct
+from llamaworks.posttrain.rollout import Rollout
+from llamaworks.posttrain.tasks import Problem
 
 
 @dataclass
@@ -39,9 +42,10 @@ class GRPOConfig:
     kl_coef: float = 0.02
     inner_epochs: int = 1
     temperature: float = 1.0
-    max_new: int = 96
-    max_tool_calls: int = 2
+    max_new: int = 96  # tokens per rollout (the suite: 384, a <think> plan and up to 3 calls)
+    max_tool_calls: int = 2  # tool turns per rollout (the suite: 4, 3 calls and one retry)
     format_reward: float = 0.1
+    grammar: bool = True  # sample tool calls under the lazy tool-call grammar
     grad_clip: float = 1.0
     seed: int = 0
     bf16: bool = False  # run the frozen base in bf16 (rollouts and log-probabilities)
@@ -54,9 +58,18 @@ class GRPOConfig:
             raise ValueError("GRPO samples: temperature must be > 0")
 
 
-def reward(text: str, answer: int, tool_calls: int, finished: bool, fmt_bonus: float) -> float:
-    """1 for the exact answer, plus `fmt_bonus` for calling a tool and finishing the turn."""
-    return float(is_correct(text, answer)) + (fmt_bonus if tool_calls > 0 and finished else 0.0)
+def well_formed(r: Rollout) -> bool:
+    """The rollout ran a tool call and finished (so no call was cut off), and none of its calls
+    was broken: none failed to parse, none named an unknown tool or broke the tool's schema."""
+    return r.tool_calls > 0 and r.finished and r.malformed_calls == 0 and r.invalid_calls == 0
+
+
+def reward(p: Problem, r: Rollout, fmt_bonus: float) -> float:
+    """1 when the final turn answers `p` exactly (the suite kind's checker for a suite problem,
+    `is_correct` for a legacy one), plus `fmt_bonus` for well-formed tool calls on a problem that
+    needs a tool (none for calling a tool on a no_tool problem)."""
+    return float(correct(p, r.final_text)) + (
+        fmt_bonus if needs_tool(p) and well_formed(r) else 0.0)
 
 
 def group_advantages(rewards: Sequence[float], group: int) -> list[float]:
@@ -110,16 +123,17 @@ class GRPOTrainer:
         model.eval()
         outs = solve(model, self.tok, batch, tools=True, temperature=cfg.temperature,
                      seed=cfg.seed * 100_003 + step, max_new=cfg.max_new,
-                     max_tool_calls=cfg.max_tool_calls)
-        rewards = [reward(r.final_text, p.answer, r.tool_calls, r.finished, cfg.format_reward)
-                   for p, r in zip(batch, outs, strict=True)]
+                     max_tool_calls=cfg.max_tool_calls, grammar=cfg.grammar)
+        rewards = [reward(p, r, cfg.format_reward) for p, r in zip(batch, outs, strict=True)]
         adv = group_advantages(rewards, cfg.group_size)
         seqs = [r.prompt_ids + r.ids for r in outs]
         masks = [[0] * len(r.prompt_ids) + r.mask for r in outs]
         row = {"step": step + 1, "reward": sum(rewards) / len(rewards),
-               "accuracy": sum(is_correct(r.final_text, p.answer)
+               "accuracy": sum(correct(p, r.final_text)
                                for p, r in zip(batch, outs, strict=True)) / len(batch),
                "tool_call_rate": sum(r.tool_calls > 0 for r in outs) / len(outs),
+               "calls": sum(r.tool_calls for r in outs) / len(outs),
+               "malformed_calls": sum(r.malformed_calls for r in outs) / len(outs),
                "length": sum(sum(r.mask) for r in outs) / len(outs)}
         live = [i for i, a in enumerate(adv) if abs(a) > 1e-6]
         if not live and cfg.kl_coef == 0:
