@@ -7,6 +7,7 @@ Our native format *is* this layout, so one reader serves checkpoints from transf
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -98,33 +99,44 @@ def torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of one weight file: a `.bin` through the checked pickle loader, safetensors
+    one tensor at a time (`safe_open`, memory-mapped)."""
     if path.suffix == ".bin":
-        return torch_load_tensors(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+        yield from torch_load_tensors(path).items()
+        return
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield key, f.get_tensor(key)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})"
                               ) from None
+
+
+def iter_tensors(directory: Path, cfg: ModelConfig) -> Iterator[tuple[Path, str, str,
+                                                                     torch.Tensor]]:
+    """(file, key as stored, HF model name, tensor) of every weight to load, one at a time:
+    recomputed buffers and a tied model's `lm_head.weight` skipped, a bare `LlamaModel`
+    export's names given the `model.` prefix."""
+    for f in weight_files(directory):
+        for key, t in _file_tensors(f):
+            if key.endswith(_IGNORED_SUFFIXES):
+                continue
+            name = key if key.startswith(("model.", "lm_head.")) else "model." + key
+            if cfg.tie_embeddings and name == "lm_head.weight":
+                continue
+            yield f, key, name, t
 
 
 def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, HF-named state dict in the stored dtypes)."""
     d = Path(directory)
     cfg = read_config(d)
-    sd: dict[str, torch.Tensor] = {}
-    for f in weight_files(d):
-        for k, v in _read_file(f).items():
-            if k.endswith(_IGNORED_SUFFIXES):
-                continue
-            if not k.startswith(("model.", "lm_head.")):
-                k = "model." + k  # a bare LlamaModel export
-            sd[k] = v
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return cfg, sd
+    return cfg, {name: t for _, _, name, t in iter_tensors(d, cfg)}

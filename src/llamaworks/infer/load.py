@@ -105,42 +105,28 @@ def load_hf_as_stored(path: str | Path) -> Loaded:
     (embeddings, norms, biases; fp16 or float32 matrices). An 8B bf16 checkpoint then needs about
     its file size plus its float32 embedding table, not twice the file. `.bin` pickles go through
     the checked loader (`checkpoint.load_model`)."""
-    from safetensors import SafetensorError, safe_open
-
-    from llamaworks.checkpoint.hf import _IGNORED_SUFFIXES, read_config, weight_files
+    from llamaworks.checkpoint.hf import iter_tensors, read_config, weight_files
     from llamaworks.infer.quantize import BF16Linear
 
     d = resolve(Path(path), "hf")
     d = d if d.is_dir() else d.parent
-    files = weight_files(d)
-    if any(f.suffix != ".safetensors" for f in files):
+    if any(f.suffix != ".safetensors" for f in weight_files(d)):
         return load_model(d)
     cfg = read_config(d)
     model = Llama(cfg, device="meta")
     shapes = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
     floats: dict[str, Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as st:
-                for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if key.endswith(_IGNORED_SUFFIXES):
-                        continue
-                    name = key if key.startswith(("model.", "lm_head.")) else "model." + key
-                    if cfg.tie_embeddings and name == "lm_head.weight":
-                        continue
-                    t = st.get_tensor(key)
-                    if name not in shapes or tuple(shapes[name]) != tuple(t.shape):
-                        want = tuple(shapes[name]) if name in shapes else "no such tensor"
-                        raise CheckpointError(f"{f}: {key} has shape {tuple(t.shape)}; the "
-                                              f"config wants {want}")
-                    module = name.removesuffix(".weight")
-                    if t.dtype == torch.bfloat16 and t.dim() == 2 and \
-                            isinstance(model.get_submodule(module), nn.Linear):
-                        _replace(model, module, BF16Linear.from_weight(t))
-                    else:
-                        floats[name] = t.float()
-        except SafetensorError as e:
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    for f, key, name, t in iter_tensors(d, cfg):
+        if name not in shapes or tuple(shapes[name]) != tuple(t.shape):
+            want = tuple(shapes[name]) if name in shapes else "no such tensor"
+            raise CheckpointError(f"{f}: {key} has shape {tuple(t.shape)}; the config wants "
+                                  f"{want}")
+        module = name.removesuffix(".weight")
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and \
+                isinstance(model.get_submodule(module), nn.Linear):
+            _replace(model, module, BF16Linear.from_weight(t))
+        else:
+            floats[name] = t.float()
     for name in [n for n in floats if n.endswith(".bias")]:
         owner = model.get_submodule(name.removesuffix(".bias"))
         if isinstance(owner, BF16Linear):
