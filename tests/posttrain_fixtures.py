@@ -70,3 +70,20 @@ def train_to_open_calls(model: Llama, tok: Any, steps: int = 60, lr: float = 1e-
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+class TemplateBytes:
+    """A chat template (`chat_template`, set by subclasses) over a byte encoding: what rendering
+    a conversation and encoding it need, without loading a real tokenizer."""
+
+    chat_template: str = ""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None,
+                            chat_template=None, **kwargs):
+        from llamaworks.tokenizer.chat import render_chat
+
+        return render_chat(chat_template or self.chat_template, messages, tools=tools,
+                           add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def encode(self, text, bos=False, **_):
+        return list(text.encode())

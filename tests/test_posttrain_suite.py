@@ -12,6 +12,7 @@ import re
 from collections import Counter
 
 import pytest
+from posttrain_fixtures import TemplateBytes
 
 from llamaworks.chat.reasoning import split_reasoning
 from llamaworks.posttrain import tasks as T
@@ -26,21 +27,11 @@ SMOLLM2_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-class SmolChat:
+class SmolChat(TemplateBytes):
     """SmolLM2-135M-Instruct's chat template (as its GGUF stores it) on a byte-level encoding:
     renders as the real tokenizer does, without loading it."""
 
     chat_template = SMOLLM2_TEMPLATE
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None,
-                            chat_template=None, **kwargs):
-        from llamaworks.tokenizer.chat import render_chat
-
-        return render_chat(chat_template or self.chat_template, messages, tools=tools,
-                           add_generation_prompt=add_generation_prompt, **kwargs)
-
-    def encode(self, text, bos=False, **_):
-        return list(text.encode())
 
 
 def _all(n: int = 20, seed: int = 0) -> list[T.SuiteProblem]:

@@ -8,6 +8,7 @@ sampling."""
 from __future__ import annotations
 
 import pytest
+from posttrain_fixtures import TemplateBytes
 
 from llamaworks.chat.formats import hermes_call_text
 from llamaworks.tools.agent import registry_functions, run_agent
@@ -94,22 +95,12 @@ def test_grammar_needs_an_llm():
         _run(["391"], grammar=True)
 
 
-class _ChatMLBytes:
+class _ChatMLBytes(TemplateBytes):
     """A ChatML template over a byte encoding: what the agent's render + encode need."""
 
     chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
                      "assistant\n{% endif %}")
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None,
-                            chat_template=None, **kwargs):
-        from llamaworks.tokenizer.chat import render_chat
-
-        return render_chat(chat_template or self.chat_template, messages, tools=tools,
-                           add_generation_prompt=add_generation_prompt, **kwargs)
-
-    def encode(self, text, bos=False, **_):
-        return list(text.encode())
 
 
 class _FakeLLM:
