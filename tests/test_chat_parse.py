@@ -80,6 +80,17 @@ def test_a_closing_tag_inside_a_json_string_does_not_end_the_call():
     assert cut.calls == [] and len(cut.errors) == 1  # still broken when the JSON never ends
 
 
+def test_an_opening_tag_inside_a_json_string_does_not_start_another_call():
+    """A sampled string argument may hold `<tool_call>` too (seen under the call grammar): the
+    call whose JSON is whole still ends at the closing tag after it."""
+    text = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 - <tool_call>2"}}' \
+           "\n</tool_call>"
+    res = parse_tool_calls(text + " and " + CALC)
+    assert _calls(res) == [("calculator", {"expression": "1 - <tool_call>2"}),
+                           ("calculator", {"expression": "17*23"})]
+    assert res.errors == [] and res.content == "and"
+
+
 def test_to_openai_is_a_valid_openai_tool_call():
     call = ToolCall("call_1", "calculator", {"expression": "√2 ≈ 1.41"})
     wire = ChatCompletionMessageToolCall.model_validate(call.to_openai())

@@ -4,7 +4,7 @@ Formats (see `chat.formats`):
 - "chatml" and "llama2": Hermes/Qwen2.5 blocks `<tool_call>\\n{"name": ..., "arguments": {...}}\\n
   </tool_call>`, any number, anywhere in the text; the text outside the blocks is the content.
   A block whose JSON object is whole ends at the `</tool_call>` after it, so a string argument
-  may itself contain `</tool_call>`.
+  may itself contain `</tool_call>` or `<tool_call>`.
 - "llama3": Llama-3.1 JSON calls, the whole reply being `{"name": ..., "parameters": {...}}`
   (optionally after `<|python_tag|>`; several calls separated by `;` or newlines). Hermes blocks
   are recognised too.
@@ -143,11 +143,10 @@ def _parse_hermes(text: str) -> ParseResult:
             break
         content.append(text[pos:start])
         body_start = start + len(OPEN)
-        end = _closed_json_end(text, body_start)
-        if end < 0:
-            end = text.find(CLOSE, body_start)
+        whole = _closed_json_end(text, body_start)  # its strings may hold either tag
+        end = whole if whole >= 0 else text.find(CLOSE, body_start)
         nxt = text.find(OPEN, body_start)
-        if end < 0 or (0 <= nxt < end):  # unterminated: runs to the next block or the end
+        if end < 0 or (whole < 0 and 0 <= nxt < end):  # unterminated: to the next block or end
             stop = nxt if nxt >= 0 else len(text)
             body = text[body_start:stop]
             n_err = len(errors)
