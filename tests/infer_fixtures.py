@@ -65,3 +65,19 @@ def decode_logits(model: Llama, fused: bool, steps: int = 6,
         out.append(step.decode(pool, torch.tensor([3 + i, 40 + i, 70 + i]), pos))
         pos = pos + 1
     return torch.stack(out)
+
+
+def record_prompts(monkeypatch: Any) -> list[list[int]]:
+    """Record every prompt (token ids) that reaches `infer.generate.generate_tokens`, which
+    still runs: what a chat or voice turn really sent the model."""
+    import llamaworks.infer.generate as gen
+
+    prompts: list[list[int]] = []
+    real = gen.generate_tokens
+
+    def recording(engine: Any, prompt_ids: Sequence[int], *a: Any, **kw: Any) -> Any:
+        prompts.append(list(prompt_ids))
+        return real(engine, prompt_ids, *a, **kw)
+
+    monkeypatch.setattr(gen, "generate_tokens", recording)
+    return prompts

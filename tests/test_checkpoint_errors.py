@@ -265,7 +265,7 @@ def test_hf_gemma3_with_vision_is_refused_naming_the_text_model_type(tmp_path, b
     ({"vocab_size": None}, "missing required key 'vocab_size'"),
     ({"num_hidden_layers": "two"}, "invalid model config"),
     ({"hidden_act": "gelu"}, "activation 'gelu' is not supported"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "'longrope' is not supported"),
 ])
 def test_hf_invalid_config_values(tmp_path, base, changes, expect):
     d = copy(base["hf"], tmp_path / "m")

@@ -103,16 +103,9 @@ def test_chat_repl_keeps_history_and_handles_reset_and_exit(monkeypatch, capsys,
                                                            smollm_tokenizer):
     import io
 
-    import llamaworks.infer.generate as gen
+    from infer_fixtures import record_prompts
 
-    prompts: list[list[int]] = []
-    real = gen.generate_tokens
-
-    def recording(model, prompt_ids, *a, **kw):
-        prompts.append(list(prompt_ids))
-        return real(model, prompt_ids, *a, **kw)
-
-    monkeypatch.setattr(gen, "generate_tokens", recording)
+    prompts = record_prompts(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO(
         "My name is Ada.\nWhat is my name?\n/reset\nHello\n/exit\nnever read\n"))
     assert main(["chat", "--temperature", "0", "--max-new-tokens", "12"]) == 0

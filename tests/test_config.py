@@ -31,15 +31,40 @@ NON_EMBEDDING = {
     "qwen3-8b": 6.95e9,  # "6.95B"
     "gemma3-270m": 100e6,  # "170M embedding parameters + 100M transformer blocks"
 }
+# Mixtures of experts: (total, active per token) as the model cards give them.
+MOE_PUBLISHED = {
+    "mixtral-8x7b": (46.7e9, 12.9e9),  # "46.7B total parameters ... only uses 12.9B per token"
+    "qwen3-30b-a3b": (30.5e9, 3.3e9),  # "30.5B in total and 3.3B activated"
+    "llama4-scout-17b-16e": (109e9, 17e9),  # "17B active, 109B total" (with vision: 1.1% more)
+    "llama4-maverick-17b-128e": (400e9, 17e9),  # "17B active, 400B total"
+    "llama4-behemoth": (2e12, 288e9),  # "288B active ... nearly two trillion total"
+    "deepseek-v3": (671e9, 37e9),  # "671B total parameters with 37B activated for each token"
+}
 FAMILY_PRESETS = ["mistral-7b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b",
                   "gemma3-270m", "gemma3-1b"]
-SMALL_PRESETS = ["smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b", "gemma3-270m", "gemma3-1b"]
+SMALL_PRESETS = ["smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b", "gemma3-270m", "gemma3-1b",
+                 "qwen3-30b-a3b", "mixtral-8x7b", "llama4-scout-17b-16e",
+                 "llama4-maverick-17b-128e", "deepseek-v3"]
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_num_params_matches_published_count_within_one_percent(name):
     n = get_preset(name).num_params()
     assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 0.01, (name, n)
+
+
+@pytest.mark.parametrize("name", list(MOE_PUBLISHED))
+def test_moe_presets_have_the_published_total_and_active_counts(name):
+    total, active = MOE_PUBLISHED[name]
+    cfg = get_preset(name)
+    assert abs(cfg.num_params() - total) / total < 0.015, (name, cfg.num_params())
+    assert abs(cfg.num_params(active=True) - active) / active < 0.02, (
+        name, cfg.num_params(active=True))
+
+
+def test_active_count_of_a_dense_model_is_its_total():
+    cfg = get_preset("llama3-8b")
+    assert cfg.num_params(active=True) == cfg.num_params()
 
 
 def test_paper_hidden_size_rule_gives_metas_ffn_widths():
@@ -125,6 +150,19 @@ TINY_HF = {  # one small transformers config per family, with the switches that 
     "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=2,
                                         head_dim=32, sliding_window=6, sliding_window_pattern=2,
                                         tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                      num_local_experts=4, num_experts_per_tok=2)),
+    "llama4_text": ("Llama4TextConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size_mlp=40,
+        num_local_experts=3, interleave_moe_layer_step=2, attention_bias=True)),
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=16,
+        n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=12, v_head_dim=10, attention_bias=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=24, mlp_only_layers=[0])),
 }
 
 

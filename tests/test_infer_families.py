@@ -1,4 +1,6 @@
-"""The inference engines on Mistral, Qwen2, Qwen3 and Gemma 3, sliding windows above all:
+"""The inference engines on Mistral, Qwen2, Qwen3, Gemma 3 and the mixtures of experts (Mixtral,
+Qwen3-MoE, Llama 4 with its chunked attention, DeepSeek-V3's latent attention), sliding windows
+above all:
 random tiny checkpoints made by transformers (weights drawn wide, std 0.25, so a wrong detail
 changes the argmax), loaded from the saved HF directory, decoded greedily past the window by
 `LLM.generate` (a left-padded batch of prompts of different lengths, and each prompt alone), by
@@ -41,6 +43,27 @@ CASES = {
     "qwen2-sliding-upper-layers": ("Qwen2Config", dict(
         num_attention_heads=4, num_key_value_heads=4, use_sliding_window=True, sliding_window=6,
         max_window_layers=2, tie_word_embeddings=False)),
+    # Mixture of experts: routed tokens go through the same engines.
+    "mixtral-top2": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                           num_local_experts=4, num_experts_per_tok=2,
+                                           tie_word_embeddings=False)),
+    "qwen3moe-dense-first": ("Qwen3MoeConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0],
+        tie_word_embeddings=False)),
+    # Llama 4: chunks of 6 (prompts and replies cross several), a global no-RoPE layer.
+    "llama4-chunked": ("Llama4TextConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=48,
+        intermediate_size_mlp=80, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, attention_chunk_size=6, floor_scale=4, attn_scale=0.5,
+        tie_word_embeddings=False)),
+    # DeepSeek-V3: latent attention, its cache one latent + one RoPE key per token (decode runs
+    # absorbed over it), group-limited routing with the correction bias, shared experts.
+    "deepseek3-mla": ("DeepseekV3Config", dict(
+        num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=24,
+        n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=12, v_head_dim=10, n_shared_experts=1, tie_word_embeddings=False)),
 }
 WINDOWED = ["mistral-sliding", "gemma3-local-global", "qwen2-sliding-upper-layers"]
 WINDOW = 6
@@ -95,19 +118,21 @@ def test_batched_greedy_equals_each_prompt_alone_and_transformers(family):
     assert batch == want, case
 
 
-@pytest.mark.parametrize("case", WINDOWED)
-def test_these_prompts_need_the_window(case, tmp_path, monkeypatch):
-    """The comparisons above can fail: with the window widened past the sequence (a decoder that
-    ignores it), the greedy tokens are not transformers' any more."""
+@pytest.mark.parametrize(("case", "mask_fn"), [*((c, "_window_mask") for c in WINDOWED),
+                                             ("llama4-chunked", "_chunk_mask")])
+def test_these_prompts_need_the_window(case, mask_fn, tmp_path, monkeypatch):
+    """The comparisons above can fail: with the window (Llama 4: the attention chunk) widened
+    past the sequence (a decoder that ignores it), the greedy tokens are not transformers' any
+    more."""
     hf = _hf_model(case)
     hf.save_pretrained(tmp_path)
     llm = LLM(load_model(tmp_path).model, ByteTokenizer())
     prompts = _prompts()
     want = [_hf_greedy(hf, p) for p in prompts]
     assert _ids(llm.generate(prompts, GREEDY)) == want
-    real = model_mod._window_mask
-    monkeypatch.setattr(model_mod, "_window_mask",
-                        lambda mask, pos, kv_len, window: real(mask, pos, kv_len, 10**6))
+    real = getattr(model_mod, mask_fn)
+    monkeypatch.setattr(model_mod, mask_fn,
+                        lambda mask, pos, kv_len, size: real(mask, pos, kv_len, 10**6))
     assert _ids(llm.generate(prompts, GREEDY)) != want
     assert [llm.generate([p], GREEDY)[0].token_ids for p in prompts] != want
 

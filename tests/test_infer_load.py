@@ -127,7 +127,9 @@ def test_prompts_score_exactly_as_the_dequantized_model_and_decode_within_kernel
     assert got.token_ids == want.token_ids
     for g, w in zip(got.logprobs, want.logprobs, strict=True):
         for t in g.keys() & w.keys():
-            assert abs(g[t] - w[t]) < 2e-3  # int16 activation blocks in the decode kernels
+            # the decode kernels quantize activations to int8 blocks of 32 for Q5_0, as llama.cpp
+            # does (Q8_0 activations): up to 0.020 measured on this random model's 16 steps
+            assert abs(g[t] - w[t]) < 5e-2
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -229,10 +229,10 @@ def test_resume_skips_a_truncated_state_and_continues_bit_for_bit_from_the_one_b
     def truncate_newest(part):
         states = sorted(p.name for p in (part / "checkpoints").iterdir())
         assert states == ["step_000004", "step_000006"]  # the last two kept
-        newest = part / "checkpoints" / "step_000006" / "sft_state.pt"
+        newest = part / "checkpoints" / "step_000006" / "trainer_state.pt"
         newest.write_bytes(newest.read_bytes()[:100])
 
-    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_000006.*sft_state"):
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_000006.*trainer_st"):
         _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, 6, truncate_newest)
 
 

@@ -314,24 +314,94 @@ def ggml_blocks(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return b.reshape(n, -1)
 
 
+# Types whose kernels run on int8 activation blocks, and the block: 256 for the K-quants
+# (llama.cpp's Q8_K), 32 for Q5_0 / Q5_1.
+INT8_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q5_0": 32, "Q5_1": 32}
+
+
+def q8_reference(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization in torch: per block, d = amax / 127 and
+    q = round(x * (1 / d)) (float32, half to even) -> (q [R, K] as float64, d [R, K / block])."""
+    xb = x.float().reshape(x.shape[0], -1, block)
+    d = xb.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None]).clamp(-127, 127)
+    return q.reshape(x.shape).double(), d
+
+
 @pytest.mark.parametrize("tier", kernels.host_tiers())
-@pytest.mark.parametrize("type_name", list(kernels.GGML_KINDS))
+@pytest.mark.parametrize("block", [256, 32])
+def test_int8_activations_are_round_to_nearest_per_block_with_their_sums(tier, block):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 768, generator=g) * torch.tensor([1.0, 1e-3, 50.0, 0.0])[:, None]
+    x[1, 256:512] = 0  # all-zero blocks: d = 0, q = 0
+    q, d, sums = kernels.q8_quantize(x, block, tier)
+    assert q.dtype == torch.int8 and d.dtype == torch.float32 and sums.dtype == torch.int16
+    want_q, want_d = q8_reference(x, block)
+    assert torch.equal(q.double(), want_q) and torch.equal(d, want_d)
+    group = 16 if block == 256 else 32  # the K-quants' sub-blocks of 16 (Q6_K), else the block
+    assert torch.equal(sums, q.reshape(4, -1, group).sum(-1).short())
+    assert q.abs().max() == 127 and (q[3] == 0).all() and (q[1, 256:512] == 0).all()
+    with pytest.raises(RuntimeError, match="block must be 256 or 32"):
+        kernels.q8_quantize(x, 64, tier)
+
+
+INT8_CASES = [(t, k) for t in INT8_BLOCK for k in (256, 768, 2304)] + [("Q5_0", 96), ("Q5_1", 160)]
+
+
+@pytest.mark.parametrize("tier", kernels.host_tiers())
+@pytest.mark.parametrize("type_name,k", INT8_CASES, ids=[f"{t}-{k}" for t, k in INT8_CASES])
 @pytest.mark.parametrize("lead", [(1,), (3,)], ids=["decode", "batch"])
-def test_gguf_type_kernels_equal_gguf_py_dequantize_then_matmul(tier, type_name, lead):
+def test_int8_kernels_equal_float64_dot_with_their_quantized_activations(tier, type_name, k,
+                                                                         lead):
+    """Each int8-activation kernel is exact integer math up to float32 scaling: it equals the
+    float64 dot of gguf-py's dequantized weights with the quantized activations to 1e-5 of the
+    sum of the terms' magnitudes, and the dot with the float activations within the int8
+    rounding bound (|x - q d| <= d / 2 per element)."""
     import gguf
 
-    kind, k = kernels.GGML_KINDS[type_name], 768  # three K-quant super-blocks per row
+    kind, n, block = kernels.GGML_KINDS[type_name], 37, INT8_BLOCK[type_name]
+    raw = ggml_blocks(type_name, n, k, seed=k)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+                         ).reshape(n, k).double()
+    x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(4))
+    y = kernels.gguf_linear(x, torch.from_numpy(raw), kind, tier).double().reshape(-1, n)
+    x2 = x.reshape(-1, k)
+    q, d = q8_reference(x2, block)
+    xq = (q.reshape(len(x2), -1, block) * d.double()[..., None]).reshape(len(x2), k)
+    exact, size = xq @ w.T, xq.abs() @ w.abs().T
+    assert ((y - exact).abs() <= 1e-5 * size).all(), ((y - exact).abs() / size).max()
+    step = d.double().repeat_interleave(block, -1) / 2  # the largest rounding of each element
+    bound = step @ w.abs().T + 1e-5 * size
+    err = (y - x2.double() @ w.T).abs()
+    assert (err <= bound).all() and err.max() > 0, (err / bound).max()
+
+
+@pytest.mark.parametrize("tier", kernels.host_tiers())
+@pytest.mark.parametrize("type_name", list(kernels.GGML_KINDS))
+def test_gguf_type_rows_dequantize_as_gguf_py(tier, type_name):
+    import gguf
+
+    kind, k = kernels.GGML_KINDS[type_name], 768
     raw = ggml_blocks(type_name, 37, k)
     ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(37, k)
-    blocks = torch.from_numpy(raw)
-    assert torch.equal(kernels.dequant_rows(blocks, kind, k, tier), torch.from_numpy(ref))
+    assert torch.equal(kernels.dequant_rows(torch.from_numpy(raw), kind, k, tier),
+                       torch.from_numpy(ref))
+
+
+@pytest.mark.parametrize("tier", kernels.host_tiers())
+@pytest.mark.parametrize("lead", [(1,), (3,)], ids=["decode", "batch"])
+def test_f16_kernel_equals_float64_matmul(tier, lead):
+    import gguf
+
+    kind, k = kernels.GGML_KINDS["F16"], 768
+    raw = ggml_blocks("F16", 37, k)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.F16).reshape(37, k)
     x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(2))
-    y = kernels.gguf_linear(x, blocks, kind, tier)
+    y = kernels.gguf_linear(x, torch.from_numpy(raw), kind, tier)
     want = x.double() @ torch.from_numpy(ref).double().T
-    # F16: float32 weights and activations (only summation order differs); the others run
-    # integer dots on int16 activation blocks, as the Q4_1 kernel does (~1e-5 of the scale)
-    tol = 1e-5 if type_name == "F16" else 2e-4
-    torch.testing.assert_close(y.double(), want, atol=tol * want.abs().max().item(), rtol=0)
+    # float32 weights and activations: only the summation order differs
+    torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
 
 
 def test_gguf_type_kernels_refuse_rows_that_do_not_fit_the_input_size():

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 from train_fixtures import prepare_small, read_metrics, small_train_config
 
 from llamaworks.checkpoint import load_state_dict
@@ -156,7 +157,11 @@ def _spawn(data, out, *extra):
            "--seq-len", "32", "--max-steps", "40", "--eval-every", "20", "--eval-rows", "8",
            "--log-every", "1", "--save-every", "5", "--keep-last", "2", "--no-progress",
            "--device", "cpu", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the killed run computes as the in-process ones do: the same thread count (an earlier test
+    # in the session may have changed this process's), else sums differ in their last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
 
 
 def _wait_for_checkpoint(proc, out, step, timeout=120):

@@ -12,7 +12,7 @@ import importlib
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from llamaworks.errors import LlamaworksError
 # Modules with a `register(subparsers)` function adding their stage's verbs.
 EXTRA_VERBS: tuple[str, ...] = ("llamaworks.data.cli", "llamaworks.train.cli",
                                 "llamaworks.serve.cli", "llamaworks.posttrain.cli",
-                                "llamaworks.eval.cli")
+                                "llamaworks.eval.cli", "llamaworks.train.plan",
+                                "llamaworks.voice.cli")
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -72,26 +73,31 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
-def _stream(tok: Any, ids: Any, out: Any = None) -> tuple[list[int], str]:
-    """Write decoded text as tokens arrive; return (ids, text)."""
+def _text_deltas(tok: Any, ids: Any, got: list[int] | None = None) -> Iterator[str]:
+    """The decoded text of a token stream, a delta as each token completes some (appending each
+    id to `got`)."""
     from llamaworks.tokenizer import StreamDecoder
 
     dec = StreamDecoder(tok, skip_special_tokens=True)
-    got: list[int] = []
-    parts: list[str] = []
     for i in ids:
-        got.append(i)
+        if got is not None:
+            got.append(i)
         delta = dec.put(i)
         if delta:
-            parts.append(delta)
-            if out is not None:
-                out.write(delta)
-                out.flush()
+            yield delta
     tail = dec.flush()
     if tail:
-        parts.append(tail)
+        yield tail
+
+
+def _stream(tok: Any, ids: Any, out: Any = None) -> tuple[list[int], str]:
+    """Write decoded text as tokens arrive; return (ids, text)."""
+    got: list[int] = []
+    parts: list[str] = []
+    for delta in _text_deltas(tok, ids, got):
+        parts.append(delta)
         if out is not None:
-            out.write(tail)
+            out.write(delta)
             out.flush()
     return got, "".join(parts)
 
@@ -178,13 +184,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     tok = _tokenizer(args)
     model = _model(args)
+    main = True  # the process that prints (rank 0 under torchrun)
+    if args.tensor_parallel > 1:
+        from llamaworks.train.tensor_parallel import shard_for_inference
+
+        try:
+            main = shard_for_inference(model, args.tensor_parallel)
+        except ValueError as e:
+            raise LlamaworksError(str(e)) from None
     _resolve_sampling(args, {})  # a raw completion is greedy unless asked
     prompt = tok.encode(args.prompt, bos=None)
     if not prompt:
         raise LlamaworksError("the prompt is empty and the model adds no BOS token")
     stream = generate_tokens(_engine(model, tok, args), prompt, args.max_new_tokens,
                              _sampling(args), stop_ids=tok.stop_ids)
-    if args.json:
+    if not main:  # the other ranks take the same steps (their collectives), print nothing
+        _stream(tok, stream)
+    elif args.json:
         ids, text = _stream(tok, stream)
         _print_json({"ids": ids, "text": text})
     else:
@@ -194,35 +210,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Namespace,
-                out: Any) -> str:
-    """Stream one reply to `out`; returns the answer (without any reasoning block)."""
+def chat_reply_stream(engine: Any, tok: Any, messages: list[dict], max_new_tokens: int,
+                      params: Any, threads: int | None = None
+                      ) -> Generator[tuple[str, str], None, str]:
+    """One chat reply on `engine` (the CLI's, or an `LLM`'s), as (reasoning delta, answer delta)
+    pairs while tokens arrive; returns the answer (without any reasoning block). The oldest
+    exchanges of `messages` are dropped in place until the prompt and `max_new_tokens` fit the
+    context; `threads` as --threads (None: the free cores, checked now)."""
     from llamaworks.chat import reasoning as think
     from llamaworks.infer.generate import generate_tokens
     from llamaworks.infer.threads import use_threads
 
-    ctx = model.config.max_seq_len
+    ctx = engine.context
     while True:
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), bos=False)
         drop = 1 if messages and messages[0]["role"] == "system" else 0
-        if len(ids) + args.max_new_tokens <= ctx or len(messages) - drop <= 1:
+        if len(ids) + max_new_tokens <= ctx or len(messages) - drop <= 1:
             break
         del messages[drop:drop + 2]  # forget the oldest exchange to fit the context
-    use_threads(args.threads)  # the free cores now, not when the chat began
-    stream = generate_tokens(args.engine, ids, args.max_new_tokens, args.params,
-                             stop_ids=tok.stop_ids)
+    use_threads(threads)  # the free cores now, not when the chat began
+    stream = generate_tokens(engine, ids, max_new_tokens, params, stop_ids=tok.stop_ids)
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    parts: list[str] = []
     if think.OPEN not in (tok.chat_template or "") and not think.opens_in_thought(prompt):
-        _, text = _stream(tok, stream, out)
-        return text.strip()
-    # a reasoning model: its <think> block shown dimmed (on a terminal), kept out of the history
+        for delta in _text_deltas(tok, stream):
+            parts.append(delta)
+            yield "", delta
+        return "".join(parts).strip()
+    # a reasoning model: its <think> block apart from the answer (kept out of the history)
     thinking = think.ReasoningStreamer(think.opens_in_thought(prompt))
-    dim = out is not None and out.isatty()
-    shown = _Thoughts(out, dim)
-    _, text = _stream(tok, stream, shown.writer(thinking))
-    shown.write(*thinking.flush())
-    shown.close()
-    return think.split_reasoning(text, think.opens_in_thought(prompt))[1].strip()
+    for delta in _text_deltas(tok, stream):
+        parts.append(delta)
+        yield thinking.feed(delta)
+    yield thinking.flush()
+    return think.split_reasoning("".join(parts), think.opens_in_thought(prompt))[1].strip()
+
+
+def show_reply(stream: Generator[tuple[str, str], None, str], out: Any) -> str:
+    """Write a `chat_reply_stream` to `out` as it comes (reasoning dimmed on a terminal); returns
+    the answer."""
+    shown = _Thoughts(out, out is not None and out.isatty())
+    try:
+        while True:
+            shown.write(*next(stream))
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        shown.close()
+
+
+def _chat_reply(model: Any, tok: Any, messages: list[dict], args: argparse.Namespace,
+                out: Any) -> str:
+    """Stream one reply to `out`; returns the answer (without any reasoning block)."""
+    return show_reply(chat_reply_stream(args.engine, tok, messages, args.max_new_tokens,
+                                        args.params, args.threads), out)
 
 
 class _Thoughts:
@@ -268,6 +309,15 @@ class _Thoughts:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from llamaworks.voice.cli import ChatVoice
+
+    with ChatVoice(args) as voice:  # bad audio or --voice-out: an error before the model loads
+        if voice.samples is not None:
+            voice.hear_input()  # silence: an error before the model loads
+        return _chat(args, voice)
+
+
+def _chat(args: argparse.Namespace, voice: Any) -> int:
     from llamaworks.checkpoint.generation import sampling_defaults
     from llamaworks.tools.chat import load_chat_model, run_tool_chat
 
@@ -275,11 +325,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = load_chat_model(args, _model)  # merges --adapter (or the shipped tool adapter)
     _resolve_sampling(args, sampling_defaults(_model_path(args)))
     if args.tools:
-        return run_tool_chat(args, model, tok)
+        return run_tool_chat(args, model, tok, voice)
     args.engine = _engine(model, tok, args)
     args.params = _sampling(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
+    if voice.once_requested:  # --voice-in, or -p with --voice-out
+        from llamaworks.voice.turn import chat_deltas
+
+        def reply(text: str) -> Any:
+            history.append({"role": "user", "content": text})
+            return chat_deltas(chat_reply_stream(args.engine, tok, history, args.max_new_tokens,
+                                                 args.params, args.threads))
+
+        return voice.once(reply)
     if args.prompt is not None:
         history.append({"role": "user", "content": args.prompt})
         reply = _chat_reply(model, tok, history, args, None if args.json else sys.stdout)
@@ -301,7 +360,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history[:] = system
 
     chat_repl(f"llamaworks chat · {_model_path(args).name} · {_describe(args.params)} · /help "
-              "lists the commands", turn, reset)
+              "lists the commands", turn, reset, voice.hear_file)
     return 0
 
 
@@ -320,16 +379,19 @@ def _describe(p: Any) -> str:
 
 
 REPL_HELP = """commands:
-  /help    this list
-  /reset   forget the conversation so far
-  /exit    quit (also /quit, Ctrl-D or Ctrl-C)
+  /help        this list
+  /voice FILE  say it: the audio file's transcript is sent as your message
+  /reset       forget the conversation so far
+  /exit        quit (also /quit, Ctrl-D or Ctrl-C)
 anything else is sent to the model"""
 
 
-def chat_repl(banner: str, turn: Callable[[str], None], reset: Callable[[], None]) -> None:
+def chat_repl(banner: str, turn: Callable[[str], None], reset: Callable[[], None],
+              hear: Callable[[str], str] | None = None) -> None:
     """The chat REPL: read lines until EOF, Ctrl-C or /exit; /help prints the commands, /reset
-    calls `reset`, any other non-empty line `turn`. The banner and prompt appear only on a
-    terminal."""
+    calls `reset`, `/voice FILE` sends `hear(FILE)` (its transcript, default: heard by the voice
+    turns' Whisper model) to `turn` (a bad file is an error line, and the REPL goes on), any other
+    non-empty line goes to `turn`. The banner and prompt appear only on a terminal."""
     interactive = sys.stdin.isatty()
     if interactive:
         print(banner, file=sys.stderr)
@@ -353,16 +415,87 @@ def chat_repl(banner: str, turn: Callable[[str], None], reset: Callable[[], None
         if cmd in ("/help", "/?"):
             print(REPL_HELP, file=sys.stderr)
             continue
+        if cmd == "/voice" or cmd.startswith("/voice "):
+            path = cmd[len("/voice"):].strip()
+            if not path:
+                print("usage: /voice FILE (an audio file: its transcript is your message)",
+                      file=sys.stderr)
+                continue
+            try:
+                line = (hear or _hear)(path)
+            except LlamaworksError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
         turn(line)
+
+
+def _hear(path: str) -> str:
+    from llamaworks.voice.turn import hear
+
+    text = hear(path).text
+    print(f"you: {text}", flush=True)
+    return text
+
+
+def _shape_summary(cfg: Any) -> dict[str, Any]:
+    """Counts a model card gives: parameters (total, active per token), experts, KV per token."""
+    heads, k_dim, v_dim = cfg.kv_cache_shape  # MLA: one latent and one RoPE key
+    kv = cfg.n_layers * heads * (k_dim + v_dim)
+    out = {"params": cfg.num_params(), "active_params": cfg.num_params(active=True),
+           "kv_bytes_per_token": {"float32": 4 * kv, "bfloat16": 2 * kv}}
+    if cfg.n_experts:
+        out["experts"] = {"routed": cfg.n_experts, "active": cfg.n_active_experts,
+                          "hidden": cfg.moe_hidden_dim, "shared_hidden": cfg.shared_hidden_dim,
+                          "router": cfg.router,
+                          "moe_layers": sum(cfg.is_moe(i) for i in range(cfg.n_layers))}
+    return out
+
+
+def _print_shape(cfg: Any, s: dict[str, Any]) -> None:
+    def num(n: int) -> str:
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+    active = "" if s["active_params"] == s["params"] else f" ({num(s['active_params'])} active)"
+    print(f"  {num(s['params'])} parameters{active}")
+    heads = (f"{cfg.n_heads} heads of latent attention (latent {cfg.kv_lora_rank}, RoPE key "
+             f"{cfg.head_dim})" if cfg.mla else f"{cfg.n_heads} heads ({cfg.n_kv_heads} KV)")
+    scaling = cfg.rope_scaling.get("rope_type", "llama3") if cfg.rope_scaling else None
+    print(f"  {cfg.n_layers} layers, dim {cfg.dim}, {heads}, ffn {cfg.hidden_dim}, vocab "
+          f"{cfg.vocab_size}, context {cfg.max_seq_len}, rope theta {cfg.rope_theta:g}"
+          f"{f', {scaling} rope scaling' if scaling else ''}"
+          f"{', tied embeddings' if cfg.tie_embeddings else ''}")
+    if "experts" in s:
+        e = s["experts"]
+        shared = f", shared expert {e['shared_hidden']}" if e["shared_hidden"] else ""
+        print(f"  experts: {e['active']} of {e['routed']} routed ({cfg.router} router), hidden "
+              f"{e['hidden']}{shared}, in {e['moe_layers']} of {cfg.n_layers} layers")
+    kv = s["kv_bytes_per_token"]
+    print(f"  KV cache per token: {kv['float32'] / 1024:.1f} KiB float32, "
+          f"{kv['bfloat16'] / 1024:.1f} KiB bfloat16")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from llamaworks.checkpoint import load_state_dict
 
+    if args.preset:
+        from llamaworks.config import get_preset
+
+        try:
+            cfg = get_preset(args.preset)
+        except KeyError as e:
+            raise LlamaworksError(e.args[0]) from None
+        summary = _shape_summary(cfg)
+        if args.json:
+            _print_json({"preset": args.preset, **summary, "config": cfg.to_hf_dict()})
+        else:
+            print(f"preset {args.preset} ({cfg.family})")
+            _print_shape(cfg, summary)
+        return 0
     path = _model_path(args)
     cfg, _, fmt = load_state_dict(path)
     tok = _tokenizer(args)
-    info = {"path": str(path), "format": fmt, "params": cfg.num_params(),
+    summary = _shape_summary(cfg)
+    info = {"path": str(path), "format": fmt, **summary,
             "config": cfg.to_hf_dict(), "tokenizer": {"vocab_size": tok.vocab_size,
                                                       "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                                                       "add_bos": tok.add_bos,
@@ -372,12 +505,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
     else:
-        print(f"{path}\n  format {fmt}, {cfg.num_params() / 1e6:.1f}M parameters")
-        print(f"  {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
-              f"({cfg.n_kv_heads} KV), ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}, "
-              f"context {cfg.max_seq_len}, rope theta {cfg.rope_theta:g}"
-              f"{', llama3 rope scaling' if cfg.rope_scaling else ''}"
-              f"{', tied embeddings' if cfg.tie_embeddings else ''}")
+        print(f"{path}\n  format {fmt}")
+        _print_shape(cfg, summary)
         print(f"  tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id} (added: {tok.add_bos}), "
               f"stop ids {tok.stop_ids}, chat template: "
               f"{'yes' if tok.chat_template else 'no'}")
@@ -475,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, GENERATE_DEFAULTS, shipped="")
     _add_quant(p)
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."}')
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun --nproc-per-node N: split every block's heads and MLP "
+                   "over the N processes (float weights, dense models; rank 0 prints)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model's own template (REPL, or -p once)")
@@ -493,10 +625,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter that --tools uses by default)")
     _add_sampling(p, CHAT_DEFAULTS, shipped="the model's generation config, else ")
     _add_quant(p)
+    from llamaworks.voice.cli import add_chat_voice_args
+
+    add_chat_voice_args(p)
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("info", help="what a model is: format, shapes, tokenizer")
     _add_model(p)
+    p.add_argument("--preset", default=None, help="a named shape instead of a model: its total "
+                   "and active parameters, experts, KV cache per token (no weights needed)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
 

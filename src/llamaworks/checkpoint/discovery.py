@@ -53,6 +53,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAMAWORKS_CACHE", Path.home() / ".cache" / "llamaworks"))
 
 
+def join_parts(label: str, chunks: list[Path], out: Path, nbytes: int, sha256: str) -> Path:
+    """Concatenate `chunks` in order into `out`, written atomically and kept only if its size and
+    sha256 are the expected ones (models shipped on PyPI in pieces below the size limit)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            with open(chunk, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    f.write(block)
+        size = f.tell()
+        if size != nbytes or digest.hexdigest() != sha256:
+            raise CheckpointError(
+                f"{label}: the joined chunks ({', '.join(str(c) for c in chunks)}) are "
+                f"{size} bytes with sha256 {digest.hexdigest()}, not the expected "
+                f"{nbytes} bytes / {sha256}; reinstall the packages")
+    return out
+
+
 def gemma3_270m_path() -> Path:
     """The Gemma-3-270M Q4_K_M GGUF: its four chunks (one per installed package) joined in order
     into the cache folder on first use, written atomically and kept only if its size and sha256
@@ -68,21 +88,7 @@ def gemma3_270m_path() -> Path:
                                      f"{name.replace('_', '-')}); install them with "
                                      f"`{GEMMA3_HINT}`")
         chunks.append(found[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        for chunk in chunks:
-            with open(chunk, "rb") as src:
-                while block := src.read(1 << 22):
-                    digest.update(block)
-                    f.write(block)
-        size = f.tell()
-        if size != GEMMA3_270M_BYTES or digest.hexdigest() != GEMMA3_270M_SHA256:
-            raise CheckpointError(
-                f"gemma3-270m: the joined chunks ({', '.join(str(c) for c in chunks)}) are "
-                f"{size} bytes with sha256 {digest.hexdigest()}, not the published "
-                f"{GEMMA3_270M_BYTES} bytes / {GEMMA3_270M_SHA256}; reinstall the packages")
-    return out
+    return join_parts("gemma3-270m", chunks, out, GEMMA3_270M_BYTES, GEMMA3_270M_SHA256)
 
 
 NAMED_MODELS = {"smollm2-135m-instruct": default_model_path, "gemma3-270m": gemma3_270m_path}

@@ -1,13 +1,25 @@
-"""Read GGUF files of the llama, qwen2, qwen3 and gemma3 architectures (parsed by `gguf_file`,
-decoded by the `gguf` package), with tensor names as llama.cpp writes them per architecture.
+"""Read GGUF files of the llama (Mixtral too), qwen2, qwen3, qwen3moe, gemma3, llama4 and deepseek2
+architectures (parsed by `gguf_file`, decoded by the `gguf` package), with tensor names as
+llama.cpp writes them per architecture.
 
 Weights are dequantized to float32 by `gguf.quants.dequantize`, except the matrices of the types a
 caller asks to keep (`load_gguf(path, keep=...)`: `StoredBlocks`, a view of the mapped file, as
 the inference loader `infer.load` uses them); for the `llama` architecture only, llama.cpp's
 converter permutes the Q and K projections (Meta's interleaved rotary pairs), so `unpermute_qk`
 restores the HF layout that `model.py` uses (for kept blocks, by reordering whole rows); Gemma
-files store each norm as 1 + w, and we keep HF's w. Every failure raises `CheckpointError` naming
-the file and what is wrong.
+files store each norm as 1 + w, and we keep HF's w. Experts (Mixtral's `llama` with
+`expert_count`, `qwen3moe`) are 3-D tensors `blk.N.ffn_{gate,up,down}_exps` whose GGUF dims
+{in, out, E} read in torch order as [E, out, in]: exactly our stacked `mlp.experts.*_proj`
+([E, I, dim], down [E, dim, I]); the router `ffn_gate_inp` {dim, E} is `mlp.gate` [E, dim]. Kept
+expert tensors come as `StoredBlocks` of E * out rows. Llama 4 (`llama4`) adds the shared
+expert `ffn_{gate,up,down}_shexp` (`mlp.shared_expert`); its Q/K are not permuted (llama.cpp
+rotates Meta's pairs as HF's Llama 4 stores them). DeepSeek-V2/V3 (`deepseek2`): latent attention
+`attn_q` or `attn_q_a` / `attn_q_a_norm` / `attn_q_b`, `attn_kv_a_mqa`, `attn_kv_a_norm`, and
+`kv_b_proj` either as legacy `attn_kv_b` or split as newer converters write it (`attn_k_b`
+{nope, rank, H}: each head's key rows transposed; `attn_v_b` {rank, v, H}), joined back here
+and always decoded to float32 (absorbed decode multiplies by it; it is small); the router's
+correction bias `exp_probs_b.bias`; multi-token-prediction layers past the model are skipped.
+Every failure raises `CheckpointError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -47,10 +59,33 @@ _LAYER_MAP = {
 }
 # Where an architecture names things differently (llama.cpp's tensor names per architecture).
 _QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Stacked experts (no `.weight` in our names: they are parameters of `Experts` itself).
+EXPERTS = "mlp.experts."
+_MOE = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": EXPERTS + "gate_proj",
+        "ffn_up_exps": EXPERTS + "up_proj", "ffn_down_exps": EXPERTS + "down_proj"}
+_SHARED = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+           "ffn_up_shexp": "mlp.shared_expert.up_proj",
+           "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+# DeepSeek-V3's expert-choice bias: `blk.N.exp_probs_b.bias`, a buffer of the router here.
+ROUTER_BIAS = "mlp.gate.e_score_correction_bias"
+# Latent attention (deepseek2). kv_b_proj is `attn_kv_b` in legacy files; newer converters split
+# it into attn_k_b {nope, rank, H} (each head's key part, transposed) and attn_v_b {rank, v, H},
+# which `load_gguf` joins back (KV_SPLIT).
+_MLA = {"attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj",
+        "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+        "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+        "attn_output": "self_attn.o_proj"}
+KV_SPLIT = ("attn_k_b", "attn_v_b")
 _ARCH_MAPS = {
-    "llama": _LAYER_MAP,
+    "llama": {**_LAYER_MAP, **_MOE},  # Mixtral is `llama` with experts
     "qwen2": _LAYER_MAP,
     "qwen3": {**_LAYER_MAP, **_QK_NORMS},
+    "qwen3moe": {**_LAYER_MAP, **_QK_NORMS, **_MOE},
+    "llama4": {**_LAYER_MAP, **_MOE, **_SHARED},
+    "deepseek2": {**{k: v for k, v in _LAYER_MAP.items() if not k.startswith("attn_")},
+                  "attn_norm": "input_layernorm", **_MLA, **_MOE, **_SHARED,
+                  "exp_probs_b": ROUTER_BIAS},
     "gemma3": {**_LAYER_MAP, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm",
                "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"},
@@ -59,7 +94,9 @@ _ARCH_MAPS = {
 
 def gguf_arch(cfg: ModelConfig) -> str:
     """The GGUF architecture llama.cpp uses for `cfg`'s family (Mistral is `llama`)."""
-    return {"mistral": "llama", "gemma3_text": "gemma3"}.get(cfg.family, cfg.family)
+    return {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3",
+            "qwen3_moe": "qwen3moe", "llama4_text": "llama4",
+            "deepseek_v3": "deepseek2"}.get(cfg.family, cfg.family)
 
 
 def layer_map(arch: str) -> dict[str, str]:
@@ -168,9 +205,11 @@ def _llama3_candidates(freqs: np.ndarray, cfg: ModelConfig, md: dict[str, Any]
         stored = {k: float(md[ROPE_SCALING_PREFIX + k]) for k in ROPE_SCALING_KEYS}
         stored["original_max_position_embeddings"] = int(stored[ROPE_SCALING_KEYS[-1]])
         cands.append({"rope_type": "llama3", **stored})
+    # (high_freq_factor 1: Llama 4's, a step at wavelength 8192 with no band between)
     cands += [{"rope_type": "llama3", "factor": fac, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-             for fac in dict.fromkeys((float(round(factor, 4)), 8.0, 16.0, 32.0, 4.0, 2.0))]
+              "high_freq_factor": high, "original_max_position_embeddings": 8192}
+             for fac in dict.fromkeys((float(round(factor, 4)), 8.0, 16.0, 32.0, 4.0, 2.0))
+             for high in (4.0, 1.0)]
     wavelen = 2 * np.pi / rope_inv_freq(cfg.head_dim, cfg.rope_theta).double().numpy()
     medium = (f > 1 + 1e-5) & (f < factor * (1 - 1e-5))
     if factor > 1 + 1e-5 and medium.sum() >= 2:
@@ -209,7 +248,8 @@ def _llama3_scaling_from_freqs(freqs: np.ndarray, cfg: ModelConfig, path: Path,
 class StoredBlocks:
     """A quantized matrix as the file stores it: `rows` uint8 [out, bytes per row] of GGUF blocks
     (`type_name`, e.g. Q4_1), a read-only view of the memory-mapped file (copy it, then
-    `release()` its pages), for `shape` = (out, in) weights. `order`: the row permutation that
+    `release()` its pages), for `shape` = (out, in) weights, or (E, out, in) stacked experts
+    (then `rows` holds E * out rows, expert by expert). `order`: the row permutation that
     puts the rows in HF order (llama.cpp's Q/K permutation undone by moving whole rows), or
     None."""
 
@@ -229,7 +269,7 @@ def _stored(f: GGUFFile, t: TensorInfo, heads: int | None) -> StoredBlocks:
 
     with warnings.catch_warnings():  # a read-only view on purpose: nothing writes to it
         warnings.simplefilter("ignore", UserWarning)
-        rows = torch.from_numpy(f.data(t)).reshape(t.shape[0], -1)
+        rows = torch.from_numpy(f.data(t)).reshape(math.prod(t.shape[:-1]), -1)
     order = None if heads is None else unpermute_qk(torch.arange(t.shape[0]), heads)
     return StoredBlocks(t.type_name, tuple(t.shape), rows, order, f, t)
 
@@ -237,8 +277,8 @@ def _stored(f: GGUFFile, t: TensorInfo, heads: int | None) -> StoredBlocks:
 def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
               ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """(config, HF-named state dict, metadata) from a llama GGUF file: float32 tensors, except
-    that matrices of the types in `keep` (e.g. ("Q4_1", "Q8_0")) come as `StoredBlocks`, never
-    decoded."""
+    that matrices (and stacked experts) of the types in `keep` (e.g. ("Q4_1", "Q8_0")) come as
+    `StoredBlocks`, never decoded."""
     p = Path(path)
     f = parse_gguf(p)
     md = read_metadata(f)
@@ -252,9 +292,19 @@ def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
     cfg.tie_embeddings = "output.weight" not in tensors
     cfg.qkv_bias = "blk.0.attn_q.bias" in tensors
     cfg.o_bias = "blk.0.attn_output.bias" in tensors
+    if arch == "deepseek2":
+        _deepseek2_layout(cfg, tensors, p)
     # Names, types and shapes are all checked before any tensor is decoded.
     by_hf: dict[str, TensorInfo] = {}
+    kv_split: dict[str, list[TensorInfo]] = {}  # deepseek2's kv_b_proj from attn_k_b + attn_v_b
     for name, t in tensors.items():
+        parts = name.split(".")
+        if arch == "deepseek2" and parts[0] == "blk" and int(parts[1]) >= cfg.n_layers:
+            continue  # a multi-token-prediction layer (nextn_predict_layers), not part of it
+        if arch == "deepseek2" and len(parts) == 4 and parts[2] in KV_SPLIT:
+            hf = f"model.layers.{int(parts[1])}.self_attn.kv_b_proj.weight"
+            kv_split.setdefault(hf, [None, None])[KV_SPLIT.index(parts[2])] = t
+            continue
         hf = None if name == "rope_freqs.weight" else _hf_name(name, layer_map)
         if hf is None and name != "rope_freqs.weight":
             raise CheckpointError(f"{p}: unexpected tensor {name!r} for the {arch} architecture")
@@ -265,7 +315,15 @@ def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
         if hf is not None:
             by_hf[hf] = t
     shapes = expected_shapes(cfg)
-    missing = sorted(set(shapes) - set(by_hf))
+    for hf, (k_b, v_b) in kv_split.items():
+        if k_b is None or v_b is None or hf in by_hf:
+            raise CheckpointError(f"{p}: {hf.split('.')[2]}'s kv_b needs attn_k_b and attn_v_b "
+                                  "(or one attn_kv_b)")
+        h, nope, v = cfg.n_heads, cfg.qk_nope_dim, cfg.v_head_dim
+        if (k_b.shape, v_b.shape) != ((h, cfg.kv_lora_rank, nope), (h, v, cfg.kv_lora_rank)):
+            raise CheckpointError(f"{p}: tensors {k_b.name!r} {k_b.shape} and {v_b.name!r} "
+                                  f"{v_b.shape} do not fit the metadata")
+    missing = sorted(set(shapes) - set(by_hf) - set(kv_split))
     if missing:
         names = [gguf_name(m, layer_map) for m in missing[:5]]
         raise CheckpointError(f"{p}: missing tensors {names} ({len(missing)} in all)")
@@ -273,7 +331,7 @@ def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
     if unexpected:
         raise CheckpointError(f"{p}: unexpected tensors {unexpected[:5]} for this {arch} model")
     for hf, shape in shapes.items():
-        if by_hf[hf].shape != shape:
+        if hf not in kv_split and by_hf[hf].shape != shape:
             raise CheckpointError(f"{p}: tensor {by_hf[hf].name!r} has shape "
                                   f"{by_hf[hf].shape}, the metadata implies {shape}")
     if "rope_freqs.weight" in tensors:
@@ -288,14 +346,37 @@ def load_gguf(path: str | os.PathLike[str], keep: tuple[str, ...] = ()
         if arch == "llama":  # the only architecture llama.cpp permutes
             heads = cfg.n_heads if ".q_proj." in hf else cfg.n_kv_heads if ".k_proj." in hf \
                 else None
-        if t.type_name in keep and len(t.shape) == 2:
-            sd[hf] = _stored(f, t, heads)
+        if t.type_name in keep and len(t.shape) in (2, 3) and not hf.endswith(".kv_b_proj.weight"):
+            sd[hf] = _stored(f, t, heads)  # (kv_b always float: absorbed decode multiplies by it)
             continue
         w = torch.from_numpy(np.array(_dequantize(f, t), dtype=np.float32, order="C"))
         if cfg.norm_plus_one and hf.endswith("norm.weight"):
             w = w - 1.0  # the file stores 1 + w
         sd[hf] = w if heads is None else unpermute_qk(w, heads)
+    for hf, (k_b, v_b) in kv_split.items():  # per head: key rows (k_b transposed), value rows
+        k = torch.from_numpy(np.array(_dequantize(f, k_b), dtype=np.float32)).transpose(1, 2)
+        v = torch.from_numpy(np.array(_dequantize(f, v_b), dtype=np.float32))
+        sd[hf] = torch.cat([k, v], 1).reshape(-1, cfg.kv_lora_rank).contiguous()
     return cfg, sd, md
+
+
+def _deepseek2_layout(cfg: ModelConfig, tensors: dict[str, TensorInfo], path: Path) -> None:
+    """What a deepseek2 file's tensors say that its metadata does not: the router's correction
+    bias (`exp_probs_b`, optional in llama.cpp) and the direct q projection (`attn_q`: llama.cpp
+    reads q_lora_rank only for non-Lite layer counts and then takes attn_q when it is 0)."""
+    first = next((i for i in range(cfg.n_layers) if cfg.is_moe(i)), None)
+    cfg.router_bias = first is not None and f"blk.{first}.exp_probs_b.bias" in tensors
+    if "blk.0.attn_q.weight" in tensors:
+        cfg.q_lora_rank = None
+    elif cfg.q_lora_rank is None:
+        t = tensors.get("blk.0.attn_q_a.weight")
+        if t is None:
+            raise CheckpointError(f"{path}: neither blk.0.attn_q nor blk.0.attn_q_a is present")
+        cfg.q_lora_rank = t.shape[0]
+    for name in ("blk.0.attn_q_a.bias", "blk.0.attn_kv_a_mqa.bias"):
+        if name in tensors:
+            raise CheckpointError(f"{path}: {name!r}: llama.cpp's deepseek2 has no attention "
+                                  "biases")
 
 
 def _tty() -> bool:
@@ -310,7 +391,12 @@ def _hf_name(name: str, layer_map: dict[str, str] = _LAYER_MAP) -> str | None:
     parts = name.split(".")
     if (len(parts) == 4 and parts[0] == "blk" and parts[3] in ("weight", "bias")
             and parts[2] in layer_map and parts[1].isdigit()):
-        return f"model.layers.{int(parts[1])}.{layer_map[parts[2]]}.{parts[3]}"
+        module = layer_map[parts[2]]
+        suffix = "weight" if module.startswith(EXPERTS) else "bias" if module == ROUTER_BIAS \
+            else None  # names of parameters themselves: the file's suffix is fixed
+        if suffix is not None:
+            return f"model.layers.{int(parts[1])}.{module}" if parts[3] == suffix else None
+        return f"model.layers.{int(parts[1])}.{module}.{parts[3]}"
     return None
 
 
@@ -320,8 +406,14 @@ def gguf_name(hf: str, layer_map: dict[str, str] = _LAYER_MAP) -> str:
     if hf in inv:
         return inv[hf]
     parts = hf.split(".")  # model.layers.{i}.<module...>.weight|bias
+    if len(parts) == 6 and ".".join(parts[3:5]) + "." == EXPERTS:  # stacked experts: no suffix
+        parts.append("weight")
+    if ".".join(parts[3:]) == ROUTER_BIAS:
+        parts = [*parts[:3], "exp_probs_b", "bias"]
     i, module = int(parts[2]), ".".join(parts[3:-1])
     rev = {v: k for k, v in layer_map.items()}
+    if module == "exp_probs_b" and ROUTER_BIAS in rev:
+        return f"blk.{i}.exp_probs_b.bias"
     if parts[:2] != ["model", "layers"] or module not in rev:
         raise KeyError(hf)
     return f"blk.{i}.{rev[module]}.{parts[-1]}"

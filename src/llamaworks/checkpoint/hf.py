@@ -124,7 +124,11 @@ def iter_tensors(directory: Path, cfg: ModelConfig) -> Iterator[tuple[Path, str,
                                                                      torch.Tensor]]:
     """(file, key as stored, HF model name, tensor) of every weight to load, one at a time:
     recomputed buffers and a tied model's `lm_head.weight` skipped, a bare `LlamaModel`
-    export's names given the `model.` prefix."""
+    export's names given the `model.` prefix, a MoE layer's per-expert tensors yielded as one
+    stacked tensor once the last has been read (see `checkpoint.experts`)."""
+    from llamaworks.checkpoint.experts import Stacker
+
+    stacker = Stacker(cfg, str(directory))
     for f in weight_files(directory):
         for key, t in _file_tensors(f):
             if key.endswith(_IGNORED_SUFFIXES):
@@ -132,7 +136,9 @@ def iter_tensors(directory: Path, cfg: ModelConfig) -> Iterator[tuple[Path, str,
             name = key if key.startswith(("model.", "lm_head.")) else "model." + key
             if cfg.tie_embeddings and name == "lm_head.weight":
                 continue
-            yield f, key, name, t
+            for name, t in stacker.add(name, t):  # noqa: B020 - one in, zero or one out
+                yield f, key, name, t
+    stacker.finish()
 
 
 def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -30,10 +30,12 @@ def save_native(directory: str | Path, cfg: ModelConfig, state_dict: dict[str, t
                 tokenizer: Any | None = None, dtype: torch.dtype | None = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Save weights (HF names) + config (+ tokenizer) to `directory`; returns it."""
+    from llamaworks.checkpoint.experts import split_experts
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
+    for k, v in split_experts(cfg, state_dict).items():
         if cfg.tie_embeddings and k == "lm_head.weight":
             continue  # tied: transformers re-ties it from the embedding
         v = v.detach().to("cpu")

@@ -16,7 +16,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     paths = dict(p.split("=", 1) for p in args.path or [])
     m = prepare(load_recipe(args.config, paths), args.out, progress=not args.no_progress,
-                workers=args.workers, checkpoint_docs=args.checkpoint_docs)
+                workers=args.workers, checkpoint_docs=args.checkpoint_docs,
+                executor=args.executor)
     print(format_report(m))
     print(f"wrote {args.out}/manifest.json")
     return 0
@@ -80,6 +81,10 @@ def register(sub: Any) -> None:
     q.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes for cleaning, filters, dedup keys and tokenizing (default: "
                         "usable CPUs, at most 8; 1 = in-process); outputs are identical for any N")
+    q.add_argument("--executor", default=None, metavar="URL",
+                   help="run the per-document work on a Dask cluster instead of local "
+                        "processes: dask://HOST[:PORT] (an existing scheduler) or dask-local:N "
+                        "(N local worker processes for this run); outputs are the same bytes")
     q.add_argument("--checkpoint-docs", type=int, default=CHECKPOINT_DOCS, metavar="N",
                    help="documents between progress records inside a source (the most work an "
                         f"interruption loses; default {CHECKPOINT_DOCS})")

@@ -13,8 +13,9 @@ tokens/NAME.progress.json (see `llamaworks.data.resume`). On restart the outputs
 the recorded length, the documents already done are skipped, and the dedup indexes are rebuilt
 by replaying the kept documents, so a resumed run writes the same bytes as an uninterrupted one.
 
-`workers` processes do the per-document work (see `llamaworks.data.parallel`); results are used
-in input order, so every output is byte-identical for any number of workers.
+`workers` processes, or the workers of a Dask cluster (`executor`), do the per-document work
+(see `llamaworks.data.parallel`); results are used in input order and dedup stays in this
+process, so every output is byte-identical for any number of workers and either executor.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from llamaworks.data.parallel import (
     default_workers,
     encode_chunk,
     is_val,
+    make_pool,
 )
 from llamaworks.data.readers import read_source
 from llamaworks.data.recipe import Recipe
@@ -213,9 +215,10 @@ def _tokenizer(recipe: Recipe, out: Path) -> Tokenizer:
 
 
 def _tokenize_source(spec: EncodeSpec, out: Path, name: str, n_docs: int, progress: bool,
-                     pool: WorkerPool, checkpoint_docs: int = CHECKPOINT_DOCS) -> None:
+                     pool: WorkerPool, checkpoint_docs: int = CHECKPOINT_DOCS,
+                     shared: Any = None) -> None:
     """Tokenize clean/NAME.jsonl into tokens/NAME.{train,val}.{bin,lengths.npy}, resuming from
-    tokens/NAME.progress.json."""
+    tokens/NAME.progress.json. `shared`: the tokenizer as `pool.share` sent it (or None)."""
     tdir = out / "tokens"
     tdir.mkdir(exist_ok=True)
     record = tdir / f"{name}.progress.json"
@@ -246,7 +249,7 @@ def _tokenize_source(spec: EncodeSpec, out: Path, name: str, n_docs: int, progre
         bar = stack.enter_context(tqdm(total=n_docs, initial=done, desc=f"tokenize {name}",
                                        unit="doc", disable=not progress))
         since = 0
-        for n, nbytes, splits in pool.imap(encode_chunk, batched(fh, CHUNK_DOCS), spec):
+        for n, nbytes, splits in pool.imap(encode_chunk, batched(fh, CHUNK_DOCS), spec, shared):
             for s, (ids, lengths) in splits.items():
                 files.write(s, ids.tobytes())
                 files.write(f"{s}_lengths", lengths.astype("<i8").tobytes())
@@ -275,21 +278,29 @@ def _load_source(out: Path, name: str, split: str, dtype: np.dtype
 
 
 def prepare(recipe: Recipe, out: str | Path, progress: bool = True, workers: int | None = None,
-            checkpoint_docs: int = CHECKPOINT_DOCS) -> dict[str, Any]:
+            checkpoint_docs: int = CHECKPOINT_DOCS, executor: str | None = None
+            ) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the manifest.
 
     `workers`: processes for cleaning, filtering, dedup keys and tokenization (default: the
     usable CPUs, at most 8; 1 = all in this process; > 1 needs the caller's script to have an
-    `if __name__ == "__main__":` guard). Outputs do not depend on it. `checkpoint_docs`:
-    documents between progress records within a source (the most work an interruption loses)."""
+    `if __name__ == "__main__":` guard). Outputs do not depend on it. `executor`: run that work
+    on a Dask cluster instead, `dask://HOST:PORT` (an existing scheduler) or `dask-local:N`
+    (N local worker processes; the same guard); the outputs are the same bytes.
+    `checkpoint_docs`: documents between progress records within a source (the most work an
+    interruption loses)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if executor is not None and workers is not None:
+        raise LlamaworksError("workers sets the local process pool; with an executor the "
+                              "cluster's workers do the work (dask-local:N starts N)")
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise LlamaworksError(f"workers must be at least 1 (got {workers}); 1 runs in-process")
     if checkpoint_docs < 1:
         raise LlamaworksError(f"checkpoint_docs must be at least 1 (got {checkpoint_docs})")
-    with WorkerPool(workers) as pool:
+    pool = make_pool(workers, executor)  # parses the executor before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    with pool:
         clean_stats = _clean_sources(recipe, out, progress, pool, checkpoint_docs)
         tok = _tokenizer(recipe, out)
         tok_json = out / "tokenizer" / "tokenizer.json"
@@ -300,9 +311,12 @@ def prepare(recipe: Recipe, out: str | Path, progress: bool = True, workers: int
         spec = EncodeSpec(tokenizer_json=str(tok_json.resolve()),
                           tokenizer_sha256=file_sha256(tok_json), bos=tok.bos_id,
                           eos=tok.eos_id, dtype=dtype.str)
+        todo = [s.name for s in recipe.sources if not (out / "tokens" / f"{s.name}.done").exists()]
+        # a cluster's workers get the tokenizer itself, not a path they may not have
+        shared = pool.share(tok_json.read_bytes()) if todo else None
         for src in recipe.sources:  # processes beat encode_batch's threads (see parallel.py)
             _tokenize_source(spec, out, src.name, clean_stats[src.name]["kept"], progress,
-                             pool, checkpoint_docs)
+                             pool, checkpoint_docs, shared)
 
     # Mixture: whole documents per source, repeated up to `epochs`, so tokens follow the weights.
     weights = recipe.weights()

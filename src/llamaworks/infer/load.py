@@ -7,8 +7,10 @@ blocks, so model memory is about the file size: Q4_1, Q4_0 and Q8_0 become `Int4
 `Int8Linear` over the blocks regrouped byte for byte into the integer kernels' row format (Q4_0 as
 the Q4_1 it exactly is); F16, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K become `GGUFLinear` over the bytes
 as stored (integer dots over those blocks; F16 a float dot); an embedding table in any of these
-is a `BlockEmbedding`, and a tied output head shares its blocks. Only the other types (BF16,
-Q2_K, Q3_K, IQ4) are dequantized to float32, as `checkpoint.load_model` does.
+is a `BlockEmbedding`, and a tied output head shares its blocks. A MoE file's stacked experts
+(`blk.N.ffn_{gate,up,down}_exps`) of those types become `GGUFExperts` over the same blocks
+(`_experts`): decode runs the kernels on the chosen experts' slices only. Only the other types
+(BF16, Q2_K, Q3_K, IQ4) are dequantized to float32, as `checkpoint.load_model` does.
 An HF safetensors directory is read tensor by tensor with bf16 matrices kept in bf16
 (`load_hf_as_stored`). `quant=` converts on load instead (everything through float32, then
 `quantize_model`); converting tensors that the file already stores quantized into another
@@ -65,6 +67,7 @@ def load_as_stored(path: str | Path) -> Loaded:
     blocks = {k: v for k, v in sd.items() if isinstance(v, StoredBlocks)}
     floats = {k: v for k, v in sd.items() if not isinstance(v, StoredBlocks)}
     model = Llama(cfg, device="meta")
+    _experts(model, blocks, floats)
     outs = _group_buffers(blocks, cfg.n_layers)
     for name, b in blocks.items():
         rows = packed_rows(b.rows, b.type_name, b.order, outs.get(name))
@@ -145,6 +148,40 @@ def load_hf_as_stored(path: str | Path) -> Loaded:
 # kernel call without concatenating (and briefly doubling) them.
 _GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _experts(model: Llama, blocks: dict[str, Any], floats: dict[str, Tensor]) -> None:
+    """Each MoE layer with an expert tensor kept in blocks gets a `GGUFExperts` (the blocks
+    copied out of the mapped file, Q4_0/Q4_1/Q8_0 repacked for the kernels; a projection of
+    another type as the float32 tensor it was decoded to). Their entries leave `blocks` and
+    `floats`."""
+    from llamaworks.infer.experts import GGUFExperts
+
+    cfg = model.config
+    for i in range(cfg.n_layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        names = [prefix + p for p in ("gate_proj", "up_proj", "down_proj")]
+        if not any(n in blocks for n in names):
+            continue
+        parts: list[Tensor] = []
+        kinds: list[int] = []
+        stored = []
+        for n in names:
+            if n in blocks:
+                b = blocks.pop(n)
+                e, out = b.shape[0], b.shape[1]
+                rows = b.rows if b.type_name in kernels.GGML_KINDS else packed_rows(
+                    b.rows, b.type_name)
+                parts.append(rows.reshape(e, out, -1))
+                kinds.append(_kind(b.type_name))
+                stored.append(b)
+            else:
+                parts.append(floats.pop(n))
+                kinds.append(0)
+        new = GGUFExperts(*parts, tuple(kinds), cfg.dim, cfg.activation)  # copies the blocks
+        for b in stored:
+            b.release()
+        _replace(model, prefix.removesuffix("."), new)
 
 
 def _group_buffers(blocks: dict[str, Any], n_layers: int) -> dict[str, Tensor]:

@@ -18,7 +18,8 @@ def _lora_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling = alpha/r)")
-    p.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--dropout", type=float, default=None, help="dropout on the LoRA input "
+                   "(default 0.05; 0 on mixture-of-experts models, whose expert LoRA takes none)")
     p.add_argument("--targets", default=",".join(ALL_LINEARS),
                    help="comma-separated linear layers that get adapters")
 
@@ -27,7 +28,8 @@ def _lora_config(args: argparse.Namespace):
     from llamaworks.posttrain.lora import LoraConfig
 
     try:
-        return LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout,
+        return LoraConfig(r=args.rank, alpha=args.alpha,
+                          dropout=0.05 if args.dropout is None else args.dropout,
                           target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     except ValueError as e:
         raise LlamaworksError(str(e)) from None
@@ -55,6 +57,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model = with_float_head(load_as_stored(path).model)
     else:
         model = load_model(path).model
+    if cfg.lora is not None and args.dropout is None and model.config.n_experts:
+        cfg.lora.dropout = 0.0  # experts get one LoRA each, without dropout (as PEFT's)
     if args.adapter:  # continue from an adapter: merge it into the base first
         from llamaworks.posttrain.lora import load_adapter
 
@@ -300,8 +304,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bf16 autocast (GPU, or a CPU with AVX-512 BF16/AMX: ~3x faster matmuls)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest intact OUT/checkpoints/step_N/sft_state.pt "
-                        "(saved at every eval), bit-exactly on CPU")
+                   help="continue from the newest intact OUT/checkpoints/step_N/ (adapter or "
+                        "weights + trainer_state.pt, saved at every eval and on SIGINT/SIGTERM),"
+                        " bit-exactly on CPU")
     p.add_argument("--stop-after", type=int, help="stop after this step, schedule unchanged")
     p.set_defaults(fn=cmd_finetune)
 
@@ -385,5 +390,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "CPUs with AVX-512 BF16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the state saved every 5 steps in OUT (OUT/policy)")
+                   help="continue bit-exactly from the newest intact checkpoint in "
+                        "OUT/checkpoints (OUT/policy/checkpoints with --adapter), saved every 5 "
+                        "steps and on SIGINT/SIGTERM")
     p.set_defaults(fn=cmd_rl)

@@ -29,6 +29,9 @@ from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter, set_
 from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
 from llamaworks.posttrain.rollout import Rollout
 from llamaworks.posttrain.tasks import Problem
+from llamaworks.train import checkpoints as ckpt
+from llamaworks.train import skeleton
+from llamaworks.train.optim import adamw, lr_scheduler
 
 
 @dataclass
@@ -38,6 +41,15 @@ class GRPOConfig:
     steps: int = 40
     max_minutes: float | None = None
     lr: float = 5e-4
+    # the shared AdamW and schedule (train/optim.py) with GRPO's values: beta2 0.99, no weight
+    # decay, no warmup and a floor of 1.0 (a constant LR)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    save_every: int = 5  # a checkpoint (adapter + trainer state) every N steps
+    keep_last: int = 2
     clip_eps: float = 0.2
     kl_coef: float = 0.02
     inner_epochs: int = 1
@@ -56,6 +68,9 @@ class GRPOConfig:
             raise ValueError("GRPO needs group_size >= 2 (advantages are relative to the group)")
         if self.temperature <= 0:
             raise ValueError("GRPO samples: temperature must be > 0")
+        if self.save_every < 1 or self.keep_last < 1:
+            raise ValueError(f"save_every and keep_last must be >= 1, got {self.save_every} and "
+                             f"{self.keep_last}")
 
 
 def well_formed(r: Rollout) -> bool:
@@ -112,11 +127,35 @@ class GRPOTrainer:
             model.to(torch.bfloat16)
         apply_lora(model, cfg.lora)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        self.rng = random.Random(cfg.seed)
-        self.order: list[int] = []  # (no data order to keep; sft.save_state expects it)
+        self.opt = adamw(model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        self.sched = lr_scheduler(self.opt, cfg.warmup_steps, max(1, cfg.steps),
+                                  cfg.min_lr_ratio)
+        self.rng = random.Random(cfg.seed)  # which prompts each step draws
+
+    def state(self, step: int) -> dict[str, Any]:
+        """The trainer state at `step` (`train/skeleton.py`); the data position is the prompt
+        sampler's random.Random (each step's rollouts are seeded by the step)."""
+        return skeleton.trainer_state("grpo", step, self.opt.state_dict(), self.sched, {
+            "seed": self.cfg.seed, "rng": skeleton.saved_py_rng(self.rng)})
+
+    def restore(self, folder: Path, state: dict[str, Any]) -> int:
+        """Continue from a checkpoint folder (adapter, optimizer, schedule, RNGs); its step."""
+        from llamaworks.posttrain.sft import restore_weights
+
+        restore_weights(self.model, self.cfg.lora, folder)
+        data = skeleton.restore(state, self.opt, self.sched)
+        self.rng.setstate(skeleton.py_rng_state(data["rng"]))
+        return int(state["step"])
 
     def step(self, step: int) -> dict[str, Any]:
+        """GRPO step `step` (0-based): rollouts, rewards, the policy update (inner_epochs
+        optimizer steps at this step's LR); its metrics row."""
+        lr = self.opt.param_groups[0]["lr"]
+        row = self._step(step) | {"lr": lr}
+        self.sched.step()
+        return row
+
+    def _step(self, step: int) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         chosen = self.rng.sample(self.problems, cfg.prompts_per_step)
         batch = [p for p in chosen for _ in range(cfg.group_size)]
@@ -204,37 +243,45 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
 def train_grpo(model: Llama, tokenizer: Any, problems: list[Problem], cfg: GRPOConfig,
                out: str | Path, base_model: str | None = None, progress: bool = True,
                resume: bool = False) -> dict[str, Any]:
-    """Run GRPO and write the LoRA adapter, metrics.jsonl and reward.png into `out`; every 5
-    steps also `checkpoints/step_N/grpo_state.pt` (the last 2 kept), from which `resume=True`
-    continues (from the newest intact one)."""
+    """Run GRPO and write the LoRA adapter, metrics.jsonl and reward.png into `out`; every
+    `save_every` steps also a checkpoint `checkpoints/step_N/` (adapter + trainer_state.pt, the
+    last `keep_last` kept), from which `resume=True` continues bit-exactly (from the newest
+    intact one). SIGINT / SIGTERM end the run at the next step boundary with a checkpoint."""
     from tqdm import tqdm
 
-    from llamaworks.posttrain.sft import load_state, save_state
     from llamaworks.train.metrics import MetricsLog
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tr = GRPOTrainer(model, tokenizer, problems, cfg)
-    state = "grpo_state.pt"
-    start = load_state(tr, out, state) if resume else 0
+    found = skeleton.resume_point(out, "grpo") if resume else None
+    start = tr.restore(found[1], found[2]) if found else 0
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc="grpo", disable=not progress, initial=start,
                total=cfg.steps)
-    for s in bar:
-        row = tr.step(s) | {"elapsed_s": round(time.time() - t0, 1)}
-        log.log(row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
-                        kl=f"{row['kl']:.3f}")
-        out_of_time = cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60
-        if (s + 1) % 5 == 0 or s + 1 == cfg.steps or out_of_time:
-            plot_rewards(log.rows, out / "reward.png")
-            save_adapter(model, cfg.lora, out, base_model=base_model)
-            save_state(tr, s + 1, out, state)
-        if out_of_time:
-            break
-    plot_rewards(log.rows, out / "reward.png")
+    with skeleton.StopFlag() as stop:
+        for s in bar:
+            row = tr.step(s) | {"elapsed_s": round(time.time() - t0, 1)}
+            log.log(row)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            kl=f"{row['kl']:.3f}")
+            out_of_time = cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60
+            stopping = bool(out_of_time) or stop.signum is not None
+            if (s + 1) % cfg.save_every == 0 or s + 1 == cfg.steps or stopping:
+                plot_rewards(log.rows, out / "reward.png")
+                save_adapter(model, cfg.lora, out, base_model=base_model)
+                ckpt.write_checkpoint(out, s + 1, tr.state(s + 1), cfg.keep_last,
+                                      lambda d: save_adapter(model, cfg.lora, d,
+                                                             base_model=base_model))
+            if stop.signum is not None:
+                print(stop.message(s + 1))
+            if stopping:
+                break
+    bar.close()
+    if log.rows:
+        plot_rewards(log.rows, out / "reward.png")
     model.eval()
     save_adapter(model, cfg.lora, out, base_model=base_model)
     rows = log.rows
@@ -243,6 +290,7 @@ def train_grpo(model: Llama, tokenizer: Any, problems: list[Problem], cfg: GRPOC
                "reward_first_half": sum(r["reward"] for r in rows[:half]) / half,
                "reward_second_half": sum(r["reward"] for r in rows[half:]) / max(1,
                                                                                 len(rows) - half),
+               "stopped_by_signal": stop.signum,
                "config": asdict(cfg) | {"lora": asdict(cfg.lora) | {
                    "target_modules": list(cfg.lora.target_modules)}}}
     atomic_write_json(out / "grpo_summary.json", summary)

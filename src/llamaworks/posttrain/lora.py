@@ -1,7 +1,9 @@
 """LoRA (Hu et al., 2021) applied from outside the model, saved in PEFT's adapter format.
 
 `apply_lora` swaps the target `nn.Linear`s for `LoRALinear` (frozen base + trainable low-rank
-update B·A scaled by alpha/r); `merge_lora` folds the update back into plain `nn.Linear`s.
+update B·A scaled by alpha/r), and a MoE layer's stacked experts for `LoRAExperts` (one update
+per expert, `posttrain.lora_experts`) when gate/up/down are targets; `merge_lora` folds the
+updates back into the plain modules.
 Adapters are written as PEFT writes them (`adapter_config.json` + `adapter_model.safetensors`
 with `base_model.model.<module>.lora_A.weight` names), so `peft.PeftModel.from_pretrained` on
 the transformers model opens what we save, and `load_adapter` opens PEFT's adapters.
@@ -20,7 +22,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from llamaworks.atomic import atomic_path, atomic_write_json
+from llamaworks.checkpoint.experts import (
+    PER_EXPERT_FAMILIES,
+    expert_key,
+    hf_module_name,
+    parse_expert_key,
+    rename,
+)
 from llamaworks.errors import CheckpointError
+from llamaworks.model import Experts
+from llamaworks.posttrain.lora_experts import PROJS as EXPERT_PROJS
+from llamaworks.posttrain.lora_experts import LoRAExperts
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -91,17 +103,35 @@ def lora_modules(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
+def expert_lora_modules(model: nn.Module) -> Iterable[tuple[str, LoRAExperts]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRAExperts))
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Swap every target linear for a LoRALinear (in place); freeze everything else."""
+    """Swap every target linear for a LoRALinear and, where gate/up/down are targets, every
+    MoE layer's experts for LoRAExperts (in place); freeze everything else. Experts are adapted
+    in the families whose checkpoints store one tensor per expert (Mixtral, Qwen3-MoE), as PEFT
+    does; Llama 4's fused experts are not (PEFT leaves them out of gate/up/down targets too:
+    those adapt its dense layers and shared experts)."""
     model.requires_grad_(False)
     targets = [(n, m) for n, m in model.named_modules()
                if _is_linear(m) and n.rsplit(".", 1)[-1] in cfg.target_modules]
-    if not targets:
+    projs = tuple(p for p in EXPERT_PROJS if p in cfg.target_modules)
+    per_expert = getattr(getattr(model, "config", None), "family", None) in PER_EXPERT_FAMILIES
+    experts = [(n, m) for n, m in model.named_modules()
+               if type(m) is Experts] if projs and per_expert else []
+    if not targets and not experts:
         raise ValueError(f"no linear layer named {cfg.target_modules} in the model")
+    if experts and cfg.dropout:
+        raise ValueError(f"LoRA dropout ({cfg.dropout}) cannot apply to experts (PEFT's expert "
+                         "LoRA refuses it too): use dropout 0 for a mixture-of-experts model")
     for name, lin in targets:
         parent, child = _parent(model, name)
         new = LoRALinear(lin, cfg.r, cfg.alpha, cfg.dropout).train(lin.training)
         setattr(parent, child, new)
+    for name, ex in experts:
+        parent, child = _parent(model, name)
+        setattr(parent, child, LoRAExperts(ex, cfg.r, cfg.alpha, projs).train(ex.training))
     return model
 
 
@@ -115,7 +145,7 @@ def _is_linear(m: nn.Module) -> bool:
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every adapter on or off (off = the base model, e.g. GRPO's frozen reference)."""
-    for _, m in lora_modules(model):
+    for _, m in [*lora_modules(model), *expert_lora_modules(model)]:
         m.enabled = enabled
 
 
@@ -129,6 +159,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         m.base.weight += m.delta().to(m.base.weight.dtype)
         parent, child = _parent(model, name)
         setattr(parent, child, m.base)
+    for name, ex in list(expert_lora_modules(model)):
+        parent, child = _parent(model, name)
+        setattr(parent, child, ex.merged())
     return model
 
 
@@ -136,8 +169,17 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter weights under PEFT's names."""
     out = {}
     for name, m in lora_modules(model):
+        name = hf_module_name(model.config, name) if hasattr(model, "config") else name
         out[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
         out[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    for name, ex in expert_lora_modules(model):  # one pair per expert, the family's HF names
+        layer = name.rsplit(".mlp.", 1)[0]
+        for proj in ex.projs:
+            a, b = ex.pair(proj)
+            for e in range(ex.n_experts):
+                key = _PREFIX + expert_key(model.config, layer, e, proj)
+                out[f"{key}.lora_A.weight"] = a[e].detach().contiguous()
+                out[f"{key}.lora_B.weight"] = b[e].detach().contiguous()
     return out
 
 
@@ -155,10 +197,23 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, path: str | Path,
     atomic_write_json(path / CONFIG_NAME, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "target_modules": sorted(cfg.target_modules), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(_hf_targets(model, cfg.target_modules)), "bias": "none",
+        "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
     })
     return path
+
+
+# Mixtral checkpoints (and so PEFT adapters of them) name the expert projections w1 / w3 / w2.
+_MIXTRAL_EXPERTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _hf_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Target module names as the family's HF checkpoint spells them (what PEFT matches)."""
+    if getattr(getattr(model, "config", None), "family", None) != "mixtral":
+        return list(targets)
+    back = {v: k for k, v in _MIXTRAL_EXPERTS.items()}
+    return [back.get(t, t) for t in targets]
 
 
 def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, Tensor], str | None]:
@@ -178,6 +233,7 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, Tensor], str |
     targets = raw.get("target_modules") or ALL_LINEARS
     if isinstance(targets, str):  # PEFT allows a regex or "all-linear"
         targets = ALL_LINEARS
+    targets = [_MIXTRAL_EXPERTS.get(t, t) for t in targets]
     cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
                      dropout=float(raw.get("lora_dropout", 0.0)),
                      target_modules=[t for t in targets if t in ALL_LINEARS])
@@ -196,10 +252,19 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.M
     # Every rank/shape must fit before anything changes, so a bad adapter leaves the model intact.
     modules = dict(model.named_modules())
     pairs: dict[str, tuple[Tensor, Tensor]] = {}
+    per_expert: dict[tuple[str, str], dict[int, tuple[Tensor, Tensor]]] = {}
     for key in tensors:
         if not key.endswith(".lora_A.weight"):
             continue
         name = key[:-len(".lora_A.weight")].removeprefix(_PREFIX)
+        if hasattr(model, "config"):  # the family's HF module names -> ours
+            name = rename(model.config, name)
+        parsed = parse_expert_key(name)
+        if parsed is not None and tensors.get(key.replace("lora_A", "lora_B")) is not None:
+            layer, e, proj = parsed
+            per_expert.setdefault((layer, proj), {})[e] = (
+                tensors[key], tensors[key.replace("lora_A", "lora_B")])
+            continue
         lin = modules.get(name)
         a, b = tensors[key], tensors.get(key.replace("lora_A", "lora_B"))
         base = lin.base if isinstance(lin, LoRALinear) else lin
@@ -209,8 +274,10 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.M
                                   f"(module {name!r}, shapes {tuple(a.shape)}/"
                                   f"{None if b is None else tuple(b.shape)})")
         pairs[name] = (a, b)
-    if not pairs:
+    stacked = _stack_expert_pairs(modules, per_expert, path)
+    if not pairs and not stacked:
         raise CheckpointError(f"{path}: the adapter holds no lora_A/lora_B tensors")
+    _attach_expert_pairs(model, stacked, cfg, merge)
     for name, (a, b) in pairs.items():
         parent, child = _parent(model, name)
         lin = getattr(parent, child)
@@ -225,6 +292,49 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.M
         new.lora_B.copy_(b)
         setattr(parent, child, new)
     return model
+
+
+def _stack_expert_pairs(modules: dict[str, nn.Module],
+                        per_expert: dict[tuple[str, str], dict[int, tuple[Tensor, Tensor]]],
+                        path: Path | str) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+    """{experts module name: {proj: (A [E, r, in], B [E, out, r])}} from per-expert pairs,
+    checked against the model's experts (all of them present, shapes fitting)."""
+    out: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+    for (layer, proj), got in per_expert.items():
+        name = f"{layer}.mlp.experts"
+        ex = modules.get(name)
+        base = ex.base if isinstance(ex, LoRAExperts) else ex
+        if not isinstance(base, Experts) or sorted(got) != list(range(base.n_experts)):
+            raise CheckpointError(f"{path}: adapter has LoRA for {len(got)} experts of {name}."
+                                  f"{proj}, the model {getattr(base, 'n_experts', 0)} there")
+        a = torch.stack([got[e][0] for e in range(base.n_experts)])
+        b = torch.stack([got[e][1] for e in range(base.n_experts)])
+        w = getattr(base, proj)
+        if a.shape[1] != b.shape[2] or a.shape[2] != w.shape[2] or b.shape[1] != w.shape[1]:
+            raise CheckpointError(f"{path}: expert LoRA of {name}.{proj} does not fit this model "
+                                  f"(A {tuple(a.shape)}, B {tuple(b.shape)}, weight "
+                                  f"{tuple(w.shape)})")
+        out.setdefault(name, {})[proj] = (a, b)
+    return out
+
+
+def _attach_expert_pairs(model: nn.Module, stacked: dict[str, dict[str, tuple[Tensor, Tensor]]],
+                         cfg: LoraConfig, merge: bool) -> None:
+    for name, projs in stacked.items():
+        parent, child = _parent(model, name)
+        ex = getattr(parent, child)
+        base = ex.base if isinstance(ex, LoRAExperts) else ex
+        r = next(iter(projs.values()))[0].shape[1]
+        if merge:
+            for proj, (a, b) in projs.items():
+                w = getattr(base, proj)
+                w += (torch.bmm(b.float(), a.float()) * (cfg.alpha / cfg.r)).to(w.dtype)
+            continue
+        new = LoRAExperts(base, r, cfg.alpha * r / cfg.r, tuple(projs)).train(base.training)
+        for proj, (a, b) in projs.items():
+            new.pair(proj)[0].copy_(a)
+            new.pair(proj)[1].copy_(b)
+        setattr(parent, child, new)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

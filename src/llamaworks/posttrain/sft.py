@@ -17,15 +17,11 @@ Two ways to batch, both exact in the forward pass:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +31,18 @@ from torch import Tensor, nn
 
 from llamaworks.errors import CheckpointError, LlamaworksError
 from llamaworks.model import Llama
-from llamaworks.posttrain.lora import LoraConfig, apply_lora, save_adapter
+from llamaworks.posttrain.lora import (
+    LoraConfig,
+    apply_lora,
+    lora_state_dict,
+    read_adapter,
+    save_adapter,
+)
 from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
+from llamaworks.train import checkpoints as ckpt
+from llamaworks.train import skeleton
 from llamaworks.train.loss import linear_cross_entropy
+from llamaworks.train.optim import adamw, lr_scheduler
 
 IGNORE = -100
 
@@ -48,13 +53,18 @@ class DataError(LlamaworksError):
 
 @dataclass
 class SFTConfig:
-    """Fine-tuning hyperparameters. lora=None means full fine-tuning."""
+    """Fine-tuning hyperparameters. lora=None means full fine-tuning. The optimizer and the
+    schedule are pretraining's (`train/optim.py`) with these values: AdamW(betas, eps; decay on
+    matrices only), warmup over `warmup_frac` of the steps, cosine to `min_lr_ratio`."""
 
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_frac: float = 0.05
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    keep_last: int = 2  # checkpoints kept (one is saved at every eval)
     grad_clip: float = 1.0
     batch_size: int = 4
     epochs: float = 1.0
@@ -72,6 +82,9 @@ class SFTConfig:
             raise ValueError("batch_size must be >= 1, max_len >= 8 and lr > 0")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.keep_last < 1 or self.eval_every < 1:
+            raise ValueError(f"keep_last and eval_every must be >= 1, got {self.keep_last} and "
+                             f"{self.eval_every}")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -232,22 +245,14 @@ class SFTTrainer:
         self.prefix = everything[0].ids[:n] if n >= cfg.min_shared_prefix else None
         if self.prefix is None:
             self.rows = pack(train, cfg.max_len)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
-                                     weight_decay=cfg.weight_decay)
         units = len(self.rows) if self.prefix is None else len(train)
         per_epoch = max(1, math.ceil(units / cfg.batch_size))
         self.total = cfg.max_steps or max(1, round(per_epoch * cfg.epochs))
+        self.opt = adamw(model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        self.sched = lr_scheduler(self.opt, max(1, int(self.total * cfg.warmup_frac)),
+                                  self.total, cfg.min_lr_ratio)
         self.rng = random.Random(cfg.seed)
         self.order: list[int] = []
-
-    def lr_at(self, step: int) -> float:
-        c = self.cfg
-        warm = max(1, int(self.total * c.warmup_frac))
-        if step < warm:
-            return c.lr * (step + 1) / warm
-        prog = min(1.0, (step - warm) / max(1, self.total - warm))
-        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
 
     def _next_batch(self) -> list:
         units = self.rows if self.prefix is None else self.train_set
@@ -265,18 +270,35 @@ class SFTTrainer:
                 return packed_loss(self.model, batch, self.cfg.max_len)
             return prefixed_loss(self.model, self.prefix, batch)
 
-    def step(self, step: int) -> float:
+    def step(self) -> dict[str, Any]:
+        """One optimizer step; its row for metrics.jsonl (step, loss, the LR it used)."""
         self.model.train()
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(step)
+        lr = self.opt.param_groups[0]["lr"]
         total, n = self.loss(self._next_batch())
         loss = total / max(n, 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                        self.cfg.grad_clip)
         self.opt.step()
+        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return {"step": self.sched.last_epoch, "loss": float(loss.detach()), "lr": lr}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """The trainer state at `step` (`train/skeleton.py`): the data position is the shuffled
+        order still to draw from and the shuffling random.Random."""
+        return skeleton.trainer_state("sft", step, self.opt.state_dict(), self.sched, {
+            "seed": self.cfg.seed, "order": list(self.order),
+            "rng": skeleton.saved_py_rng(self.rng)})
+
+    def restore(self, folder: Path, state: dict[str, Any]) -> int:
+        """Continue from a checkpoint folder: its weights, optimizer, schedule, RNGs, data
+        position; returns its step."""
+        restore_weights(self.model, self.cfg.lora, folder)
+        data = skeleton.restore(state, self.opt, self.sched)
+        self.order = [int(i) for i in data["order"]]
+        self.rng.setstate(skeleton.py_rng_state(data["rng"]))
+        return int(state["step"])
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -300,46 +322,45 @@ def split_eval(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict
     return [convs[i] for i in idx[k:]], [convs[i] for i in idx[:k]]
 
 
-STATE_NAME = "sft_state.pt"
-STATE_KEEP = 2  # the newest state and the one before it, to fall back to if it is damaged
+def save_weights(model: Llama, lora: LoraConfig | None, folder: Path,
+                 base_model: str | None = None, tokenizer: Any = None) -> None:
+    """The trained weights into `folder`: a LoRA adapter, or (full fine-tuning) a native
+    checkpoint with the tokenizer; what a checkpoint folder and the top of OUT both hold."""
+    if lora is not None:
+        save_adapter(model, lora, folder, base_model=base_model)
+    else:
+        from llamaworks.checkpoint import save_native
+
+        save_native(folder, model.config, model.state_dict(), tokenizer)
 
 
-def save_state(tr: SFTTrainer, step: int, out: Path, name: str = STATE_NAME) -> None:
-    """Everything a bit-exact resume needs (trainable weights, optimizer, RNGs, data order), in
-    `out/checkpoints/step_N/name`, sealed by a manifest like a pretraining checkpoint."""
-    from llamaworks.train import checkpoints as ckpt
+@torch.no_grad()
+def restore_weights(model: Llama, lora: LoraConfig | None, folder: Path) -> None:
+    """Copy what `save_weights` wrote in `folder` back into `model`'s trainable parameters
+    (bit-exact: both are fp32); CheckpointError when they are not this model's."""
+    def mismatch(what: str) -> CheckpointError:
+        return CheckpointError(f"{folder} holds {what} than this run's model; resume with the "
+                               "same model and LoRA settings")
 
-    state = {"step": step, "order": list(tr.order), "py_rng": tr.rng.getstate(),
-             "torch_rng": torch.get_rng_state(), "optim": tr.opt.state_dict(),
-             "trainable": {n: p.detach().clone() for n, p in tr.model.named_parameters()
-                           if p.requires_grad}}
-    ckpt.save_trainer_state(ckpt.begin(out, step) / name, state)
-    ckpt.commit(out, step, STATE_KEEP)
+    if lora is not None:
+        saved_cfg, saved, _ = read_adapter(folder)
+        live = lora_state_dict(model)  # views of the LoRA parameters, under PEFT's names
+        if (saved_cfg.r, saved_cfg.alpha) != (lora.r, lora.alpha) or saved.keys() != live.keys() \
+                or any(saved[k].shape != v.shape for k, v in live.items()):
+            raise mismatch("another adapter (rank, alpha or layers)")
+        for k, v in live.items():
+            v.copy_(saved[k])
+        if not all(torch.equal(v, saved[k]) for k, v in lora_state_dict(model).items()):
+            raise RuntimeError("lora_state_dict returned copies, not views: cannot restore")
+        return
+    from llamaworks.checkpoint import load_state_dict
 
-
-def load_state(tr: SFTTrainer, out: Path, name: str = STATE_NAME) -> int:
-    """Restore the newest intact `save_state` snapshot under `out` (damaged newer ones are
-    skipped with a warning); returns its step, 0 when there is none."""
-    from llamaworks.train import checkpoints as ckpt
-
-    found = ckpt.newest_intact(out, require=(name,))
-    if found is None:
-        return 0
-    path = found[1] / name
-    state = ckpt.load_trainer_state(path)
-    params = dict(tr.model.named_parameters())
-    if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
-        raise CheckpointError(f"{path} holds other trainable weights than this run's model; "
-                              "resume with the same model and LoRA settings")
-    with torch.no_grad():
-        for n, t in state["trainable"].items():
-            params[n].copy_(t)
-    tr.opt.load_state_dict(state["optim"])
-    tr.order = list(state["order"])
-    v, internal, gauss = state["py_rng"]
-    tr.rng.setstate((v, tuple(internal), gauss))
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    _, sd, _ = load_state_dict(folder)
+    params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+    if not params.keys() <= sd.keys() or any(sd[n].shape != p.shape for n, p in params.items()):
+        raise mismatch("other weights")
+    for n, p in params.items():
+        p.copy_(sd[n])
 
 
 def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, out: str | Path,
@@ -347,13 +368,13 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
              resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune and save into `out`: a LoRA adapter (adapter_config.json +
     adapter_model.safetensors) or, for full fine-tuning, a native checkpoint. Also writes
-    metrics.jsonl, loss.png, sft_config.json and, at every eval,
-    `checkpoints/step_N/sft_state.pt` (the last 2 kept), from which
-    `resume=True` continues bit-exactly (on CPU). `stop_after` ends early with the schedule
+    metrics.jsonl, loss.png, sft_config.json and, at every eval, a checkpoint
+    `checkpoints/step_N/` (the weights or adapter + trainer_state.pt; the last `keep_last`
+    kept), from which `resume=True` continues bit-exactly (on CPU). SIGINT / SIGTERM end the
+    run at the next step boundary with a checkpoint. `stop_after` ends early with the schedule
     unchanged. Returns a summary."""
     from tqdm import tqdm
 
-    from llamaworks.checkpoint import save_native
     from llamaworks.train.metrics import MetricsLog
 
     out = Path(out)
@@ -362,7 +383,8 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     torch.manual_seed(cfg.seed)
     tr = SFTTrainer(model, encode_all(tokenizer, train_c, cfg.max_len, fmt),
                     encode_all(tokenizer, eval_c, cfg.max_len, fmt), cfg)
-    start = load_state(tr, out) if resume else 0
+    found = skeleton.resume_point(out, "sft") if resume else None
+    start = tr.restore(found[1], found[2]) if found else 0
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     if start:
         first_eval = next((r.get("val_loss") for r in log.rows if r["step"] == 0), None)
@@ -374,55 +396,43 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     end = min(tr.total, stop_after) if stop_after else tr.total
     bar = tqdm(range(start, end), desc="finetune", disable=not progress, initial=start,
                total=tr.total)
+
+    def save(step: int) -> None:
+        ckpt.write_checkpoint(out, step, tr.state(step), cfg.keep_last, lambda d: save_weights(
+            model, cfg.lora, d, base_model, tokenizer))
+
     t0, done = time.time(), start
-    with _interrupt_saves():
-        try:
-            for s in bar:
-                loss = tr.step(s)
-                done = s + 1
-                row: dict[str, Any] = {"step": s + 1, "loss": loss, "lr": tr.lr_at(s),
-                                       "elapsed_s": round(time.time() - t0, 2)}
-                if (s + 1) % cfg.eval_every == 0 or s + 1 in (tr.total, end):
-                    last_eval = tr.evaluate()
-                    if last_eval is not None:
-                        row["val_loss"] = last_eval
-                    save_state(tr, s + 1, out)
-                log.log(row)
-                bar.set_postfix(loss=f"{loss:.3f}",
-                                val=f"{last_eval:.3f}" if last_eval else "-")
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep what was learned so far
-            print(f"interrupted after step {done}: saving", file=sys.stderr)
+    with skeleton.StopFlag() as stop:
+        for s in bar:
+            row = tr.step() | {"elapsed_s": round(time.time() - t0, 2)}
+            done = s + 1
+            if done % cfg.eval_every == 0 or done in (tr.total, end):
+                last_eval = tr.evaluate()
+                if last_eval is not None:
+                    row["val_loss"] = last_eval
+                save(done)
+            elif stop.signum is not None:
+                save(done)
+            log.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}",
+                            val=f"{last_eval:.3f}" if last_eval else "-")
+            if stop.signum is not None:
+                print(stop.message(done))
+                break
+    bar.close()
     log.plot(out / "loss.png")
     model.eval()
-    if cfg.lora is not None:
-        save_adapter(model, cfg.lora, out, base_model=base_model)
-    else:
-        save_native(out, model.config, model.state_dict(), tokenizer)
+    save_weights(model, cfg.lora, out, base_model, tokenizer)
     from llamaworks.atomic import atomic_write_json
 
     summary = {"steps": done, "planned_steps": tr.total, "train_examples": len(tr.train_set),
                "eval_examples": len(tr.eval_set), "shared_prefix_tokens": len(tr.prefix or []),
                "first_val_loss": first_eval, "final_val_loss": last_eval,
-               "minutes": round((time.time() - t0) / 60, 2)}
+               "minutes": round((time.time() - t0) / 60, 2), "stopped_by_signal": stop.signum}
     cfg_dict = asdict(cfg)
     atomic_write_json(out / "sft_config.json", {"config": cfg_dict, "summary": summary,
                                                 "base_model": base_model})
     return summary
-
-
-@contextlib.contextmanager
-def _interrupt_saves() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt for the duration, so both end training cleanly."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler) if threading.current_thread() is \
-        threading.main_thread() else None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 def trainable_parameters(model: nn.Module) -> int:

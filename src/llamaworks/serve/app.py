@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamaworks.infer.continuous import ContinuousEngine, QueueFullError
 from llamaworks.serve import responses as R
 from llamaworks.serve.anthropic import MessagesJob, MessagesRequest, error_body, to_chat
+from llamaworks.serve.audio import add_audio_routes
 from llamaworks.serve.bridge import ClientGone, RequestTimeout, Submission
 from llamaworks.serve.chat import ChatJob, CompletionJob
 from llamaworks.serve.exposure import HostOriginGuard, allowed_hosts
@@ -42,7 +43,8 @@ from llamaworks.serve.schemas import (
 )
 
 STATIC = Path(__file__).resolve().parent / "static"
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+             "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/speech")
 
 
 class _CountRequests:
@@ -81,13 +83,14 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
                max_body_bytes: int = 1 << 20, request_timeout: float = 600.0,
                default_max_tokens: int = 1024, retry_after: int = 1, host: str = "127.0.0.1",
                extra_hosts: Collection[str] = (), cors_origins: Collection[str] = (),
-               reasoning_format: str = "auto"
+               reasoning_format: str = "auto", max_audio_bytes: int = 25 << 20
                ) -> FastAPI:
     """The app. `api_key`: require `Authorization: Bearer KEY` on /v1/*. `max_body_bytes`:
     larger bodies get 413. `request_timeout`: seconds before a request is cancelled.
     `default_max_tokens`: the chat budget when a request sets none (bounded by the context).
     `host`: the address it is bound to; with `extra_hosts`, the Host names it answers to
-    (`exposure.allowed_hosts`). `cors_origins`: web origins allowed to call it from a browser."""
+    (`exposure.allowed_hosts`). `cors_origins`: web origins allowed to call it from a browser.
+    `max_audio_bytes`: the largest upload to /v1/audio/* (`serve.audio`; 413 above)."""
     engine.start()
     metrics = Metrics()
     app = FastAPI(title="llamaworks", docs_url=None, redoc_url=None, openapi_url=None)
@@ -255,6 +258,8 @@ def create_app(engine: ContinuousEngine, model_name: str, api_key: str | None = 
             return await answer_translated(request, job)
         except APIError as e:
             return JSONResponse(error_body(e), e.status, headers=e.headers)
+
+    add_audio_routes(app, authorize, max_audio_bytes)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:

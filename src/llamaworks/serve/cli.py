@@ -94,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, name = build_engine(args)
     app = create_app(engine, name, api_key=key, max_body_bytes=args.max_body_bytes,
                      request_timeout=args.timeout, host=args.host, extra_hosts=hosts,
-                     cors_origins=origins, reasoning_format=args.reasoning_format)
+                     cors_origins=origins, reasoning_format=args.reasoning_format,
+                     max_audio_bytes=int(args.max_audio_mb * (1 << 20)))
     for line in warnings(args.host, key, allowed_hosts(args.host, hosts)):
         print(line, file=sys.stderr, flush=True)
     pool = engine.engine.pool
@@ -164,6 +165,8 @@ def register(sub: Any) -> None:
                    "auto = when the chat template uses them, none = leave them in the content")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
+    p.add_argument("--max-audio-mb", type=float, default=25.0,
+                   help="larger uploads to /v1/audio/* get 413 (default 25, as OpenAI)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds before a request is cancelled")
     p.add_argument("--log-level", default="warning",

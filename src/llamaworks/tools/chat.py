@@ -71,8 +71,10 @@ def _show_step(event: dict) -> None:
         print(f"\n(stopped: {event['finish_reason']})", file=sys.stderr)
 
 
-def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any) -> int:
-    """`chat --tools`: answer -p once (optionally as JSON) or run a REPL, with the agent loop."""
+def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any, voice: Any = None) -> int:
+    """`chat --tools`: answer -p once (optionally as JSON) or run a REPL, with the agent loop.
+    `voice` (a `voice.cli.ChatVoice`): --voice-in / --voice-out's one spoken reply, and the
+    REPL's /voice."""
     from llamaworks.infer.llm import LLM
     from llamaworks.infer.sampling import SamplingParams
     from llamaworks.tools.agent import run_agent
@@ -88,6 +90,15 @@ def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any) -> int:
     llm = LLM(model, tokenizer=tok, compile=getattr(args, "compile", False))
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     show = None if args.json else _show_step
+    if voice is not None and voice.once_requested:  # --voice-in, or -p with --voice-out
+        from llamaworks.voice.turn import agent_deltas
+
+        def reply(text: str) -> Any:
+            return agent_deltas(lambda on_event: run_agent(
+                llm, history + [{"role": "user", "content": text}], registry,
+                max_steps=args.max_steps, params=params, on_event=on_event))
+
+        return voice.once(reply)
     if args.prompt is not None:
         res = run_agent(llm, history + [{"role": "user", "content": args.prompt}], registry,
                         max_steps=args.max_steps, params=params, on_event=show)
@@ -115,5 +126,5 @@ def run_tool_chat(args: argparse.Namespace, model: Any, tok: Any) -> int:
         history = list(start)
 
     chat_repl(f"llamaworks chat · tools: {', '.join(registry.names())} · /reset clears the "
-              "history, /exit quits", turn, reset)
+              "history, /exit quits", turn, reset, voice.hear_file if voice is not None else None)
     return 0

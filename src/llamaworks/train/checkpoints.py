@@ -1,10 +1,12 @@
-"""Training checkpoints: `OUT/checkpoints/step_NNNNNN/` holds a native checkpoint (config.json,
-model.safetensors in fp32, tokenizer) plus `trainer_state.pt` (optimizer, scheduler, RNG, data
-position) or, under torchrun, a DCP sharded `dcp/` folder; SFT and GRPO keep their state files
-(`sft_state.pt`, `grpo_state.pt`) in the same layout. Each folder's `manifest.json` (sizes and
-sha256, `train/manifest.py`) is written after its files; `OUT/latest.json` names the newest one
-and is written last. A resume verifies folders newest first and continues from the first intact
-one (`newest_intact`), so a crash mid-save or a damaged file falls back to the one before."""
+"""The one checkpoint writer of pretraining, SFT and GRPO: `OUT/checkpoints/step_NNNNNN/` holds
+the weights (a native checkpoint: config.json, model.safetensors in fp32, tokenizer; or a LoRA
+adapter: adapter_config.json + adapter_model.safetensors) plus `trainer_state.pt` (optimizer,
+schedule, RNG, data position: `train/skeleton.py`) or, under torchrun, a DCP sharded `dcp/`
+folder. Each folder's `manifest.json` (sizes and sha256, `train/manifest.py`) is written after
+its files; `OUT/latest.json` names the newest one and is written last; older folders beyond
+`keep_last` are pruned. Every file is written atomically. A resume verifies folders newest first
+and continues from the first intact one (`newest_intact`), so a crash mid-save or a damaged file
+falls back to the one before."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from llamaworks.train.manifest import seal, unseal, verify
 
 LATEST = "latest.json"
 STATE = "trainer_state.pt"
+# the per-trainer state files before the shared format (SFT's and GRPO's), refused on resume
+LEGACY_STATES = ("sft_state.pt", "grpo_state.pt")
 _STEP = re.compile(r"step_(\d+)")
 
 
@@ -53,16 +58,24 @@ def save_trainer_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def save_checkpoint(out: Path, step: int, cfg: ModelConfig, sd: dict[str, torch.Tensor],
-                    tokenizer: Any, state: dict[str, Any] | None, keep_last: int) -> Path:
-    """Write the native weights + trainer state for `step`, seal it, point latest.json at it,
-    prune."""
+def write_checkpoint(out: Path, step: int, state: dict[str, Any] | None, keep_last: int,
+                     weights: Callable[[Path], Any] | None = None) -> Path:
+    """Unseal `step`'s folder, let `weights(folder)` write the weights (native or adapter),
+    write the trainer state, seal, point latest.json at it, prune to `keep_last`."""
     d = begin(out, step)
-    save_native(d, cfg, sd, tokenizer=tokenizer, dtype=torch.float32)
+    if weights is not None:
+        weights(d)
     if state is not None:
         save_trainer_state(d / STATE, state)
     commit(out, step, keep_last)
     return d
+
+
+def save_checkpoint(out: Path, step: int, cfg: ModelConfig, sd: dict[str, torch.Tensor],
+                    tokenizer: Any, state: dict[str, Any] | None, keep_last: int) -> Path:
+    """`write_checkpoint` with full native weights (fp32) + trainer state for `step`."""
+    return write_checkpoint(out, step, state, keep_last, lambda d: save_native(
+        d, cfg, sd, tokenizer=tokenizer, dtype=torch.float32))
 
 
 def _step_dirs(out: Path) -> list[tuple[int, Path]]:
@@ -102,6 +115,20 @@ def newest_intact(out: Path, require: tuple[str, ...] = (STATE,)) -> tuple[int, 
         raise CheckpointError(f"no intact checkpoint in {out / 'checkpoints'} "
                               f"({'; '.join(skipped)}); move the folder away to start over")
     return None
+
+
+def refuse_legacy(out: Path) -> None:
+    """CheckpointError when a checkpoint folder under `out` holds only a pre-skeleton state file
+    (`sft_state.pt`, `grpo_state.pt`): its optimizer layout differs, so it is not resumed."""
+    for _, d in reversed(_step_dirs(out)):
+        old = [n for n in LEGACY_STATES if (d / n).is_file()]
+        if old and not (d / STATE).is_file():
+            raise CheckpointError(
+                f"{d / old[0]} is the trainer state of llamaworks before the shared trainer "
+                f"skeleton and cannot be resumed by this version: finish that run with the "
+                f"version that wrote it, or move {out / 'checkpoints'} away and train again "
+                f"(the adapter or model already at the top of {out} stays usable, e.g. with "
+                f"--adapter)")
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

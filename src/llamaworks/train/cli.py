@@ -18,6 +18,9 @@ DEMO_RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "demo.toml"
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
     "tiny": {"lr": 3e-3, "micro_batch": 16, "seq_len": 128, "max_steps": 1000,
              "eval_every": 250, "save_every": 250, "log_every": 10, "max_minutes": 9.5},
+    # the mixture-of-experts demo (8 experts, top-2, Switch aux loss at 0.01): same data
+    "tiny-moe": {"lr": 3e-3, "micro_batch": 16, "seq_len": 128, "max_steps": 1000,
+                 "eval_every": 250, "save_every": 250, "log_every": 10, "max_minutes": 9.5},
 }
 # Model-shape overrides per preset for training (the demo widens `tiny` a little; unit tests
 # keep using the plain preset).
@@ -25,7 +28,8 @@ PRESET_MODEL: dict[str, dict[str, Any]] = {}
 
 _TRAIN_FLAGS = ("lr", "warmup_steps", "micro_batch", "grad_accum", "seq_len", "max_steps",
                 "max_minutes", "stop_at", "eval_every", "eval_rows", "log_every", "save_every",
-                "keep_last", "seed", "weight_decay", "grad_clip", "peak_tflops")
+                "keep_last", "seed", "weight_decay", "grad_clip", "router_aux_loss_coef",
+                "router_bias_rate", "expert_parallel", "tensor_parallel", "peak_tflops")
 
 
 _HELP = {
@@ -38,6 +42,13 @@ _HELP = {
     "validation rows per eval", "log_every": "metrics.jsonl line every N steps", "save_every":
     "checkpoint every N steps", "keep_last": "checkpoints kept", "seed": "init + data order",
     "weight_decay": "AdamW weight decay on matrices", "grad_clip": "global grad-norm clip",
+    "router_aux_loss_coef": "MoE: load-balancing loss weight (default 0.01; 0 = off)",
+    "router_bias_rate": "MoE: DeepSeek-V3 bias update per step (e.g. 1e-3; needs --set "
+    "router_bias=true; default 0 = off)",
+    "expert_parallel": "MoE under torchrun: shard every MoE layer's experts over N ranks "
+    "(all-to-all token dispatch; N = the world size)",
+    "tensor_parallel": "under torchrun: split every block's attention heads and MLP over N "
+    "ranks (FSDP2 over world / N groups of them; dense models)",
     "peak_tflops": "device peak for MFU (default: a guess)",
 }
 

@@ -39,6 +39,18 @@ class TrainConfig:
     # CPU: keep freed heap memory for the next step instead of unmapping it (glibc; see
     # train/allocator.py); False restores the default malloc behaviour
     reuse_memory: bool = True
+    # mixture of experts (ignored by dense models): the Switch load-balancing loss, summed over
+    # MoE layers, joins the backpropagated loss times this (0: off; logged loss stays pure LM)
+    router_aux_loss_coef: float = 0.01
+    # DeepSeek-V3's auxiliary-loss-free balancing: after each optimizer step every router's
+    # correction bias moves by rate * sign(mean load - load_e); 0: off (needs router_bias)
+    router_bias_rate: float = 0.0
+    # expert parallelism for MoE models under torchrun: each rank holds E / N of every MoE
+    # layer's experts, tokens travel by all-to-all (N must equal the world size; 1: off)
+    expert_parallel: int = 1
+    # tensor parallelism under torchrun: attention heads and MLP units of every block split over
+    # groups of N consecutive ranks, FSDP2 over world / N of them (1: off; dense models only)
+    tensor_parallel: int = 1
     peak_tflops: float | None = None  # for MFU; None = a guess from the device
     progress: bool = True
 

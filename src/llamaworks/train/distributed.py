@@ -1,5 +1,9 @@
-"""Parallelism applied from outside the model: activation checkpointing -> torch.compile ->
-FSDP2 (`fully_shard` per block, then the root), under `torchrun` (gloo on CPU, NCCL on CUDA)."""
+"""Parallelism applied from outside the model, under `torchrun` (gloo on CPU, NCCL on CUDA), by
+`parallelize` in torchtitan's order: tensor parallelism (and expert parallelism, next to it) ->
+activation checkpointing -> torch.compile (per block) -> FSDP2 (`fully_shard` per block, then
+the root). The ranks form a (dp, tp) mesh: rank = dp_index * tp + tp_index, so each tensor-
+parallel group is tp consecutive ranks (one node's GPUs) and FSDP2 shards over the dp dimension;
+every rank of a tp group reads the same data."""
 
 from __future__ import annotations
 
@@ -59,17 +63,81 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = wrapped
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> None:
-    """Shard every block and the root with FSDP2 over all ranks (one-dimensional mesh)."""
+def world_mesh(info: DistInfo, tensor_parallel: int = 1) -> Any:
+    """The mesh over all ranks: one-dimensional ("dp": FSDP2 and expert parallelism share it),
+    or ("dp", "tp") with `tensor_parallel` > 1 (world_size / tp data-parallel groups)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    tp = tensor_parallel
+    if tp < 1 or info.world_size % tp:
+        raise ValueError(f"--tensor-parallel {tp} does not divide the {info.world_size} ranks "
+                         f"of this run (torchrun --nproc-per-node a multiple of {tp})")
+    if tp == 1:
+        return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+    return init_device_mesh(info.device.type, (info.world_size // tp, tp),
+                            mesh_dim_names=("dp", "tp"))
+
+
+def data_rank(info: DistInfo, tensor_parallel: int = 1) -> tuple[int, int]:
+    """(this rank's data-parallel index, data-parallel size): the ranks of a tensor-parallel
+    group share one slice of the batch."""
+    return info.rank // tensor_parallel, info.world_size // tensor_parallel
+
+
+def parallelize(model: nn.Module, info: DistInfo, *, tensor_parallel: int = 1,
+                expert_parallel: int = 1, activation_checkpointing: bool = False,
+                compile: bool = False, mixed_bf16: bool = False) -> None:
+    """Apply, in place and in this order: tensor parallelism over the "tp" mesh dimension and
+    expert parallelism over all ranks -> activation checkpointing per block -> torch.compile per
+    block (`Module.compile`: parameter names unchanged) -> FSDP2 over the "dp" dimension (under
+    torchrun). Call after the weights are initialized or loaded and before the
+    optimizer is built. Raises ValueError for a layout the model or the run cannot take."""
+    tp, ep = tensor_parallel, expert_parallel
+    if tp > 1 and ep > 1:
+        raise ValueError("--tensor-parallel and --expert-parallel do not combine (tensor "
+                         "parallelism does not split MoE layers)")
+    if tp > 1 and activation_checkpointing and compile:  # tested: each alone works with TP
+        raise ValueError("--tensor-parallel with both --activation-checkpointing and --compile "
+                         "fails inside PyTorch's AOT autograd (checkpointed DTensor blocks); "
+                         "use one of the two")
+    if tp > 1 and not info.enabled:
+        raise ValueError(f"--tensor-parallel {tp} needs torchrun with a multiple of {tp} "
+                         f"ranks (torchrun --nproc-per-node {tp} ...); this is one process")
+    if ep > 1 and ep != info.world_size:
+        raise ValueError(f"--expert-parallel {ep} needs as many ranks (torchrun "
+                         f"--nproc-per-node {ep}); this run has {info.world_size}")
+    mesh = world_mesh(info, tp) if info.enabled else None
+    ignored = None
+    if tp > 1:
+        from llamaworks.train.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"])
+    if ep > 1:
+        from llamaworks.train.expert_parallel import apply_expert_parallel
+
+        ignored = set(apply_expert_parallel(model, mesh, info.world_size))
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        for layer in model.model.layers:
+            layer.compile()
+    if mesh is not None:  # also over a dp dimension of one rank: then every parameter is a
+        # DTensor (foreach kernels take DTensors of several meshes, not DTensors and tensors)
+        apply_fsdp(model, info, mixed_bf16=mixed_bf16, mesh=mesh["dp"], ignored=ignored)
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo, mixed_bf16: bool = False, mesh: Any = None,
+               ignored: set[nn.Parameter] | None = None) -> None:
+    """Shard every block and the root with FSDP2 over all ranks (one-dimensional mesh);
+    `ignored` parameters (expert-parallel experts, already sharded) are left to their owner."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mesh = mesh if mesh is not None else world_mesh(info)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_bf16 else MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
 
 
 def all_reduce_mean(x: float, info: DistInfo) -> float:
@@ -117,3 +185,34 @@ def load_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> No
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+
+
+def _mesh_key(t: torch.Tensor) -> Any:
+    """Tensors that foreach kernels may take together: plain ones, or DTensors of one mesh."""
+    from torch.distributed.tensor import DTensor
+
+    return (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else None
+
+
+def clip_grad_norm_(params: Any, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a model whose gradients mix plain tensors and
+    DTensors of several meshes (tensor parallelism leaves norms and embeddings plain or on the
+    dp mesh, the split layers on the (dp, tp) mesh): each kind's norm is reduced over its own
+    mesh, the global norm combines them, every gradient is scaled by the same coefficient."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    params = [p for p in params if p.grad is not None]
+    groups: dict[Any, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(_mesh_key(p.grad), []).append(p)
+    norms = []
+    for ps in groups.values():
+        n = get_total_norm([p.grad for p in ps])
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if not norms:
+        return torch.zeros(())
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for ps in groups.values():
+        clip_grads_with_norm_(ps, max_norm, total)
+    return total

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,41 +36,9 @@ from llamaworks.train.metrics import (
     token_byte_lengths,
     unigram_bpb,
 )
+from llamaworks.train.moe import RouterBalance
 from llamaworks.train.optim import build_optimizer, lr_lambda
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves at the end of the step and exits."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._old[s] = signal.signal(s, self._set)
-        return self
-
-    def _set(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _rng_state() -> dict[str, Any]:
-    st = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["cpu"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+from llamaworks.train.skeleton import StopFlag, load_optimizer, set_rng_state, trainer_state
 
 
 @torch.no_grad()
@@ -139,26 +106,36 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
         state = ckpt.load_trainer_state(cdir / ckpt.STATE)
     else:
         model.init_weights(tc.init_std, generator=torch.Generator(dev).manual_seed(tc.seed))
-    if tc.activation_checkpointing:
-        D.apply_activation_checkpointing(model)
     if tc.precision not in ("auto", "fp32", "bf16"):
         raise LlamaworksError(f"precision must be auto, fp32 or bf16, not {tc.precision!r}")
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and dev.type == "cuda")
-    if info.enabled:
-        D.apply_fsdp(model, info, mixed_bf16=use_bf16 and dev.type == "cuda")
+    try:  # TP and EP -> activation checkpointing -> compile -> FSDP2 (distributed.py)
+        D.parallelize(model, info, tensor_parallel=tc.tensor_parallel,
+                      expert_parallel=tc.expert_parallel,
+                      activation_checkpointing=tc.activation_checkpointing,
+                      compile=tc.compile, mixed_bf16=use_bf16 and dev.type == "cuda")
+    except ValueError as e:
+        raise LlamaworksError(str(e)) from None
+    try:
+        balance = RouterBalance.of(model, tc, info)  # None for a dense model
+    except ValueError as e:
+        raise LlamaworksError(str(e)) from None
     opt = build_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     if found is not None:
-        if info.enabled:
-            D.load_sharded(found[1] / "dcp", model, opt)
+        sharded = found[1] / "dcp"  # a torchrun run's optimizer: DCP reshards it to this one
+        if info.enabled and not sharded.is_dir():
+            raise LlamaworksError(f"{found[1]} was saved by one process; resume it with one "
+                                  "(its optimizer state is not sharded for torchrun)")
+        if sharded.is_dir() and (info.enabled or not (state or {}).get("optimizer")):
+            D.load_sharded(sharded, model, opt)
         if state is not None:
-            if not info.enabled:
-                opt.load_state_dict(state["optimizer"])
-                for g in opt.param_groups:  # keep this build's kernel, not the checkpoint's
-                    g["fused"], g["foreach"] = opt.defaults["fused"], opt.defaults["foreach"]
+            if not info.enabled and state.get("optimizer"):
+                load_optimizer(opt, state["optimizer"])  # this build's kernel, not the saved
             sched.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-    fwd = torch.compile(model) if tc.compile else model
+            set_rng_state(state["rng"])
+            if balance is not None and "moe" in state:
+                balance.load_state_dict(state["moe"])
 
     def autocast() -> Any:
         return torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 \
@@ -166,8 +143,9 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
 
     # -- data ---------------------------------------------------------------------------
     train_shards = split_tokens(data_dir, "train")
+    dp_rank, dp_size = D.data_rank(info, tc.tensor_parallel)  # a TP group reads one slice
     loader = PackedLoader(train_shards, tc.seq_len, tc.micro_batch, tc.grad_accum,
-                          seed=tc.seed, rank=info.rank, world_size=info.world_size)
+                          seed=tc.seed, rank=dp_rank, world_size=dp_size)
     val_rows = sequential_rows(split_tokens(data_dir, "val"), tc.seq_len, tc.eval_rows)
     byte_len_np = token_byte_lengths(tok)
     byte_len = torch.from_numpy(byte_len_np)
@@ -186,16 +164,13 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
         if info.is_main:
             ckpt.begin(out, step)  # unsealed before any rank rewrites it
         sd = D.full_state_dict(model, info)
-        st = None
-        if not info.enabled:
-            st = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "rng": _rng_state(), "data": {"seed": tc.seed, "next_step": step,
-                                                "global_batch": loader.global_batch}}
         if info.enabled:
             D.save_sharded(ckpt.step_dir(out, step) / "dcp", model, opt)
-            st = {"step": step, "optimizer": {}, "scheduler": sched.state_dict(),
-                  "rng": _rng_state(), "data": {"seed": tc.seed, "next_step": step,
-                                                "global_batch": loader.global_batch}}
+        st = trainer_state("pretrain", step, {} if info.enabled else opt.state_dict(), sched,
+                           {"seed": tc.seed, "next_step": step,
+                            "global_batch": loader.global_batch})
+        if balance is not None:  # a collective under torchrun: every rank
+            st["moe"] = balance.state_dict()
         if info.is_main:
             ckpt.save_checkpoint(out, step, cfg, sd, tok, st, tc.keep_last)
         if info.enabled:
@@ -208,22 +183,25 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
                disable=not (tc.progress and info.is_main), dynamic_ncols=True)
     last_eval: tuple[float, float] | None = None
     out_of_time, signalled, loss_val = False, False, None
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while step < tc.max_steps:
             t_step = time.monotonic()
             loss_sum = 0.0
             for x, y in loader.batch(step):
                 x, y = x.to(dev), y.to(dev)
                 with autocast():
-                    h = fwd(x, hidden_only=True)
+                    h = model(x, hidden_only=True)
                     loss = linear_cross_entropy(h, model.lm_head.weight, y)
-                (loss / tc.grad_accum).backward()
+                    total = loss if balance is None else balance.loss(loss)  # + router aux
+                (total / tc.grad_accum).backward()
                 loss_sum += float(loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            grad_norm = float(D.clip_grad_norm_(model.parameters(), tc.grad_clip))
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if balance is not None:
+                balance.end_step()  # loads over ranks; bias updates when router_bias_rate
             step += 1
             loss_val = D.all_reduce_mean(loss_sum / tc.grad_accum, info)
             if not math.isfinite(loss_val):
@@ -241,9 +219,13 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
             stopping = done or out_of_time or signalled or \
                 (tc.stop_at is not None and step >= tc.stop_at)
             if step % tc.eval_every == 0 or stopping:
-                last_eval = evaluate(fwd, val_rows, byte_len, dev, tc.micro_batch, autocast)
+                last_eval = evaluate(model, val_rows, byte_len, dev, tc.micro_batch, autocast)
                 row["val_loss"], row["val_bpb"] = last_eval
-            if log is not None and (step % tc.log_every == 0 or "val_loss" in row or stopping):
+                row["unigram_bpb"] = uni_bpb  # the baseline val_bpb should beat
+            logging = step % tc.log_every == 0 or "val_loss" in row or stopping
+            if balance is not None and logging:  # on every rank (reduces the aux loss)
+                row.update(balance.metrics())
+            if log is not None and logging:
                 log.log(row)
                 if "val_loss" in row:
                     log.plot(out / "loss.png")
@@ -256,8 +238,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
                 break
     bar.close()
     if signalled and info.is_main:
-        print(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
-              "checkpoint saved, resume with --resume")
+        print(stop.message(step))
     if step >= tc.max_steps or out_of_time:  # the final model, at the top of `out`
         sd = D.full_state_dict(model, info)
         if info.is_main:

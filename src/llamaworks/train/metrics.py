@@ -62,9 +62,13 @@ def nats_to_bpb(nll_sum: float, n_bytes: int) -> float:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention (PaLM appendix B)."""
-    n = cfg.num_params(include_embeddings=False)
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    """Training FLOPs per token: 6 x matmul parameters + attention (PaLM appendix B: 6 per
+    query-key and per probability-value product, each head_dim wide; latent attention's are
+    qk_nope_dim + head_dim and v_head_dim); for a mixture of experts the parameters one token
+    uses (its k experts)."""
+    n = cfg.num_params(include_embeddings=False, active=True)
+    qk, v = (cfg.qk_nope_dim + cfg.head_dim, cfg.v_head_dim) if cfg.mla else (cfg.head_dim,) * 2
+    return 6 * n + 6 * cfg.n_layers * cfg.n_heads * (qk + v) * seq_len
 
 
 def peak_flops(device: torch.device) -> float:
@@ -119,14 +123,20 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        moe = [r for r in self.rows if "load_imbalance" in r]
+        if moe:  # mixture of experts: a second panel with each MoE layer's load imbalance
+            fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+            _plot_load(ax2, moe)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4))
         tr = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
         if tr:
             ax.plot(*zip(*tr, strict=True), label="train loss", lw=1)
         if va:
             ax.plot(*zip(*va, strict=True), "o-", label="val loss")
-        ax.set_xlabel("step")
+        if not moe:  # else the load panel below carries the step axis
+            ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -134,3 +144,16 @@ class MetricsLog:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
+
+
+def _plot_load(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Max/mean expert load per MoE layer over the run (1.0 = perfectly balanced)."""
+    for layer in rows[-1]["load_imbalance"]:
+        pts = [(r["step"], r["load_imbalance"][layer]) for r in rows
+               if layer in r["load_imbalance"]]
+        ax.plot(*zip(*pts, strict=True), lw=1, label=f"layer {layer}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("expert load max/mean")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=4)

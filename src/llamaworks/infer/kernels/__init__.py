@@ -253,6 +253,13 @@ def dequant_rows(w: Tensor, kind: int, k: int, tier: str | None = None) -> Tenso
     return ops(tier).dequant_rows(w, kind, k)
 
 
+def q8_quantize(x: Tensor, block: int, tier: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The int8 activations the GGUF-type kernels dot against, of x [R, K]: per block of 256 (the
+    K-quants Q4_K / Q5_K / Q6_K, with sums per 16) or of 32 (Q5_0 / Q5_1, sums per block): q int8
+    [R, K], scales d float32 [R, K / block] (x ~ q * d), sums of q int16."""
+    return ops(tier).q8_quantize(x, block)
+
+
 def rows_dot(x: Tensor, w: Tensor, idx: Tensor, bits: int, tier: str | None = None) -> Tensor:
     """Exact float32 dots of x [..., K] with the packed rows idx [..., k] (Q4_1 if bits == 4, Q8_0
     if 8): [..., k] float32. For re-checking a few logits without activation rounding."""

@@ -15,6 +15,12 @@
 // their own rotary table and key mask. Norm weights come as the multiplier itself (Gemma's 1 + w
 // is formed by the caller), so one RMSNorm serves every family.
 //
+// Mixture-of-experts layers (Mixtral, Qwen3-MoE) replace gate/up/down by a router matvec, the
+// top-k choice (softmax or sigmoid scores, an optional choice bias, renormalized and scaled
+// weights, as model.route), and only the chosen experts' gate/up/down matvecs: the token copies
+// are grouped by expert, so each chosen expert's weight rows (a slice of the stacked [E, out, in]
+// tensors, in any kind below) are read once for the rows that chose it.
+//
 // Weights may be float32 or bfloat16 [out, in] matrices, or llama.cpp Q4_1 / Q8_0 block rows
 // (blocks.h); each matrix says its kind (0 f32, 1 bf16, 4 Q4_1, 8 Q8_0). Matrices that read the
 // same input (q/k/v, gate/up) are split across threads as one range of rows. Batch rows each have their own rotary position,
@@ -79,6 +85,25 @@ Mat as_mat(const at::Tensor& w, int64_t kind, int64_t k, const char* what) {
 }
 
 constexpr int64_t PER_LAYER = 17;  // weights per layer (see decode_layers)
+constexpr int64_t PER_MOE = 5;  // router, gate, up, down experts, router choice bias
+
+// One projection of E stacked experts: expert e's rows are one contiguous [rows, row_bytes]
+// slice at data + e * stride (a view such as gate_up[:, :I] keeps that per expert).
+struct ExpertMats {
+  const uint8_t* data = nullptr;
+  int64_t stride = 0, rows = 0, row_bytes = 0, kind = 0, n = 0;
+  Mat at(int64_t e) const { return {data + e * stride, rows, row_bytes, kind}; }
+};
+
+ExpertMats as_experts(const at::Tensor& t, int64_t kind, int64_t k, const char* what) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) > 0 && t.device().is_cpu(), what,
+              ": experts must be a 3-D [experts, out, in] CPU tensor");
+  const Mat first = as_mat(t.select(0, 0), kind, k, what);  // checks kind, dtype and row size
+  ExpertMats m;
+  m.data = first.data, m.rows = first.rows, m.row_bytes = first.row_bytes, m.kind = kind;
+  m.stride = t.stride(0) * static_cast<int64_t>(t.element_size()), m.n = t.size(0);
+  return m;
+}
 
 // Optional per-layer float32 vector of `n` values (an empty tensor: absent).
 const float* optional_vec(const at::Tensor& t, int64_t n, const char* what) {
@@ -93,6 +118,48 @@ inline void add_bias(float* y, const float* bias, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
 }
 
+// act[j] = act_fn(gu[j]) * gu[n + j]: SiLU, or tanh-GELU as F.gelu(approximate="tanh").
+inline void glu(const float* gu, int64_t n, bool gelu, float* act) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float g = gu[j], u = gu[n + j];
+    if (gelu) {
+      const float c = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+      act[j] = 0.5f * g * (1.f + std::tanh(c)) * u;
+    } else {
+      act[j] = g / (1.f + std::exp(-g)) * u;
+    }
+  }
+}
+
+// model.route for one row of router logits [n]: scores (softmax, or each expert's sigmoid),
+// the k best by score + bias (ties: the lower index), their unbiased scores as weights,
+// renormalized to sum to 1 if `norm` (+1e-20 for sigmoid), times `scale`. probs: scratch [n].
+inline void route(const float* logits, int64_t n, int64_t k, bool sigmoid, bool norm, float scale,
+                  const float* bias, float* probs, int64_t* idx, float* w) {
+  if (sigmoid) {
+    for (int64_t e = 0; e < n; ++e) probs[e] = 1.f / (1.f + std::exp(-logits[e]));
+  } else {
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t e = 0; e < n; ++e) mx = std::max(mx, logits[e]);
+    for (int64_t e = 0; e < n; ++e) sum += probs[e] = std::exp(logits[e] - mx);
+    for (int64_t e = 0; e < n; ++e) probs[e] /= sum;
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < n; ++e) {
+      bool taken = false;
+      for (int64_t i = 0; i < j; ++i) taken |= idx[i] == e;
+      const float c = probs[e] + (bias != nullptr ? bias[e] : 0.f);
+      if (!taken && (best < 0 || c > top)) best = e, top = c;
+    }
+    idx[j] = best, w[j] = probs[best], total += probs[best];
+  }
+  const float div = norm ? total + (sigmoid ? 1e-20f : 0.f) : 1.f;
+  for (int64_t j = 0; j < k; ++j) w[j] = w[j] / div * scale;
+}
+
 // x [B, D] float32: the residual stream after the embeddings. weights: per layer, in order,
 // input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down, then the extras (empty
 // tensors where absent): q, k, v, o biases, q_norm, k_norm [head_dim], pre_feedforward and
@@ -105,8 +172,12 @@ inline void add_bias(float* y, const float* bias, int64_t n) {
 // write_pos [B] (local_write_pos [B] on sliding layers); rope_pos [B] rotary positions;
 // mask [B, kv_len] bool: the cache slots each row attends to; sliding layers (sliding[l] != 0)
 // use inv_freq_local and local_mask [B, local_kv_len] instead. attn_scale: the softmax scale (0:
-// 1/sqrt(hd)); gelu: tanh-GELU instead of SiLU on the gate. Returns the residual stream after the
-// last layer.
+// 1/sqrt(hd)); gelu: tanh-GELU instead of SiLU on the gate (experts too). moe: per layer -1
+// (dense) or the index m of its MoE entries: experts[5m..5m+4] = router [E, dim], gate and up
+// [E, I, dim], down [E, dim, I] (each expert's slice contiguous; any weight kind), the router's
+// choice bias [E] (empty: none), with expert_kinds[4m..4m+3] their kinds; such a layer's gate /
+// up / down weight slots are unused. top_k, router_sigmoid, router_norm, router_scale: the
+// routing (model.route). Returns the residual stream after the last layer.
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef kinds,
                          at::TensorList k_cache, at::TensorList v_cache,
                          const at::Tensor& write_pos, const at::Tensor& local_write_pos,
@@ -114,7 +185,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
                          const at::Tensor& mask, int64_t n_heads, double eps,
                          const at::Tensor& inv_freq_local, const at::Tensor& local_mask,
                          at::IntArrayRef sliding, double attn_scale, int64_t gelu,
-                         const at::Tensor& cache_rows) {
+                         const at::Tensor& cache_rows, at::TensorList experts,
+                         at::IntArrayRef expert_kinds, at::IntArrayRef moe, int64_t top_k,
+                         int64_t router_sigmoid, int64_t router_norm, double router_scale) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "x must be a float32 [batch, dim] CPU tensor");
   const int64_t B = x_in.size(0), D = x_in.size(1);
@@ -185,9 +258,31 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
 
   at::Tensor x = x_in.contiguous().clone();
   float* xp = x.data_ptr<float>();
-  const int64_t H = weights[6].size(0);  // hidden size of the MLP (gate rows)
+  TORCH_CHECK(static_cast<int64_t>(moe.size()) == L, "need a MoE index per layer (-1: dense)");
+  int64_t H = 0, E = 0, I = 0;  // the largest dense hidden size, expert count, expert size
+  for (int64_t l = 0; l < L; ++l) {
+    if (moe[l] < 0) {
+      H = std::max(H, weights[PER_LAYER * l + 6].size(0));
+    } else {
+      TORCH_CHECK(PER_MOE * (moe[l] + 1) <= static_cast<int64_t>(experts.size()) &&
+                      4 * (moe[l] + 1) <= static_cast<int64_t>(expert_kinds.size()),
+                  "layer ", l, ": MoE index ", moe[l], " out of range");
+      const at::Tensor* ex = experts.data() + PER_MOE * moe[l];
+      E = std::max(E, ex[1].size(0)), I = std::max(I, ex[1].size(1));
+    }
+  }
+  TORCH_CHECK(E == 0 || (top_k >= 1 && top_k <= E), "top_k must be in 1..experts");
+  const int64_t BK = E ? B * top_k : 0;  // token copies, one per chosen expert
   std::vector<float> h(B * std::max(D, nq)), qkv(B * (nq + 2 * nk)), att(B * nq), out(B * D);
   std::vector<float> gu(B * 2 * H), act(B * H), scores(B * n_heads * kv_most);
+  // MoE scratch: router logits, the copies' inputs / gate-up / activations / outputs in expert
+  // order, each copy's row and weight, tokens per expert, the segments of one layer
+  std::vector<float> logits(B * E), probs(E), xg(BK * D), gu_e(BK * 2 * I), act_e(BK * I),
+      out_e(BK * D), slot_w(BK);
+  std::vector<int64_t> slot_row(BK), chosen(BK), count(E), first(E);
+  std::vector<float> chosen_w(BK);
+  std::vector<Segment> segs_gu, segs_d;
+  segs_gu.reserve(2 * E), segs_d.reserve(E);
   const bool* masks[2] = {mk.data_ptr<bool>(), lmk.data_ptr<bool>()};
   const float scale = attn_scale > 0 ? static_cast<float>(attn_scale)
                                      : 1.f / std::sqrt(static_cast<float>(hd));
@@ -195,6 +290,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
 
   struct LayerMats {
     std::vector<Mat> qkv, o, gu, d;
+    int64_t moe = -1;  // >= 0: a MoE layer (then gu holds the router, probe expert 0's mats)
+    ExpertMats eg, eu, ed;
+    std::vector<Mat> probe_gu, probe_d;  // expert 0's slices: which input forms `prepare` makes
+    const float* choice_bias = nullptr;
     const float *norm1, *norm2;
     const float *bq, *bk, *bv, *bo, *qn, *kn, *pre_ffn, *post_ffn;  // nullptr: absent
     int kind;  // 0 global, 1 sliding
@@ -215,10 +314,28 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
     TORCH_CHECK(lm.qkv[0].rows == nq && lm.qkv[1].rows == nk && lm.qkv[2].rows == nk,
                 "q/k/v sizes do not match the heads");
     lm.o = {as_mat(w[4], kd[3], nq, "o_proj")};
-    lm.gu = {as_mat(w[6], kd[4], D, "gate_proj"), as_mat(w[7], kd[5], D, "up_proj")};
-    lm.d = {as_mat(w[8], kd[6], H, "down_proj")};
-    TORCH_CHECK(lm.o[0].rows == D && lm.gu[0].rows == H && lm.gu[1].rows == H && lm.d[0].rows == D,
-                "projection sizes do not match the model's dims");
+    TORCH_CHECK(lm.o[0].rows == D, "o_proj size does not match the model's dims");
+    lm.moe = moe[l];
+    if (lm.moe >= 0) {
+      const at::Tensor* ex = experts.data() + PER_MOE * lm.moe;
+      const int64_t* ek = expert_kinds.data() + 4 * lm.moe;
+      lm.gu = {as_mat(ex[0], ek[0], D, "router")};
+      lm.eg = as_experts(ex[1], ek[1], D, "experts gate");
+      lm.eu = as_experts(ex[2], ek[2], D, "experts up");
+      lm.ed = as_experts(ex[3], ek[3], lm.eg.rows, "experts down");
+      const int64_t n = lm.eg.n;
+      TORCH_CHECK(lm.gu[0].rows == n && lm.eu.n == n && lm.ed.n == n && lm.eu.rows == lm.eg.rows &&
+                      lm.ed.rows == D && n <= E,
+                  "router / expert sizes do not match the model's dims");
+      lm.choice_bias = optional_vec(ex[4], n, "router choice bias");
+      lm.probe_gu = {lm.eg.at(0), lm.eu.at(0)}, lm.probe_d = {lm.ed.at(0)};
+    } else {
+      const int64_t hl = w[6].size(0);
+      lm.gu = {as_mat(w[6], kd[4], D, "gate_proj"), as_mat(w[7], kd[5], D, "up_proj")};
+      lm.d = {as_mat(w[8], kd[6], hl, "down_proj")};
+      TORCH_CHECK(lm.gu[1].rows == hl && lm.d[0].rows == D,
+                  "projection sizes do not match the model's dims");
+    }
     lm.norm1 = w[0].data_ptr<float>();
     lm.norm2 = w[5].data_ptr<float>();
     lm.bq = optional_vec(w[9], nq, "q bias");
@@ -240,15 +357,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
   }
 
   {  // every buffer the quantized inputs need, allocated here: nothing in the region may throw
-    bool need4 = false, need8 = false, needp = false;
+    bool need4 = false, need8 = false, needb = false, needk = false;
     for (const LayerMats& lm : layers)
-      for (const auto* ms : {&lm.qkv, &lm.o, &lm.gu, &lm.d})
+      for (const auto* ms : {&lm.qkv, &lm.o, &lm.gu, &lm.d, &lm.probe_gu, &lm.probe_d})
         for (const Mat& m : *ms)
-          need4 |= m.kind == KQ4_1, need8 |= m.kind == KQ8_0, needp |= ggml_int_kernel(m.kind);
-    const int64_t most = B * std::max({D, nq, H}), blocks = most / QK + 1;
+          need4 |= m.kind == KQ4_1, need8 |= m.kind == KQ8_0, needb |= ggml_q8b_kernel(m.kind),
+              needk |= ggml_q8k_kernel(m.kind);
+    const int64_t most = std::max(B * std::max({D, nq, H}), BK * std::max(D, I));
+    const int64_t blocks = most / QK + 1;
     if (need4) in.q4.resize(most), in.d4.resize(blocks), in.s4.resize(blocks);
     if (need8) in.q8.resize(most), in.d8.resize(blocks), in.s8.resize(blocks);
-    if (needp) in.qp.resize(most), in.dp.resize(blocks), in.sp.resize(blocks);
+    if (needb) in.qb.resize(most), in.db.resize(blocks), in.sb.resize(blocks);
+    if (needk) in.qk.resize(most), in.dk.resize(most / QKK + 1), in.bk.resize(most / 16 + 1);
   }
 
   // One parallel region for the whole step: the threads stay in it and meet at barriers (the
@@ -339,28 +459,73 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Int
           for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
           rms_norm(xp, lm.norm2, B, D, eps, h.data());
         }
-        in.x = h.data(), in.K = D;
+        in.x = h.data(), in.B = B, in.K = D;
         prepare(in, lm.gu);
       }
-      matvec_rows(in, lm.gu, gu.data(), 2 * H, tid, T);
+      if (lm.moe < 0) {  // dense MLP
+        const int64_t hl = lm.gu[0].rows;
+        matvec_rows(in, lm.gu, gu.data(), 2 * hl, tid, T);
 #pragma omp barrier
 #pragma omp single
-      {
-        for (int64_t b = 0; b < B; ++b) {
-          for (int64_t j = 0; j < H; ++j) {
-            const float g = gu[b * 2 * H + j], u = gu[b * 2 * H + H + j];
-            if (gelu) {  // tanh approximation, as F.gelu(approximate="tanh")
-              const float c = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-              act[b * H + j] = 0.5f * g * (1.f + std::tanh(c)) * u;
-            } else {
-              act[b * H + j] = g / (1.f + std::exp(-g)) * u;
-            }
-          }
+        {
+          for (int64_t b = 0; b < B; ++b)
+            glu(gu.data() + b * 2 * hl, hl, gelu != 0, act.data() + b * hl);
+          in.x = act.data(), in.K = hl;
+          prepare(in, lm.d);
         }
-        in.x = act.data(), in.K = H;
-        prepare(in, lm.d);
+        matvec_rows(in, lm.d, out.data(), D, tid, T);
+      } else {  // mixture of experts: router, choice, the chosen experts only
+        const int64_t n = lm.eg.n, ie = lm.eg.rows;
+        matvec_rows(in, lm.gu, logits.data(), n, tid, T);
+#pragma omp barrier
+#pragma omp single
+        {
+          for (int64_t b = 0; b < B; ++b)
+            route(logits.data() + b * n, n, top_k, router_sigmoid != 0, router_norm != 0,
+                  static_cast<float>(router_scale), lm.choice_bias, probs.data(),
+                  chosen.data() + b * top_k, chosen_w.data() + b * top_k);
+          // copies grouped by expert, rows in order within one (a stable sort by expert, as
+          // model.Experts): expert e's copies are slots first[e] .. first[e] + count[e]
+          std::fill(count.begin(), count.begin() + n, 0);
+          for (int64_t c = 0; c < BK; ++c) ++count[chosen[c]];
+          for (int64_t e = 0, at = 0; e < n; ++e) first[e] = at, at += count[e];
+          for (int64_t c = 0; c < BK; ++c) {
+            const int64_t slot = first[chosen[c]]++;
+            slot_row[slot] = c / top_k, slot_w[slot] = chosen_w[c];
+            std::memcpy(xg.data() + slot * D, h.data() + (c / top_k) * D, D * 4);
+          }
+          segs_gu.clear(), segs_d.clear();
+          for (int64_t e = 0, at = 0; e < n; at += count[e], ++e) {
+            if (count[e] == 0) continue;
+            segs_gu.push_back({lm.eg.at(e), at, count[e], 0});
+            segs_gu.push_back({lm.eu.at(e), at, count[e], ie});
+            segs_d.push_back({lm.ed.at(e), at, count[e], 0});
+          }
+          in.x = xg.data(), in.B = BK, in.K = D;
+          prepare(in, lm.probe_gu);
+        }
+        matvec_segments(in, segs_gu, gu_e.data(), 2 * ie, tid, T);
+#pragma omp barrier
+#pragma omp single
+        {
+          for (int64_t c = 0; c < BK; ++c)
+            glu(gu_e.data() + c * 2 * ie, ie, gelu != 0, act_e.data() + c * ie);
+          in.x = act_e.data(), in.K = ie;
+          prepare(in, lm.probe_d);
+        }
+        matvec_segments(in, segs_d, out_e.data(), D, tid, T);
+#pragma omp barrier
+#pragma omp single
+        {  // each row's experts summed by their weights, in expert order (as index_add_)
+          std::fill(out.begin(), out.end(), 0.f);
+          for (int64_t c = 0; c < BK; ++c) {
+            float* o = out.data() + slot_row[c] * D;
+            const float* y = out_e.data() + c * D;
+            for (int64_t i = 0; i < D; ++i) o[i] += y[i] * slot_w[c];
+          }
+          in.B = B;
+        }
       }
-      matvec_rows(in, lm.d, out.data(), D, tid, T);
 #pragma omp barrier
 #pragma omp single
       {
@@ -379,7 +544,8 @@ LW_FRAGMENT(m) {
         "Tensor(b!)[] v_cache, Tensor write_pos, Tensor local_write_pos, Tensor rope_pos, "
         "Tensor inv_freq, Tensor mask, "
         "int n_heads, float eps, Tensor inv_freq_local, Tensor local_mask, int[] sliding, "
-        "float attn_scale, int gelu, Tensor cache_rows) -> Tensor");
+        "float attn_scale, int gelu, Tensor cache_rows, Tensor[] experts, int[] expert_kinds, "
+        "int[] moe, int top_k, int router_sigmoid, int router_norm, float router_scale) -> Tensor");
 }
 
 LW_IMPL(m) {

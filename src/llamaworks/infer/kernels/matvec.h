@@ -1,6 +1,8 @@
 // Matrix-vector products over weight matrices of several kinds (float32, bfloat16, Q4_1, Q8_0
 // blocks), split across threads by output rows: the loop that both the linear ops (qmatmul.cpp)
-// and the fused decode step (decode.cpp) run. Each weight row is read once for all input rows.
+// and the fused decode step (decode.cpp) run. Each weight row is read once for all input rows
+// (`matvec_rows`), or, for a MoE layer's experts, once for the rows routed to it
+// (`matvec_segments`).
 #pragma once
 
 #include <vector>
@@ -137,19 +139,28 @@ inline void dot4_bf16(const uint16_t* w, int64_t ld, const float* x, int64_t k, 
 struct Input {
   const float* x = nullptr;
   int64_t B = 0, K = 0;
-  std::vector<int16_t> q4, q8, qp;  // int16 blocks, in the Q4_1 / Q8_0 kernels' orders, plain
-  std::vector<float> d4, s4, d8, s8, dp, sp;
+  std::vector<int16_t> q4, q8;  // int16 blocks, in the Q4_1 / Q8_0 kernels' orders
+  std::vector<float> d4, s4, d8, s8;
+  // int8 blocks: of 256 with sums per 16 (the K-quant kernels), of 32 with their sums (Q5_0/Q5_1)
+  std::vector<int8_t> qk, qb;
+  std::vector<float> dk, db;
+  std::vector<int16_t> bk, sb;
 
   // (decode_layers sizes the vectors for its largest input first, so inside its parallel
   // region these resizes never allocate)
   void prepare(const float* x_, int64_t B_, int64_t K_, bool need4, bool need8,
-               bool needp = false) {
+               bool needb = false, bool needk = false) {
     x = x_, B = B_, K = K_;
     const int64_t nb = K / QK;
-    if (needp) {  // the K-quant integer kernels read the plain order
-      qp.resize(B * K), dp.resize(B * nb), sp.resize(B * nb);
+    if (needk) {
+      qk.resize(B * K), dk.resize(B * (K / QKK)), bk.resize(B * (K / 16));
       for (int64_t b = 0; b < B; ++b)
-        quantize_row(x + b * K, K, Layout::Plain, &qp[b * K], &dp[b * nb], &sp[b * nb]);
+        quantize_row_q8(x + b * K, K, QKK, 16, &qk[b * K], &dk[b * (K / QKK)], &bk[b * (K / 16)]);
+    }
+    if (needb) {
+      qb.resize(B * K), db.resize(B * nb), sb.resize(B * nb);
+      for (int64_t b = 0; b < B; ++b)
+        quantize_row_q8(x + b * K, K, QK, QK, &qb[b * K], &db[b * nb], &sb[b * nb]);
     }
     if (need4) {
       q4.resize(B * K), d4.resize(B * nb), s4.resize(B * nb);
@@ -164,18 +175,122 @@ struct Input {
   }
   QuantRow row4(int64_t b) const { return {&q4[b * K], &d4[b * (K / QK)], &s4[b * (K / QK)]}; }
   QuantRow row8(int64_t b) const { return {&q8[b * K], &d8[b * (K / QK)], &s8[b * (K / QK)]}; }
-  QuantRow rowp(int64_t b) const { return {&qp[b * K], &dp[b * (K / QK)], &sp[b * (K / QK)]}; }
+  Q8Row rowk(int64_t b) const { return {&qk[b * K], &dk[b * (K / QKK)], &bk[b * (K / 16)]}; }
+  Q8Row rowb(int64_t b) const { return {&qb[b * K], &db[b * (K / QK)], &sb[b * (K / QK)]}; }
 };
 
 // Quantize the input rows for the kinds `mats` need (one thread).
 void prepare(Input& in, const std::vector<Mat>& mats) {
-  bool need4 = false, need8 = false, needp = false;
+  bool need4 = false, need8 = false, needb = false, needk = false;
   for (const Mat& m : mats) {
     need4 |= m.kind == KQ4_1;
     need8 |= m.kind == KQ8_0;
-    needp |= ggml_int_kernel(m.kind);
+    needb |= ggml_q8b_kernel(m.kind);
+    needk |= ggml_q8k_kernel(m.kind);
   }
-  in.prepare(in.x, in.B, in.K, need4, need8, needp);
+  in.prepare(in.x, in.B, in.K, need4, need8, needb, needk);
+}
+
+// One weight matrix applied to a run of input rows: y[b * ldy + col + r] = mats row r . x row b
+// for b in [b0, b0 + nb) (a MoE layer's experts each take the token copies routed to them).
+struct Segment {
+  Mat m;
+  int64_t b0, nb, col;
+};
+
+// Weight rows [r0, r1) of segment s for its input rows (thread-local work of matvec_segments).
+inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t r1, float* y,
+                         int64_t ldy) {
+  const Mat& m = s.m;
+  const float* x = in.x;
+  const int64_t K = in.K, nb = K / QK, b1 = s.b0 + s.nb;
+  const uint8_t* end = m.data + m.rows * m.row_bytes;
+  float* yc = y + s.col;
+  if (is_ggml_kind(m.kind)) {  // one row at a time: an integer dot over the stored blocks, or
+    // (F16) the row dequantized into a buffer, then one dot per input row
+    const bool q8k = ggml_q8k_kernel(m.kind), q8b = ggml_q8b_kernel(m.kind);
+    thread_local std::vector<float> buf;
+    if (!q8k && !q8b && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+    for (int64_t i = r0; i < r1; ++i) {
+      const uint8_t* w = m.data + i * m.row_bytes;
+      prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);
+      if (q8k || q8b) {  // integer dots over the blocks as stored, on int8 activation blocks
+        for (int64_t b = s.b0; b < b1; ++b)
+          yc[b * ldy + i] = ggml_int8_dot(m.kind, w, q8k ? in.rowk(b) : in.rowb(b), K);
+        continue;
+      }
+      ggml_dequant_row(m.kind - GGML_KIND, w, K, buf.data());
+      for (int64_t b = s.b0; b < b1; ++b) yc[b * ldy + i] = dot_f32(buf.data(), x + b * K, K);
+    }
+    return;
+  }
+  int64_t i = r0;
+  float four[4];
+  for (; i + 4 <= r1; i += 4) {
+    const uint8_t* w = m.data + i * m.row_bytes;
+    if (m.kind == KQ4_1 || m.kind == KQ8_0)
+      prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
+    for (int64_t b = s.b0; b < b1; ++b) {
+      switch (m.kind) {
+        case F32:
+          dot4_f32(reinterpret_cast<const float*>(w), K, x + b * K, K, four);
+          break;
+        case BF16:
+          dot4_bf16(reinterpret_cast<const uint16_t*>(w), K, x + b * K, K, four);
+          break;
+        case KQ4_1:
+#ifdef LW_DOT4
+          dot4_q4_1(w, m.row_bytes, in.row4(b), nb, four);
+#else
+          for (int r = 0; r < 4; ++r) four[r] = dot_q4_1(w + r * m.row_bytes, in.row4(b), nb);
+#endif
+          break;
+        default:
+#ifdef LW_DOT4
+          dot4_q8_0(w, m.row_bytes, in.row8(b), nb, four);
+#else
+          for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);
+#endif
+      }
+      for (int r = 0; r < 4; ++r) yc[b * ldy + i + r] = four[r];
+    }
+  }
+  for (; i < r1; ++i) {  // the last rows of a range, one at a time
+    const uint8_t* w = m.data + i * m.row_bytes;
+    for (int64_t b = s.b0; b < b1; ++b) {
+      float v = 0.f;
+      if (m.kind == F32 || m.kind == BF16) {
+        for (int64_t j = 0; j < K; ++j) {
+          const float wj = m.kind == F32 ? reinterpret_cast<const float*>(w)[j]
+                                         : bf16_to_f32(reinterpret_cast<const uint16_t*>(w)[j]);
+          v += wj * x[b * K + j];
+        }
+      } else if (m.kind == KQ4_1) {
+        v = dot_q4_1(w, in.row4(b), nb);
+      } else {
+        v = dot_q8_0(w, in.row8(b), nb);
+      }
+      yc[b * ldy + i] = v;
+    }
+  }
+}
+
+// Every segment's outputs (y row stride ldy): thread tid of T takes its share of all segments'
+// weight rows together (multiples of 4); each weight row is read once for its input rows.
+// `prepare` must have run for the segments' kinds.
+void matvec_segments(const Input& in, const std::vector<Segment>& segs, float* y, int64_t ldy,
+                     int tid, int T) {
+  int64_t total = 0;
+  for (const Segment& s : segs) total += s.m.rows;
+  const int64_t share = (total / T + 3) / 4 * 4;
+  const int64_t n0 = std::min(total, tid * share);
+  const int64_t n1 = tid == T - 1 ? total : std::min(total, n0 + share);
+  int64_t base = 0;
+  for (const Segment& s : segs) {
+    const int64_t lo = std::max(n0, base), hi = std::min(n1, base + s.m.rows);
+    if (lo < hi) segment_rows(in, s, lo - base, hi - base, y, ldy);
+    base += s.m.rows;
+  }
 }
 
 // y[b, n0:n1] of the concatenated outputs of `mats` for every input row b (y row stride ldy):
@@ -188,81 +303,10 @@ void matvec_rows(const Input& in, const std::vector<Mat>& mats, float* y, int64_
   const int64_t share = (total / T + 3) / 4 * 4;
   const int64_t n0 = std::min(total, tid * share);
   const int64_t n1 = tid == T - 1 ? total : std::min(total, n0 + share);
-  const float* x = in.x;
-  const int64_t B = in.B, K = in.K, nb = K / QK;
   int64_t base = 0;
   for (const Mat& m : mats) {
     const int64_t lo = std::max(n0, base), hi = std::min(n1, base + m.rows);
-    if (is_ggml_kind(m.kind)) {  // one row at a time: an integer dot over the stored blocks, or
-      // (F16) the row dequantized into a buffer, then one dot per input row
-      const bool integer = ggml_int_kernel(m.kind);
-      thread_local std::vector<float> buf;
-      if (!integer && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
-      const uint8_t* end = m.data + m.rows * m.row_bytes;
-      for (int64_t i = lo; i < hi; ++i) {
-        const uint8_t* w = m.data + (i - base) * m.row_bytes;
-        prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);
-        if (integer) {  // an integer dot over the blocks as stored, on int16 activations
-          for (int64_t b = 0; b < B; ++b) y[b * ldy + i] = ggml_int_dot(m.kind, w, in.rowp(b), K);
-          continue;
-        }
-        ggml_dequant_row(m.kind - GGML_KIND, w, K, buf.data());
-        for (int64_t b = 0; b < B; ++b) y[b * ldy + i] = dot_f32(buf.data(), x + b * K, K);
-      }
-      base += m.rows;
-      continue;
-    }
-    int64_t i = lo;
-    float four[4];
-    const uint8_t* end = m.data + m.rows * m.row_bytes;
-    for (; i + 4 <= hi; i += 4) {
-      const uint8_t* w = m.data + (i - base) * m.row_bytes;
-      if (m.kind == KQ4_1 || m.kind == KQ8_0)
-        prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
-      for (int64_t b = 0; b < B; ++b) {
-        switch (m.kind) {
-          case F32:
-            dot4_f32(reinterpret_cast<const float*>(w), K, x + b * K, K, four);
-            break;
-          case BF16:
-            dot4_bf16(reinterpret_cast<const uint16_t*>(w), K, x + b * K, K, four);
-            break;
-          case KQ4_1:
-#ifdef LW_DOT4
-            dot4_q4_1(w, m.row_bytes, in.row4(b), nb, four);
-#else
-            for (int r = 0; r < 4; ++r) four[r] = dot_q4_1(w + r * m.row_bytes, in.row4(b), nb);
-#endif
-            break;
-          default:
-#ifdef LW_DOT4
-            dot4_q8_0(w, m.row_bytes, in.row8(b), nb, four);
-#else
-            for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);
-#endif
-        }
-        for (int r = 0; r < 4; ++r) y[b * ldy + i + r] = four[r];
-      }
-    }
-    for (; i < hi; ++i) {  // the last rows of a range, one at a time
-      const uint8_t* w = m.data + (i - base) * m.row_bytes;
-      for (int64_t b = 0; b < B; ++b) {
-        float v = 0.f;
-        if (m.kind == F32 || m.kind == BF16) {
-          for (int64_t j = 0; j < K; ++j) {
-            const float wj = m.kind == F32 ? reinterpret_cast<const float*>(w)[j]
-                                           : bf16_to_f32(reinterpret_cast<const uint16_t*>(w)[j]);
-            v += wj * x[b * K + j];
-          }
-        } else if (m.kind == KQ4_1) {
-          v = dot_q4_1(w, in.row4(b), nb);
-
-        } else {
-          v = dot_q8_0(w, in.row8(b), nb);
-        }
-        y[b * ldy + i] = v;
-      }
-    }
+    if (lo < hi) segment_rows(in, Segment{m, 0, in.B, base}, lo - base, hi - base, y, ldy);
     base += m.rows;
   }
 }

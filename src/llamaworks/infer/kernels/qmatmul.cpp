@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "matvec.h"
@@ -113,6 +114,24 @@ at::Tensor rows_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return out.view(shape);
 }
 
+// The int8 activation blocks the GGUF-type kernels dot against (ggml_types.h's quantize_row_q8)
+// of x [R, K]: block 256 (the K-quants; K a multiple of 256) with sums per 16, or block 32
+// (Q5_0 / Q5_1) with sums per 32: q int8 [R, K], d float32 [R, K / block], sums int16. For
+// tests: the exact reference of what the kernels compute.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_quantize(const at::Tensor& x, int64_t block) {
+  TORCH_CHECK(block == QKK || block == QK, "q8_quantize: block must be 256 or 32");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.size(1) % block == 0,
+              "q8_quantize takes a [rows, K] CPU tensor with K a multiple of the block");
+  const at::Tensor x2 = x.to(at::kFloat).contiguous();
+  const int64_t R = x2.size(0), K = x2.size(1), group = block == QKK ? 16 : QK;
+  at::Tensor q = at::empty({R, K}, at::kChar), d = at::empty({R, K / block}, at::kFloat);
+  at::Tensor sums = at::empty({R, K / group}, at::kShort);
+  for (int64_t r = 0; r < R; ++r)
+    quantize_row_q8(x2.data_ptr<float>() + r * K, K, block, group, q.data_ptr<int8_t>() + r * K,
+                    d.data_ptr<float>() + r * (K / block), sums.data_ptr<int16_t>() + r * (K / group));
+  return {q, d, sums};
+}
+
 // Which instruction set this build targets (for logs and tests).
 std::string isa() {
 #if defined(LW_AVX512) && defined(__AVX512VNNI__)
@@ -136,6 +155,7 @@ LW_LIBRARY(m) {
   m.def("rows_dot(Tensor x, Tensor w, Tensor idx, int bits) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor w, int kind) -> Tensor");
   m.def("dequant_rows(Tensor w, int kind, int k) -> Tensor");
+  m.def("q8_quantize(Tensor x, int block) -> (Tensor, Tensor, Tensor)");
   m.def("isa() -> str", &isa);
 }
 
@@ -145,4 +165,5 @@ LW_IMPL(m) {
   m.impl("rows_dot", &rows_dot);
   m.impl("gguf_linear", &gguf_linear);
   m.impl("dequant_rows", &dequant_rows);
+  m.impl("q8_quantize", &q8_quantize);
 }
