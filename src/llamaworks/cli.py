@@ -50,12 +50,14 @@ def _model(args: argparse.Namespace, adapters: tuple[str, ...] = ()) -> Any:
                         getattr(args, "group_size", 32))
 
 
-def _engine(model: Any, tok: Any, args: argparse.Namespace) -> Any:
+def _engine(model: Any, tok: Any, args: argparse.Namespace, agree: Any = None) -> Any:
     """The engine generate/chat decode on (one row; chat keeps it, so each turn reuses the
-    conversation's cached prefix): --compile where the fused step cannot run."""
+    conversation's cached prefix): --compile where the fused step cannot run; `agree` the
+    tensor-parallel token hook."""
     from llamaworks.infer.engine import Engine
 
-    return Engine(model, tok, max_batch=1, compile=getattr(args, "compile", False))
+    return Engine(model, tok, max_batch=1, compile=getattr(args, "compile", False),
+                  agree=agree)
 
 
 def _read_text(args: argparse.Namespace) -> str:
@@ -180,25 +182,36 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llamaworks.infer.generate import generate_tokens
-
     tok = _tokenizer(args)
-    model = _model(args)
-    main = True  # the process that prints (rank 0 under torchrun)
-    if args.tensor_parallel > 1:
-        from llamaworks.train.tensor_parallel import shard_for_inference
-
-        try:
-            main = shard_for_inference(model, args.tensor_parallel)
-        except ValueError as e:
-            raise LlamaworksError(str(e)) from None
     _resolve_sampling(args, {})  # a raw completion is greedy unless asked
+    params = _sampling(args)
     prompt = tok.encode(args.prompt, bos=None)
     if not prompt:
         raise LlamaworksError("the prompt is empty and the model adds no BOS token")
-    stream = generate_tokens(_engine(model, tok, args), prompt, args.max_new_tokens,
-                             _sampling(args), stop_ids=tok.stop_ids)
-    if not main:  # the other ranks take the same steps (their collectives), print nothing
+    if args.tensor_parallel == 1:
+        return _emit_generated(args, tok, _engine(_model(args), tok, args), prompt, params)
+    from llamaworks.infer import tensor_parallel as tp
+    from llamaworks.infer.threads import use_threads
+
+    try:  # refused before any weight is read where possible, the same on every rank
+        tp.check_launch(args.tensor_parallel, compile=args.compile, quant=args.quant)
+        use_threads(args.threads)
+        model = tp.load_float(_model_path(args))
+        with tp.tensor_parallel(model, args.tensor_parallel) as (main, agree):
+            engine = _engine(model, tok, args, agree)
+            return _emit_generated(args, tok, engine, prompt, params, main)
+    except ValueError as e:
+        raise LlamaworksError(str(e)) from None
+
+
+def _emit_generated(args: argparse.Namespace, tok: Any, engine: Any, prompt: list[int],
+                    params: Any, main: bool = True) -> int:
+    """Decode `prompt` on `engine` and print it as `generate` does; only the `main` process
+    prints (rank 0 under torchrun; the others take the same steps for their collectives)."""
+    from llamaworks.infer.generate import generate_tokens
+
+    stream = generate_tokens(engine, prompt, args.max_new_tokens, params, stop_ids=tok.stop_ids)
+    if not main:
         _stream(tok, stream)
     elif args.json:
         ids, text = _stream(tok, stream)
@@ -606,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "text": "..."}')
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="under torchrun --nproc-per-node N: split every block's heads and MLP "
-                   "over the N processes (float weights, dense models; rank 0 prints)")
+                   "over the N processes (float weights, dense models; eager decode, no "
+                   "--compile/--quant; rank 0 prints)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model's own template (REPL, or -p once)")

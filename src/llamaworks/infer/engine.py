@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -46,14 +46,21 @@ class Engine:
     model's context). cache_mb: prefix-cache budget (0 = no prefix cache). chunk: most prompt
     tokens fed in one step. max_gap: if set, while rows are decoding the chunk shrinks so that a
     step with a chunk takes about `max_gap` times a plain decode step (measured as it runs).
-    drafter: a speculative drafter (`infer.speculative.NgramDrafter` / `ModelDrafter`)."""
+    drafter: a speculative drafter (`infer.speculative.NgramDrafter` / `ModelDrafter`).
+    agree: maps each token this process chose to the one every process keeps (tensor
+    parallelism: rank 0's, `infer.tensor_parallel.RankZeroTokens`); the steps must then be the
+    same on every process, so it refuses `max_gap` (budgets from each process's own timings)."""
 
     def __init__(self, model: Llama, tokenizer: Any, *, max_batch: int = 16,
                  context: int | None = None, step: Step | None = None, compile: bool = False,
                  cache_mb: float = 256, chunk: int = 512, max_gap: float | None = None,
-                 drafter: Any = None):
+                 drafter: Any = None, agree: Callable[[int], int] | None = None):
         if max_batch < 1 or chunk < 1:
             raise ValueError("max_batch and chunk must be >= 1")
+        if agree is not None and max_gap is not None:
+            raise ValueError("max_gap sizes chunks from this process's timings; processes that "
+                             "must take the same steps (agree) cannot use it")
+        self.agree = agree
         self.model, self.tokenizer = model, tokenizer
         self.step_fn = step or Step(model, compile)
         self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
@@ -341,6 +348,9 @@ class Engine:
                 d = drafts[j] if j < len(drafts) else None
                 tok, ok = self._judge(s, logits[j], d, q[j] if q is not None and d is not None
                                       else None)
+                if self.agree is not None:  # kept where the agreed token is the draft
+                    tok = self.agree(tok)
+                    ok = tok == d
                 self._append(s, tok, logits[j])
                 if ok:
                     s.accepted += 1
@@ -377,6 +387,8 @@ class Engine:
         c = s.constraint
         allowed = logits if c is None else c.apply(logits)
         tok = sample_row(allowed, s.params, s.gen, s.prompt_ids, s.ids)
+        if self.agree is not None:
+            tok = self.agree(tok)
         self._append(s, tok, logits)
         if s.finish:
             return

@@ -1,0 +1,97 @@
+"""Tensor-parallel decoding under torchrun (`llamaworks generate --tensor-parallel N`, launched
+with `torchrun --nproc-per-node N`): the pretraining TP plan (`train.tensor_parallel`: q/k/v and
+gate/up column-parallel, o and down row-parallel, DTensors over a 1-D mesh of the N processes;
+gloo on CPU, NCCL on CUDA) applied to a loaded checkpoint, and the engine run on every rank.
+
+Memory per rank: the whole checkpoint is read first on every rank (the peak is one process's
+float32 model), then each rank keeps 1/N of every block's attention and MLP matrices (and their
+biases) in its own storage, the rest whole (embeddings, norms, the output head), and a KV cache
+of n_kv_heads / N heads per layer (`shard_for_inference` gives the config the local head count
+the engine's `KVPool` allocates from). Per rank: embeddings + head + (block matrices + cache) / N.
+
+Decode runs on the eager forward: the fused C++ step takes no DTensors (`FusedDecoder.build`
+declines them) and `--compile` is refused rather than tried on them. Every rank takes the same
+engine steps, so every forward issues the same collectives; the token each step keeps is rank 0's,
+broadcast to the others (`RankZeroTokens`: one integer per token), so ranks whose replicated float
+math could differ (unlike CPUs, seeds drawn per process) still feed identical tokens.
+
+Weights are split as float32 nn.Linear layers (`load_float`): bf16/F16 checkpoints are widened
+on load (each rank's share is then 2/N of the file), `--quant` and GGUF files with quantized
+matrices are refused by name (dequantized, a Q4 file's share would be about 8/N of it: more than
+the one device the split is for).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llamaworks.checkpoint import load_model
+from llamaworks.infer.load import stored_types
+from llamaworks.model import Llama
+
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+
+def check_launch(tp: int, *, compile: bool = False, quant: str | None = None) -> None:
+    """Raise ValueError for a `--tensor-parallel tp` run that cannot work, before any weight is
+    read: a world size other than `tp`, or an option the split model does not take."""
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, not {tp}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise ValueError(f"--tensor-parallel {tp} needs as many processes: torchrun "
+                         f"--nproc-per-node {tp} (this run has {world})")
+    if quant is not None:
+        raise ValueError("--quant does not combine with --tensor-parallel: the split layers are "
+                         "float nn.Linear matrices (omit --quant)")
+    if compile:
+        raise ValueError("--compile does not combine with --tensor-parallel: the split model "
+                         "decodes on the eager forward (neither the fused C++ step nor "
+                         "torch.compile takes its DTensors here)")
+
+
+def load_float(path: str | Path) -> Llama:
+    """The checkpoint at `path` as a float32 model for splitting (bf16 and F16 matrices widened
+    exactly, the float32 model's math); a GGUF with quantized matrices raises ValueError naming
+    its types."""
+    p = Path(path)
+    quantized = stored_types(p) - FLOAT_TYPES
+    if quantized:
+        raise ValueError(f"{p.name} stores {', '.join(sorted(quantized))} matrices: "
+                         "--tensor-parallel splits float weights only (quantized GGUFs are not "
+                         "dequantized for it); use an F32/F16/BF16 GGUF or an HF directory, e.g. "
+                         "`llamaworks convert FILE.gguf DIR`")
+    return load_model(p).model.eval()
+
+
+class RankZeroTokens:
+    """The engine's `agree` hook: every rank passes the token it sampled and gets rank 0's."""
+
+    def __init__(self, device: torch.device):
+        self.buf = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def __call__(self, token: int) -> int:
+        self.buf.fill_(token)
+        dist.broadcast(self.buf, src=0)
+        return int(self.buf.item())
+
+
+@contextmanager
+def tensor_parallel(model: Llama, tp: int) -> Iterator[tuple[bool, RankZeroTokens]]:
+    """Split `model` (loaded whole on this rank) over the `tp` torchrun processes; yields
+    (whether this rank prints, the token hook to give the engine), and ends the process group
+    on exit. ValueError for a world of another size or a model that does not split in `tp`."""
+    from llamaworks.train.tensor_parallel import check_splittable, shard_for_inference
+
+    check_splittable(model.config, tp)  # before the process group: the same error on each rank
+    main = shard_for_inference(model, tp)
+    try:
+        yield main, RankZeroTokens(model.device)
+    finally:
+        dist.destroy_process_group()
