@@ -45,7 +45,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = SFTConfig(lora=None if args.full else _lora_config(args), lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
                         max_len=args.max_len, pack=args.pack, eval_fraction=args.eval_fraction,
-                        eval_every=args.eval_every, seed=args.seed, bf16=args.bf16)
+                        eval_every=args.eval_every, seed=args.seed, bf16=args.bf16,
+                        tensor_parallel=args.tensor_parallel)
     except ValueError as e:
         raise LlamaworksError(str(e)) from None
     if args.qlora:  # LoRA on the base as the file stores it (its blocks stay quantized)
@@ -66,9 +67,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = finetune(model, load_tokenizer(path), convs, cfg, args.out,
                        base_model=str(path.resolve()), fmt=args.format, resume=args.resume,
                        stop_after=args.stop_after)
-    print(json.dumps(summary, indent=2))
-    kind = "adapter" if cfg.lora else "checkpoint"
-    print(f"{kind} written to {args.out}")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes and prints
+        print(json.dumps(summary, indent=2))
+        kind = "adapter" if cfg.lora else "checkpoint"
+        print(f"{kind} written to {args.out}")
     return 0
 
 
@@ -308,6 +312,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "weights + trainer_state.pt, saved at every eval and on SIGINT/SIGTERM),"
                         " bit-exactly on CPU")
     p.add_argument("--stop-after", type=int, help="stop after this step, schedule unchanged")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun --nproc-per-node N: split every block's attention "
+                   "heads and MLP over the N ranks (dense float models; LoRA adapters stay "
+                   "whole on every rank); rank 0 writes what one process writes")
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into a native checkpoint")

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,7 +97,67 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
+        split = _tensor_parallel_split(self.base.weight)
+        if split is not None:
+            return y + self._split_delta(x, *split).to(y.dtype)
         return y + ((self.dropout(x) @ a.t() @ b.t()) * self.scaling).to(y.dtype)
+
+    def _split_delta(self, x: Tensor, dim: int, group: Any, rank: int, tp: int) -> Tensor:
+        """This rank's part of the update when the base is split by tensor parallelism
+        (`train/tensor_parallel.py`). The adapter stays replicated: A and B whole and alike on
+        every rank (r is small, so splitting them would save little, and the saved adapter,
+        the optimizer and the RNG draws stay those of one process), each rank using the
+        slice its base needs:
+        - column-parallel base (weight split on dim 0; x whole, the output this rank's rows):
+          (x A^T) B_mine^T with B_mine this rank's rows of B. x, A and B are each used whole
+          for a share of the output, so their gradients are summed over the group.
+        - row-parallel base (dim 1; x this rank's columns, the output whole): x_mine A_mine^T
+          summed over the group is x A^T, then times B^T, whole and alike on every rank (B's
+          gradient is already whole); A's is summed (each rank fills its columns).
+        Dropout draws the mask of the whole input, as one process does, and keeps this rank's
+        columns, so the random stream and the masks match a 1-rank run's."""
+        from llamaworks.train.distributed import sum_grad_over, sum_over
+
+        a, b = sum_grad_over(self.lora_A, group), self.lora_B
+        if dim == 0:
+            n = b.shape[0] // tp
+            b = sum_grad_over(b, group)[rank * n:(rank + 1) * n]
+            return (self.dropout(sum_grad_over(x, group)) @ a.t() @ b.t()) * self.scaling
+        n = a.shape[1] // tp
+        drop = self.dropout
+        if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
+            mask = x.new_empty(*x.shape[:-1], a.shape[1]).bernoulli_(1 - drop.p)
+            x = x * (mask[..., rank * n:(rank + 1) * n] * (1 / (1 - drop.p)))
+        h = sum_over(x @ a[:, rank * n:(rank + 1) * n].t(), group)
+        return (h @ b.t()) * self.scaling
+
+
+def _tensor_parallel_split(w: Tensor) -> tuple[int, Any, int, int] | None:
+    """(split dim, group, rank in it, its size) when `w` is a tensor-parallel shard (a DTensor
+    sharded on a one-dimensional mesh, as a split base weight is inside the forward), else
+    None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(w, DTensor) or w.device_mesh.ndim != 1 or w.device_mesh.size() == 1:
+        return None
+    (place,) = w.placements
+    if not isinstance(place, Shard):
+        return None
+    mesh = w.device_mesh
+    return place.dim, mesh.get_group(), mesh.get_local_rank(), mesh.size()
+
+
+def _whole(t: Tensor) -> Tensor:
+    """`t`, or the full tensor of a DTensor (FSDP2's shards of a distributed run; a collective
+    then: every rank calls it)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+    return t
 
 
 def lora_modules(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
@@ -166,12 +227,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter weights under PEFT's names."""
+    """Adapter weights under PEFT's names (views of the parameters; in a distributed run their
+    gathered full tensors, so every rank must call it)."""
     out = {}
     for name, m in lora_modules(model):
         name = hf_module_name(model.config, name) if hasattr(model, "config") else name
-        out[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
-        out[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+        out[f"{_PREFIX}{name}.lora_A.weight"] = _whole(m.lora_A.detach()).contiguous()
+        out[f"{_PREFIX}{name}.lora_B.weight"] = _whole(m.lora_B.detach()).contiguous()
     for name, ex in expert_lora_modules(model):  # one pair per expert, the family's HF names
         layer = name.rsplit(".mlp.", 1)[0]
         for proj in ex.projs:
@@ -184,12 +246,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, path: str | Path,
-                 base_model: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+                 base_model: str | None = None, dtype: torch.dtype = torch.float32,
+                 tensors: dict[str, Tensor] | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (atomic) into `path`; bf16
-    halves the file (the update B·A is merged in fp32 either way)."""
+    halves the file (the update B·A is merged in fp32 either way). `tensors`: what
+    `lora_state_dict(model)` returned, when a distributed run gathered it on every rank and
+    one rank writes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(dtype).cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.to(dtype).cpu() for k, v in (
+        lora_state_dict(model) if tensors is None else tensors).items()}
     if not tensors:
         raise ValueError("the model has no LoRA layers to save")
     with atomic_path(path / WEIGHTS_NAME) as tmp:

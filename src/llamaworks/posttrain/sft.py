@@ -40,6 +40,7 @@ from llamaworks.posttrain.lora import (
 )
 from llamaworks.posttrain.prefix import prefix_kv, prefixed_hidden, trainable_prefix_len
 from llamaworks.train import checkpoints as ckpt
+from llamaworks.train import distributed as D
 from llamaworks.train import skeleton
 from llamaworks.train.loss import linear_cross_entropy
 from llamaworks.train.optim import adamw, lr_scheduler
@@ -76,12 +77,16 @@ class SFTConfig:
     eval_every: int = 50
     seed: int = 0
     bf16: bool = False  # bf16 autocast for the matmuls (fast on CPUs with AVX-512 BF16 / AMX)
+    # under torchrun: split every block's heads and MLP over this many ranks (all of them)
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_len < 8 or self.lr <= 0:
             raise ValueError("batch_size must be >= 1, max_len >= 8 and lr > 0")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"--tensor-parallel must be >= 1, not {self.tensor_parallel}")
         if self.keep_last < 1 or self.eval_every < 1:
             raise ValueError(f"keep_last and eval_every must be >= 1, got {self.keep_last} and "
                              f"{self.eval_every}")
@@ -232,14 +237,20 @@ def _head_nll(model: Llama, h: Tensor, target: Tensor) -> tuple[Tensor, int]:
 
 # -- training ------------------------------------------------------------------------------------
 class SFTTrainer:
-    """Fine-tunes `model` (LoRA or full) on encoded examples; see `finetune` for the driver."""
+    """Fine-tunes `model` (LoRA or full) on encoded examples; see `finetune` for the driver.
+    Under torchrun (`info`) the adapters are applied, then `distributed.parallelize` splits the
+    model over the ranks (`cfg.tensor_parallel` of them: every rank trains on the same batch)."""
 
-    def __init__(self, model: Llama, train: list[Example], evals: list[Example], cfg: SFTConfig):
+    def __init__(self, model: Llama, train: list[Example], evals: list[Example], cfg: SFTConfig,
+                 info: D.DistInfo | None = None):
         self.model, self.train_set, self.eval_set, self.cfg = model, train, evals, cfg
+        self.info = info or D.DistInfo()
         if cfg.lora is not None:
             apply_lora(model, cfg.lora)
         else:
             model.requires_grad_(True)
+        if self.info.enabled or cfg.tensor_parallel > 1:
+            _parallelize(model, self.info, cfg.tensor_parallel)
         everything = train + evals
         n = 0 if cfg.pack else shared_prefix_len(everything)
         self.prefix = everything[0].ids[:n] if n >= cfg.min_shared_prefix else None
@@ -277,8 +288,8 @@ class SFTTrainer:
         total, n = self.loss(self._next_batch())
         loss = total / max(n, 1)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                       self.cfg.grad_clip)
+        D.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                          self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -286,16 +297,30 @@ class SFTTrainer:
 
     def state(self, step: int) -> dict[str, Any]:
         """The trainer state at `step` (`train/skeleton.py`): the data position is the shuffled
-        order still to draw from and the shuffling random.Random."""
-        return skeleton.trainer_state("sft", step, self.opt.state_dict(), self.sched, {
+        order still to draw from and the shuffling random.Random. Under torchrun the optimizer
+        is not in it but in the checkpoint's DCP folder (`save_sharded`)."""
+        opt = {} if self.info.enabled else self.opt.state_dict()
+        return skeleton.trainer_state("sft", step, opt, self.sched, {
             "seed": self.cfg.seed, "order": list(self.order),
             "rng": skeleton.saved_py_rng(self.rng)})
 
     def restore(self, folder: Path, state: dict[str, Any]) -> int:
         """Continue from a checkpoint folder: its weights, optimizer, schedule, RNGs, data
-        position; returns its step."""
-        restore_weights(self.model, self.cfg.lora, folder)
-        data = skeleton.restore(state, self.opt, self.sched)
+        position; returns its step. A torchrun run's checkpoint resumes under torchrun with
+        the same ranks (weights and optimizer from its DCP folder), one process's in one."""
+        sharded = folder / "dcp"
+        if self.info.enabled != sharded.is_dir():
+            how = "torchrun ranks; resume it under torchrun with as many and --tensor-parallel" \
+                if sharded.is_dir() else "one process; resume it with one"
+            raise CheckpointError(f"{folder} was saved by {how}")
+        if self.info.enabled:
+            D.load_sharded(sharded, self.model, self.opt)
+            self.sched.load_state_dict(state["scheduler"])
+            skeleton.set_rng_state(state["rng"])
+            data = state["data"]
+        else:
+            restore_weights(self.model, self.cfg.lora, folder)
+            data = skeleton.restore(state, self.opt, self.sched)
         self.order = [int(i) for i in data["order"]]
         self.rng.setstate(skeleton.py_rng_state(data["rng"]))
         return int(state["step"])
@@ -322,16 +347,43 @@ def split_eval(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict
     return [convs[i] for i in idx[k:]], [convs[i] for i in idx[:k]]
 
 
-def save_weights(model: Llama, lora: LoraConfig | None, folder: Path,
-                 base_model: str | None = None, tokenizer: Any = None) -> None:
-    """The trained weights into `folder`: a LoRA adapter, or (full fine-tuning) a native
-    checkpoint with the tokenizer; what a checkpoint folder and the top of OUT both hold."""
+def _parallelize(model: Llama, info: D.DistInfo, tensor_parallel: int) -> None:
+    """`distributed.parallelize` for fine-tuning: tensor parallelism over every rank of the run
+    (so one data-parallel group, FSDP2 over a dimension of one); LlamaworksError for a layout
+    it cannot take."""
+    if info.enabled and tensor_parallel != info.world_size:
+        raise LlamaworksError(
+            f"finetune under torchrun splits the model over all {info.world_size} ranks: pass "
+            f"--tensor-parallel {info.world_size} (data-parallel fine-tuning is not supported)")
+    try:
+        D.parallelize(model, info, tensor_parallel=tensor_parallel)
+    except ValueError as e:
+        raise LlamaworksError(str(e)) from None
+
+
+def trained_tensors(model: Llama, lora: LoraConfig | None,
+                    info: D.DistInfo | None = None) -> dict[str, Tensor]:
+    """What `save_weights` writes: the adapter's tensors (PEFT names) or the full state dict,
+    whole (under torchrun the split and sharded ones gathered: every rank calls it)."""
     if lora is not None:
-        save_adapter(model, lora, folder, base_model=base_model)
+        return lora_state_dict(model)
+    return D.full_state_dict(model, info or D.DistInfo())
+
+
+def save_weights(model: Llama, lora: LoraConfig | None, folder: Path,
+                 base_model: str | None = None, tokenizer: Any = None,
+                 tensors: dict[str, Tensor] | None = None) -> None:
+    """The trained weights into `folder`: a LoRA adapter, or (full fine-tuning) a native
+    checkpoint with the tokenizer; what a checkpoint folder and the top of OUT both hold, in
+    one process's format. `tensors`: `trained_tensors`'s, gathered by every rank of a torchrun
+    run for the one that writes."""
+    if lora is not None:
+        save_adapter(model, lora, folder, base_model=base_model, tensors=tensors)
     else:
         from llamaworks.checkpoint import save_native
 
-        save_native(folder, model.config, model.state_dict(), tokenizer)
+        save_native(folder, model.config, model.state_dict() if tensors is None else tensors,
+                    tokenizer)
 
 
 @torch.no_grad()
@@ -372,66 +424,98 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     `checkpoints/step_N/` (the weights or adapter + trainer_state.pt; the last `keep_last`
     kept), from which `resume=True` continues bit-exactly (on CPU). SIGINT / SIGTERM end the
     run at the next step boundary with a checkpoint. `stop_after` ends early with the schedule
-    unchanged. Returns a summary."""
+    unchanged. Returns a summary.
+
+    Under torchrun with `cfg.tensor_parallel` = the world size, every rank runs this on the
+    same data: the model is split over the ranks (`SFTTrainer`), rank 0 logs and writes what
+    one process writes (the gathered adapter or weights), and each checkpoint also holds the
+    ranks' DCP folder (weights and optimizer) to resume from under torchrun."""
+    info = D.setup("cpu" if model.lm_head.weight.device.type == "cpu" else None)
+    try:
+        return _finetune(model, tokenizer, convs, cfg, Path(out), base_model, fmt, progress,
+                         resume, stop_after, info)
+    finally:
+        D.teardown(info)
+
+
+def _finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, out: Path,
+              base_model: str | None, fmt: str | None, progress: bool, resume: bool,
+              stop_after: int | None, info: D.DistInfo) -> dict[str, Any]:
     from tqdm import tqdm
 
     from llamaworks.train.metrics import MetricsLog
 
-    out = Path(out)
+    main = info.is_main
     out.mkdir(parents=True, exist_ok=True)
     train_c, eval_c = split_eval(convs, cfg.eval_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
     tr = SFTTrainer(model, encode_all(tokenizer, train_c, cfg.max_len, fmt),
-                    encode_all(tokenizer, eval_c, cfg.max_len, fmt), cfg)
+                    encode_all(tokenizer, eval_c, cfg.max_len, fmt), cfg, info)
     found = skeleton.resume_point(out, "sft") if resume else None
     start = tr.restore(found[1], found[2]) if found else 0
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None) if main \
+        else None
     if start:
-        first_eval = next((r.get("val_loss") for r in log.rows if r["step"] == 0), None)
-        last_eval = next((r["val_loss"] for r in reversed(log.rows) if "val_loss" in r), None)
+        rows = log.rows if log is not None else []
+        first_eval = next((r.get("val_loss") for r in rows if r["step"] == 0), None)
+        last_eval = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
     else:
         first_eval = last_eval = tr.evaluate()
-        if first_eval is not None:
+        if first_eval is not None and log is not None:
             log.log({"step": 0, "val_loss": first_eval})
     end = min(tr.total, stop_after) if stop_after else tr.total
-    bar = tqdm(range(start, end), desc="finetune", disable=not progress, initial=start,
-               total=tr.total)
+    bar = tqdm(range(start, end), desc="finetune", disable=not (progress and main),
+               initial=start, total=tr.total)
 
     def save(step: int) -> None:
-        ckpt.write_checkpoint(out, step, tr.state(step), cfg.keep_last, lambda d: save_weights(
-            model, cfg.lora, d, base_model, tokenizer))
+        tensors = trained_tensors(model, cfg.lora, info)  # every rank: a gather when split
+        if info.enabled:
+            if main:
+                ckpt.begin(out, step)  # unsealed before any rank writes into it
+            torch.distributed.barrier()
+            D.save_sharded(ckpt.step_dir(out, step) / "dcp", model, tr.opt)
+        state = tr.state(step)
+        if main:
+            ckpt.write_checkpoint(out, step, state, cfg.keep_last, lambda d: save_weights(
+                model, cfg.lora, d, base_model, tokenizer, tensors))
+        if info.enabled:
+            torch.distributed.barrier()
 
     t0, done = time.time(), start
     with skeleton.StopFlag() as stop:
         for s in bar:
             row = tr.step() | {"elapsed_s": round(time.time() - t0, 2)}
             done = s + 1
+            signalled = D.any_rank(stop.signum is not None, info)  # all ranks stop together
             if done % cfg.eval_every == 0 or done in (tr.total, end):
                 last_eval = tr.evaluate()
                 if last_eval is not None:
                     row["val_loss"] = last_eval
                 save(done)
-            elif stop.signum is not None:
+            elif signalled:
                 save(done)
-            log.log(row)
+            if log is not None:
+                log.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}",
                             val=f"{last_eval:.3f}" if last_eval else "-")
-            if stop.signum is not None:
-                print(stop.message(done))
+            if signalled:
+                if main:
+                    print(stop.message(done))
                 break
     bar.close()
-    log.plot(out / "loss.png")
     model.eval()
-    save_weights(model, cfg.lora, out, base_model, tokenizer)
-    from llamaworks.atomic import atomic_write_json
-
+    tensors = trained_tensors(model, cfg.lora, info)
     summary = {"steps": done, "planned_steps": tr.total, "train_examples": len(tr.train_set),
                "eval_examples": len(tr.eval_set), "shared_prefix_tokens": len(tr.prefix or []),
                "first_val_loss": first_eval, "final_val_loss": last_eval,
                "minutes": round((time.time() - t0) / 60, 2), "stopped_by_signal": stop.signum}
-    cfg_dict = asdict(cfg)
-    atomic_write_json(out / "sft_config.json", {"config": cfg_dict, "summary": summary,
-                                                "base_model": base_model})
+    if main:
+        from llamaworks.atomic import atomic_write_json
+
+        log.plot(out / "loss.png")
+        save_weights(model, cfg.lora, out, base_model, tokenizer, tensors)
+        atomic_write_json(out / "sft_config.json", {"config": asdict(cfg), "summary": summary,
+                                                    "base_model": base_model})
     return summary
 
 

@@ -8,6 +8,7 @@ every rank of a tp group reads the same data."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,59 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mixed_bf16: bool = False, mesh:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+
+
+class _GradThrough(torch.autograd.Function):
+    """Identity forward; backward passes the gradient through `fn`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:  # type: ignore[override]
+        ctx.fn = fn
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.fn(g), None
+
+
+def grad_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`x` unchanged; on the way back its gradient becomes `fn(gradient)` (the one hook that
+    expert parallelism's gradient scaling and tensor parallelism's gradient sums use)."""
+    return _GradThrough.apply(x, fn)
+
+
+def sum_grad_over(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """`x` unchanged; backward sums its gradient over `group`: for a tensor every rank of the
+    group holds whole and applies to its own share of the work (a norm over this rank's heads,
+    a LoRA factor beside a split layer; Megatron's copy to the tensor-parallel region)."""
+    def summed(g: torch.Tensor) -> torch.Tensor:
+        g = g.contiguous()
+        dist.all_reduce(g, group=group)
+        return g
+
+    return grad_through(x, summed)
+
+
+class _SumOver(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
+def sum_over(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """The sum of every rank's `x` over `group`, on every rank; the gradient passes back
+    unchanged (the sum is used whole and alike by every rank: Megatron's reduce from the
+    tensor-parallel region)."""
+    return _SumOver.apply(x, group)
 
 
 def all_reduce_mean(x: float, info: DistInfo) -> float:

@@ -19,21 +19,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llamaworks.model import Experts, MoE, gated_mlp
+from llamaworks.train.distributed import grad_through
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient times `scale` backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return g * ctx.scale, None
 
 
 def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
@@ -65,6 +53,10 @@ class ExpertParallelExperts(nn.Module):
             setattr(self, name, nn.Parameter(full, requires_grad=getattr(experts, name)
                                              .requires_grad))
 
+    def _scale(self, g: Tensor) -> Tensor:
+        """An expert weight's gradient times 1 / world (see the module docstring)."""
+        return g * self.grad_scale
+
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor, pre: bool = False) -> Tensor:
         """As `Experts.forward`: sum_j weights[:, j] * expert_idx[:, j](x) for x [N, dim]."""
         k = idx.shape[-1]
@@ -80,7 +72,7 @@ class ExpertParallelExperts(nn.Module):
         which = torch.arange(self.n_local, device=x.device).repeat(self.ep).repeat_interleave(
             recv.flatten())
         by_expert = which.argsort(stable=True)
-        mats = [_ScaleGrad.apply(getattr(self, p).to_local(), self.grad_scale) for p in PROJS]
+        mats = [grad_through(getattr(self, p).to_local(), self._scale) for p in PROJS]
         xe, outs, start = arrived[by_expert], [x.new_zeros(0, x.shape[-1])], 0
         for e, n in enumerate(recv.sum(0).tolist()):
             if n:

@@ -13,18 +13,21 @@ Split parameters are DTensors that keep their full names and shapes, so the trai
 state dict gathers whole tensors and DCP checkpoints reshard to any other layout. Attention's
 head counts become the local ones (`n_heads`, `n_kv` attributes; the model's math unchanged).
 Mixture-of-experts layers and latent attention (MLA) are refused: use --expert-parallel.
+A linear wrapped from outside with its nn.Linear as `.base` (a LoRA adapter,
+`posttrain/lora.py`) has that base split; the wrapper sees the split in the base weight's
+DTensor placement and handles its own part.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from llamaworks.config import ModelConfig
 from llamaworks.model import MLP, Attention
+from llamaworks.train.distributed import sum_grad_over
 
 
 def check_splittable(cfg: ModelConfig, tp: int) -> None:
@@ -43,22 +46,6 @@ def check_splittable(cfg: ModelConfig, tp: int) -> None:
                              f"into {tp} equal parts")
 
 
-class _SumGradOverGroup(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over `group` (a weight every rank of the
-    group applies to its own share of the heads)."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
 def _sum_weight_grad(norm: nn.Module, group: Any) -> None:
     """Run `norm`'s own forward (its class's, on its attributes) with a weight whose gradient
     is summed over `group`; parameter names and the norm's math unchanged."""
@@ -67,7 +54,7 @@ def _sum_weight_grad(norm: nn.Module, group: Any) -> None:
     cls_forward = type(norm).forward
 
     def forward(x: Tensor, _m: nn.Module = norm) -> Tensor:
-        w = _SumGradOverGroup.apply(_m.weight, group)
+        w = sum_grad_over(_m.weight, group)
         return cls_forward(SimpleNamespace(**vars(_m), weight=w), x)
 
     norm.forward = forward
@@ -91,16 +78,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
         if type(attn) is not Attention or type(mlp) is not MLP:
             raise ValueError(f"--tensor-parallel splits plain attention and MLP blocks, not "
                              f"{type(attn).__name__} / {type(mlp).__name__}")
-        linears = [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-            [getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-        odd = next((m for m in linears if type(m) is not nn.Linear), None)
-        if odd is not None:
-            raise ValueError(f"--tensor-parallel splits float nn.Linear layers, not "
-                             f"{type(odd).__name__} (load without --quant, from float weights)")
-        parallelize_module(block, tp_mesh, {
-            "self_attn.q_proj": col, "self_attn.k_proj": col, "self_attn.v_proj": col,
-            "self_attn.o_proj": row,
-            "mlp.gate_proj": col, "mlp.up_proj": col, "mlp.down_proj": row})
+        plan = {}
+        for name, style in (("self_attn.q_proj", col), ("self_attn.k_proj", col),
+                            ("self_attn.v_proj", col), ("self_attn.o_proj", row),
+                            ("mlp.gate_proj", col), ("mlp.up_proj", col),
+                            ("mlp.down_proj", row)):
+            m = block.get_submodule(name)
+            if type(getattr(m, "base", None)) is nn.Linear:  # a wrapper applied from outside
+                name, m = f"{name}.base", m.base  # (LoRA): split its base; it reads the split
+            if type(m) is not nn.Linear:  # from the base weight's placement
+                raise ValueError(f"--tensor-parallel splits float nn.Linear layers, not "
+                                 f"{type(m).__name__} (load without --quant, from float "
+                                 f"weights)")
+            plan[name] = style
+        parallelize_module(block, tp_mesh, plan)
         attn.n_heads //= tp  # the forward views q/k/v with this rank's head counts
         attn.n_kv //= tp
         if hasattr(attn, "q_norm"):
