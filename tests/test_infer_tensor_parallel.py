@@ -2,14 +2,18 @@
 torchrun): on 2 gloo ranks the engine's greedy tokens are one process's, its per-step logits
 agree within 1e-4, each rank holds half of every block's matrices and a KV cache of its own
 key/value heads, decode runs eagerly, sampled tokens are rank 0's on every rank; what cannot run
-split (world size, heads, --quant, --compile, quantized GGUFs) is refused by name."""
+split (world size, heads, --quant, --compile, quantized GGUFs) is refused by name. `serve
+--tensor-parallel 2`: rank 0 serves, both ranks step alike, one process's answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from infer_fixtures import tiny_model
 
 from llamaworks.checkpoint import save_native
 from llamaworks.checkpoint.gguf_export import export_gguf
+from llamaworks.cli import main
 from llamaworks.infer import tensor_parallel as T
 from llamaworks.infer.engine import Engine
 from llamaworks.tokenizer.train import train_bpe
@@ -135,7 +140,8 @@ def test_generate_refuses_more_ranks_than_processes_and_heads_that_do_not_split(
     assert "/llamaworks/" not in r.stderr  # no traceback of ours (torchrun prints its own)
 
 
-def test_options_the_split_model_does_not_take_are_refused_by_name(monkeypatch):
+def test_options_the_split_model_does_not_take_are_refused_by_name(monkeypatch, model_dir,
+                                                                   capsys):
     with pytest.raises(ValueError, match=r"needs as many processes: torchrun --nproc-per-node 2 "
                                          r"\(this run has 1\)"):
         T.check_launch(2)
@@ -149,6 +155,9 @@ def test_options_the_split_model_does_not_take_are_refused_by_name(monkeypatch):
         T.check_launch(0)
     with pytest.raises(ValueError, match="agree"):
         Engine(tiny_model(), None, max_gap=4.0, agree=lambda t: t)
+    for flag in (["--draft", "ngram"], ["--adapter", "x"], ["--quant", "int8"]):
+        assert main(["serve", "--model", str(model_dir), "--tensor-parallel", "2", *flag]) == 2
+        assert f"{flag[0]} does not combine with --tensor-parallel" in capsys.readouterr().err
 
 
 def test_quantized_gguf_is_refused_and_float_gguf_loads_as_float_linears(tmp_path):
@@ -162,3 +171,83 @@ def test_quantized_gguf_is_refused_and_float_gguf_loads_as_float_linears(tmp_pat
     assert type(f16.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert f16.dtype == torch.float32
 
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> Any:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=120)
+
+
+@pytest.mark.slow
+def test_serve_on_two_ranks_answers_as_one_process(model_dir, tmp_path):
+    """`serve --tensor-parallel 2` under torchrun: rank 0 serves, both ranks step alike. Three
+    concurrent greedy requests over 2 rows (one waits, then joins mid-decode), after a sampled
+    one and a stream the client leaves early (its rows aborted), give one process's texts."""
+    import signal
+    import threading
+    import urllib.request
+
+    from llamaworks.infer.llm import LLM
+    from llamaworks.infer.sampling import SamplingParams
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "llamaworks.cli", "serve", "--model", str(model_dir), "--port", str(port),
+         "--tensor-parallel", "2", "--max-batch", "2", "--threads", "1"],
+        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(480):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.25)
+        done = url + "/v1/completions"
+        sampled = json.loads(_post(done, {"model": "m", "prompt": PROMPT, "max_tokens": 12,
+                                          "temperature": 1.5, "n": 2}).read())
+        assert len(sampled["choices"]) == 2
+        with _post(done, {"model": "m", "prompt": "over the", "max_tokens": 240,
+                          "stream": True, "ignore_eos": True}) as left:
+            left.readline()  # the first event, then the client is gone
+        for _ in range(120):  # its rows are aborted on both ranks (their next steps agree)
+            if "llamaworks_cancelled_requests_total 1" in \
+                    urllib.request.urlopen(url + "/metrics").read().decode():
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError("the stream the client left was not cancelled")
+        prompts = [PROMPT, "over the lazy", "jumps"]
+        got: list[str | None] = [None] * 3
+
+        def ask(i: int) -> None:
+            body = {"model": "m", "prompt": prompts[i], "max_tokens": 12, "temperature": 0}
+            got[i] = json.loads(_post(done, body).read())["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=200)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    want = [r.outputs[0].text for r in LLM(model_dir).generate(
+        prompts, SamplingParams(max_tokens=12))]
+    assert got == want

@@ -97,20 +97,21 @@ class ContinuousEngine:
     decode, a step admitting a prompt chunk takes about this many plain decode steps (None: always
     `chunk`). drafter: speculative decoding (`infer.speculative`). reserve: allocate the KV
     cache of every row at the full context now (the server does: growing it later stalls a step
-    for as long as copying it takes)."""
+    for as long as copying it takes). make_engine: the Engine class, or a factory taking its
+    arguments (tensor parallelism: `infer.tensor_parallel.LockstepEngine`)."""
 
     def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, cache_mb: float = 256,
                  max_gap: float | None = 2.0, chunk: int = 512, drafter: object = None,
-                 reserve: bool = False):
+                 reserve: bool = False, make_engine: Callable[..., Engine] = Engine):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
         self.max_queue = max_queue
-        self.engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch,
-                             context=min(context or 4096, llm.model.config.max_seq_len),
-                             step=llm.step, cache_mb=cache_mb, max_gap=max_gap,
-                             chunk=chunk, drafter=drafter)
+        self.engine = make_engine(llm.model, llm.tokenizer, max_batch=max_batch,
+                                  context=min(context or 4096, llm.model.config.max_seq_len),
+                                  step=llm.step, cache_mb=cache_mb, max_gap=max_gap,
+                                  chunk=chunk, drafter=drafter)
         self.context = self.engine.context
         if reserve:
             self.engine.pool.reserve()

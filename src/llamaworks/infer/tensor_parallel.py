@@ -1,7 +1,7 @@
-"""Tensor-parallel decoding under torchrun (`llamaworks generate --tensor-parallel N`, launched
-with `torchrun --nproc-per-node N`): the pretraining TP plan (`train.tensor_parallel`: q/k/v and
-gate/up column-parallel, o and down row-parallel, DTensors over a 1-D mesh of the N processes;
-gloo on CPU, NCCL on CUDA) applied to a loaded checkpoint, and the engine run on every rank.
+"""Tensor-parallel decoding under torchrun (`llamaworks generate|serve --tensor-parallel N`,
+launched with `torchrun --nproc-per-node N`): the pretraining TP plan (`train.tensor_parallel`:
+q/k/v and gate/up column-parallel, o and down row-parallel, DTensors over a 1-D mesh of the N
+processes; gloo on CPU, NCCL on CUDA) applied to a loaded checkpoint, the engine run on every rank.
 
 Memory per rank: the whole checkpoint is read first on every rank (the peak is one process's
 float32 model), then each rank keeps 1/N of every block's attention and MLP matrices (and their
@@ -13,7 +13,8 @@ Decode runs on the eager forward: the fused C++ step takes no DTensors (`FusedDe
 declines them) and `--compile` is refused rather than tried on them. Every rank takes the same
 engine steps, so every forward issues the same collectives; the token each step keeps is rank 0's,
 broadcast to the others (`RankZeroTokens`: one integer per token), so ranks whose replicated float
-math could differ (unlike CPUs, seeds drawn per process) still feed identical tokens.
+math could differ (unlike CPUs, seeds drawn per process) still feed identical tokens. The server
+(`LockstepEngine`) adds to that the requests rank 0 receives: broadcast before each step.
 
 Weights are split as float32 nn.Linear layers (`load_float`): bf16/F16 checkpoints are widened
 on load (each rank's share is then 2/N of the file), `--quant` and GGUF files with quantized
@@ -24,15 +25,18 @@ the one device the split is for).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from llamaworks.checkpoint import load_model
+from llamaworks.infer.engine import Engine
 from llamaworks.infer.load import stored_types
+from llamaworks.infer.sequence import Sequence as SeqState
 from llamaworks.model import Llama
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -95,3 +99,58 @@ def tensor_parallel(model: Llama, tp: int) -> Iterator[tuple[bool, RankZeroToken
         yield main, RankZeroTokens(model.device)
     finally:
         dist.destroy_process_group()
+
+
+class LockstepEngine(Engine):
+    """An engine every rank steps alike (`serve --tensor-parallel`): on rank 0 the server's
+    scheduler adds, aborts and steps as usual, and each step first broadcasts what was added
+    (prompt ids and sampling params) and aborted since the last one; the other ranks `follow`,
+    replaying those calls on their own engine (built with the same arguments) before each same
+    step. Sequences of rank 0 are matched to the followers' by rank 0's ids."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._pending: list[tuple[Any, ...]] = []
+        self._copies: dict[int, SeqState] = {}  # follower: rank 0's sequence id -> its copy
+
+    def add(self, group: list[SeqState]) -> None:
+        self._pending.append(("add", [s.id for s in group], group[0].prompt_ids,
+                              group[0].params))
+        super().add(group)
+
+    def abort(self, seqs: Iterable[SeqState], reason: str = "cancelled") -> None:
+        seqs = list(seqs)
+        self._pending.append(("abort", [s.id for s in seqs], reason))
+        super().abort(seqs, reason)
+
+    def step(self) -> list[SeqState]:
+        self._send("step")
+        return super().step()
+
+    def stop_followers(self) -> None:
+        """Rank 0: let the followers' `follow` return."""
+        self._send("stop")
+
+    def _send(self, what: str) -> None:
+        msg = [[*self._pending, (what,)]]
+        self._pending = []
+        dist.broadcast_object_list(msg, src=0)
+
+    def follow(self) -> None:
+        """Ranks other than 0: replay rank 0's calls and steps until it stops."""
+        while True:
+            msg: list[Any] = [None]
+            dist.broadcast_object_list(msg, src=0)
+            for op in msg[0]:
+                if op[0] == "add":
+                    group = self.sequences(op[2], op[3])
+                    self._copies.update(zip(op[1], group, strict=True))
+                    Engine.add(self, group)
+                elif op[0] == "abort":
+                    Engine.abort(self, [self._copies[i] for i in op[1] if i in self._copies],
+                                 op[2])
+                elif op[0] == "step":
+                    Engine.step(self)
+                    self._copies = {i: s for i, s in self._copies.items() if not s.finish}
+                else:
+                    return

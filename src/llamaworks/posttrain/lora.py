@@ -97,7 +97,7 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
-        split = _tensor_parallel_split(self.base.weight)
+        split = _tensor_parallel_split(getattr(self.base, "weight", None))  # None: quantized
         if split is not None:
             return y + self._split_delta(x, *split).to(y.dtype)
         return y + ((self.dropout(x) @ a.t() @ b.t()) * self.scaling).to(y.dtype)
@@ -132,7 +132,7 @@ class LoRALinear(nn.Module):
         return (h @ b.t()) * self.scaling
 
 
-def _tensor_parallel_split(w: Tensor) -> tuple[int, Any, int, int] | None:
+def _tensor_parallel_split(w: Tensor | None) -> tuple[int, Any, int, int] | None:
     """(split dim, group, rank in it, its size) when `w` is a tensor-parallel shard (a DTensor
     sharded on a one-dimensional mesh, as a split base weight is inside the forward), else
     None."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,11 @@ from llamaworks.errors import LlamaworksError
 KEY_ENV = "LLAMAWORKS_API_KEY"
 
 
-def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
+def build_engine(args: argparse.Namespace, model: Any = None, agree: Any = None
+                 ) -> tuple[Any, str]:
     """Load the model (+ adapter, + quantization) into a ContinuousEngine; returns it and the
-    model name clients send."""
+    model name clients send. With `model` (split over the ranks) and `agree` (its token hook):
+    that model on a `LockstepEngine`, without --max-gap's timed chunks."""
 
     from llamaworks.checkpoint import load_tokenizer
     from llamaworks.cli import _model_path
@@ -26,15 +30,51 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
 
     use_threads(args.threads)  # the cores other processes leave free at start (no per-step check)
     path = _model_path(args)
-    model = load_for_use(path, (args.adapter,) if args.adapter else (), args.quant,
-                         args.group_size)
+    extra: dict[str, Any] = {"max_gap": args.max_gap}
+    if model is None:
+        model = load_for_use(path, (args.adapter,) if args.adapter else (), args.quant,
+                             args.group_size)
+        extra["drafter"] = _drafter(args, model)
+    else:
+        from functools import partial
+
+        from llamaworks.infer.tensor_parallel import LockstepEngine
+
+        extra.update(make_engine=partial(LockstepEngine, agree=agree), max_gap=None)
     llm = LLM(model, load_tokenizer(path))
     engine = ContinuousEngine(llm, max_batch=args.max_batch, max_queue=args.max_queue,
-                              context=args.context, cache_mb=args.cache_mb,
-                              max_gap=args.max_gap, drafter=_drafter(args, model),
-                              reserve=True)
+                              context=args.context, cache_mb=args.cache_mb, reserve=True,
+                              **extra)
     name = args.model_name or path.name.removesuffix(".gguf")
     return engine, name
+
+
+@contextmanager
+def _split_engine(args: argparse.Namespace) -> Iterator[tuple[Any, str, bool]]:
+    """--tensor-parallel N under torchrun: the float32 model split over the ranks on a
+    `LockstepEngine`; yields (engine, name, whether this rank serves). Rank 0 stops the
+    followers when it leaves."""
+    from llamaworks.cli import _model_path
+    from llamaworks.infer import tensor_parallel as tp
+    from llamaworks.infer.threads import use_threads
+
+    with ExitStack() as stack:
+        try:
+            tp.check_launch(args.tensor_parallel, quant=args.quant)
+            for flag, given in (("--adapter", args.adapter), ("--draft", args.draft)):
+                if given is not None:
+                    raise ValueError(f"{flag} does not combine with --tensor-parallel")
+            use_threads(args.threads)
+            model = tp.load_float(_model_path(args))
+            main, agree = stack.enter_context(tp.tensor_parallel(model, args.tensor_parallel))
+        except ValueError as e:
+            raise LlamaworksError(str(e)) from None
+        engine, name = build_engine(args, model, agree)
+        try:
+            yield engine, name, main
+        finally:
+            if main:
+                engine.engine.stop_followers()
 
 
 def _drafter(args: argparse.Namespace, target: Any) -> Any:
@@ -83,15 +123,28 @@ def _names(values: list[str] | None) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise LlamaworksError("--max-batch must be >= 1 and --max-queue >= 0")
+    key, hosts, origins = api_key(args), _names(args.allowed_hosts), _names(args.cors_origin)
+    with ExitStack() as stack:
+        if args.tensor_parallel == 1:
+            engine, name = build_engine(args)
+        else:
+            engine, name, main = stack.enter_context(_split_engine(args))
+            if not main:  # the other ranks step with rank 0, serving nothing
+                engine.engine.follow()
+                return 0
+        return _serve(args, engine, name, key, hosts, origins)
+
+
+def _serve(args: argparse.Namespace, engine: Any, name: str, key: str | None,
+           hosts: list[str], origins: list[str]) -> int:
+    """Run the HTTP server on `engine` until it is stopped."""
     import uvicorn
 
     from llamaworks.serve.app import create_app
     from llamaworks.serve.exposure import allowed_hosts, warnings
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise LlamaworksError("--max-batch must be >= 1 and --max-queue >= 0")
-    key, hosts, origins = api_key(args), _names(args.allowed_hosts), _names(args.cors_origin)
-    engine, name = build_engine(args)
     app = create_app(engine, name, api_key=key, max_body_bytes=args.max_body_bytes,
                      request_timeout=args.timeout, host=args.host, extra_hosts=hosts,
                      cors_origins=origins, reasoning_format=args.reasoning_format,
@@ -160,6 +213,11 @@ def register(sub: Any) -> None:
                    help="speculative decoding: a smaller model with the same vocabulary, or "
                    "'ngram' for prompt lookup (no second model)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per step")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun --nproc-per-node N: split every block's heads and MLP "
+                   "over the N processes (float weights, dense models, eager decode, no "
+                   "--quant/--adapter/--draft/--max-gap); rank 0 serves HTTP and sends each "
+                   "step's new requests to the others")
     p.add_argument("--reasoning-format", choices=["auto", "deepseek", "none"], default="auto",
                    help="split <think> blocks into message.reasoning_content: deepseek = always, "
                    "auto = when the chat template uses them, none = leave them in the content")
