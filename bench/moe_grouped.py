@@ -9,7 +9,6 @@ backward, float32, same routing. Medians over `--steps` alternating runs; prints
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from llamaworks.model import Experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import _time  # noqa: E402 - bench/train.py's alternating median timer
+from common import median_times, parse, parser  # noqa: E402
 
 
 def grouped(ex: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
@@ -38,14 +37,13 @@ def grouped(ex: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tens
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__.split("\n\n")[0], steps=10)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top", type=int, default=2)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=1408)
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
+    args = parse(ap)
     torch.manual_seed(0)
     ex = Experts(args.experts, args.dim, args.hidden, "silu")
     for p in ex.parameters():
@@ -74,7 +72,8 @@ def main() -> None:
           f"{args.hidden}, float32, {torch.get_num_threads()} threads; outputs differ by "
           f"{diff:.1e}")
     for label, wrap in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        t = _time({"loop": wrap(loop), "grouped_mm": wrap(grouped)}, args.steps, 2, dev)
+        t = median_times({"loop": wrap(loop), "grouped_mm": wrap(grouped)}, args.steps,
+                         args.warmup, dev)
         print(f"{label:17s} loop {t['loop'] * 1e3:7.1f} ms   grouped_mm "
               f"{t['grouped_mm'] * 1e3:7.1f} ms   grouped_mm / loop time "
               f"{t['grouped_mm'] / t['loop']:.2f}")

@@ -16,7 +16,6 @@ experts implementation in `--hf-experts` (transformers' eager loop is its defaul
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from llamaworks.train.moe import RouterBalance
 from llamaworks.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import _time  # noqa: E402 - bench/train.py's alternating median timer
+from common import hf_trainee, median_times, optimizer_step, parse, parser  # noqa: E402
 
 AUX = 0.01
 CPU = torch.device("cpu")
@@ -61,10 +60,8 @@ def ours_step(cfg: ModelConfig, x: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         h = model(x[:, :-1], hidden_only=True)
         balance.loss(linear_cross_entropy(h, model.lm_head.weight, x[:, 1:])).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(model, opt)
         balance.end_step()
-        opt.zero_grad(set_to_none=True)
 
     return step
 
@@ -74,38 +71,26 @@ def hf_step(cfg: ModelConfig, x: torch.Tensor, experts: str) -> Callable[[], Non
     from transformers import MixtralConfig, MixtralForCausalLM
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    hf_cfg = MixtralConfig(**{k: v for k, v in cfg.to_hf_dict().items()
-                              if k not in ("architectures", "model_type")})
-    hf_cfg.use_cache = False
-    hf_cfg._experts_implementation = experts
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model, opt = hf_trainee(MixtralConfig, MixtralForCausalLM, cfg,
+                            _experts_implementation=experts)
 
     def step() -> None:
         out = model(input_ids=x[:, :-1], output_router_logits=True)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
         aux = load_balancing_loss_func(out.router_logits, cfg.n_experts, cfg.n_active_experts)
         (loss + AUX * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt)
 
     return step
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--hf-experts", default="eager", help="comma list: eager, grouped_mm, "
                     "batched_mm (transformers' experts implementations)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(ap)
     import transformers
 
     cfg = ModelConfig.from_hf_dict(dict(SHAPE))
@@ -117,10 +102,10 @@ def main() -> None:
     print("| HF experts | ours tok/s | HF tok/s | ours / HF | HF, same malloc | ours / that |")
     print("|---|---:|---:|---:|---:|---:|")
     for impl in args.hf_experts.split(","):
-        hf = _time({"hf": hf_step(cfg, x, impl)}, args.steps, args.warmup, CPU)["hf"]
+        hf = median_times({"hf": hf_step(cfg, x, impl)}, args.steps, args.warmup, CPU)["hf"]
         with reuse_freed_memory(True):
-            med = _time({"ours": ours_step(cfg, x), "hf2": hf_step(cfg, x, impl)}, args.steps,
-                        args.warmup, CPU)
+            med = median_times({"ours": ours_step(cfg, x), "hf2": hf_step(cfg, x, impl)},
+                               args.steps, args.warmup, CPU)
         ours, hf2 = med["ours"], med["hf2"]
         print(f"| {impl} | {b * t / ours:,.0f} | {b * t / hf:,.0f} | {hf / ours:.2f}x | "
               f"{b * t / hf2:,.0f} | {hf2 / ours:.2f}x |", flush=True)

@@ -18,10 +18,9 @@ ours in bf16 over HF in fp32 (what switching precision buys on this machine), MF
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,27 +33,10 @@ from llamaworks.train.loss import linear_cross_entropy
 from llamaworks.train.metrics import flops_per_token, peak_flops
 from llamaworks.train.optim import build_optimizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hf_trainee, median_times, optimizer_step, parse, parser  # noqa: E402
+
 SHAPES = {"smollm2-135m": (4, 256), "tiny": (16, 128), "llama3.2-1b": (4, 2048)}
-
-
-def _time(steps: dict[str, Callable[[], None]], n: int, warmup: int,
-          dev: torch.device) -> dict[str, float]:
-    """Median seconds per step of each engine, their steps alternating (machine drift hits all
-    of them alike)."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    ts: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(n):
-        for k, step in steps.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def ours_step(name: str, b: int, t: int, args, dev: torch.device,
@@ -72,9 +54,7 @@ def ours_step(name: str, b: int, t: int, args, dev: torch.device,
             h = fwd(x[:, :-1], hidden_only=True)
             loss = linear_cross_entropy(h, model.lm_head.weight, x[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt)
 
     return step
 
@@ -83,37 +63,25 @@ def hf_step(name: str, b: int, t: int, dev: torch.device, bf16: bool) -> Callabl
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = get_preset(name)
-    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items()
-                            if k not in ("architectures", "model_type")})
-    hf_cfg.use_cache = False
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(hf_cfg).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model, opt = hf_trainee(LlamaConfig, LlamaForCausalLM, cfg, dev)
     x = torch.randint(0, cfg.vocab_size, (b, t + 1), device=dev)
 
     def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=x[:, :-1]).logits
         F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt)
 
     return step
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="smollm2-135m,tiny")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(ap)
     dev = torch.device(args.device)
     print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     cpu = dev.type == "cpu"
@@ -127,12 +95,13 @@ def main() -> None:
             bf16 = prec == "bf16"
             # HF as shipped (glibc's default malloc) on its own, then ours (the trainer's
             # setup, malloc included) alternating with HF under that same malloc setting
-            hf = _time({"hf": hf_step(name, b, t, dev, bf16)}, args.steps, args.warmup, dev)["hf"]
+            hf = median_times({"hf": hf_step(name, b, t, dev, bf16)}, args.steps, args.warmup,
+                              dev)["hf"]
             with reuse_freed_memory(cpu):
                 steps = {"ours": ours_step(name, b, t, args, dev, bf16)}
                 if cpu:
                     steps["hf2"] = hf_step(name, b, t, dev, bf16)
-                med = _time(steps, args.steps, args.warmup, dev)
+                med = median_times(steps, args.steps, args.warmup, dev)
                 del steps
             ours = med["ours"]
             same = f"{b * t / med['hf2']:,.0f} | {med['hf2'] / ours:.2f}x | " if cpu else ""
