@@ -1,11 +1,13 @@
 """Random tiny checkpoints of any family, made by transformers itself, with weights drawn wide
-(std 0.25; Llama-style norms around 1, Gemma's 1 + w norms around 0) so a wrong detail shows."""
+(std 0.25; Llama-style norms around 1, Gemma's 1 + w norms around 0) so a wrong detail shows;
+our model loaded from the directory transformers saves, and llama.cpp's logits on a GGUF."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -23,15 +25,47 @@ def widen(model: torch.nn.Module, gemma: bool, std: float = 0.25) -> torch.nn.Mo
     return model
 
 
-def hf_family_model(cls_name: str, config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
-    """transformers' CausalLM for `transformers.<cls_name>(**config)`, SDPA attention, widened
-    weights, float32, eval mode."""
+def hf_family_model(cls_name: str, config: dict[str, Any], seed: int = 0,
+                    std: float = 0.25) -> torch.nn.Module:
+    """transformers' CausalLM for `transformers.<cls_name>(**config)`, SDPA attention, weights
+    widened to `std`, float32, eval mode."""
     import transformers
 
     cfg = getattr(transformers, cls_name)(**config)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    return widen(model, cls_name.startswith("Gemma")).float().eval()
+    return widen(model, cls_name.startswith("Gemma"), std).float().eval()
+
+
+# The shape the family tests' cases fill in (a vocabulary of 96: ByteTokenizer decodes every id)
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=4,
+            max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def tiny_family_model(case: tuple[str, dict[str, Any]], seed: int = 0) -> torch.nn.Module:
+    """`hf_family_model` of a case: its config class's name and the keys it sets over TINY."""
+    cls_name, kw = case
+    return hf_family_model(cls_name, {**TINY, **kw}, seed)
+
+
+def load_saved(hf: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Our model, loaded from the directory `hf.save_pretrained` writes into `folder`."""
+    from llamaworks.checkpoint import load_model
+
+    hf.save_pretrained(folder)
+    return load_model(folder).model
+
+
+def llama_cpp_logits(llama_cpp: Any, path: Path, toks: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `toks` on the GGUF file at `path` (F32 KV cache,
+    so F32 files compare tightly)."""
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64,
+                          verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(toks)
+    out = np.array(llm.scores[: len(toks)], dtype=np.float32)
+    llm.close()
+    return out
 
 
 # Qwen2's tokenizer as transformers builds it (transformers' Qwen2Converter / Qwen2Tokenizer; the

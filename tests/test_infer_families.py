@@ -13,19 +13,16 @@ import queue
 
 import pytest
 import torch
-from family_fixtures import hf_family_model
+from family_fixtures import TINY, load_saved, tiny_family_model
 from infer_fixtures import ByteTokenizer
 
 transformers = pytest.importorskip("transformers")
 
 import llamaworks.model as model_mod  # noqa: E402
 from llamaworks import LLM, SamplingParams  # noqa: E402
-from llamaworks.checkpoint import load_model  # noqa: E402
 from llamaworks.infer.continuous import ContinuousEngine, Event  # noqa: E402
 
-VOCAB = 96  # < ByteTokenizer's 259: every id decodes
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=4,
-            max_position_embeddings=64, rms_norm_eps=1e-6)
+VOCAB = TINY["vocab_size"]  # 96 < ByteTokenizer's 259: every id decodes
 CASES = {
     "mistral-sliding": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
                                               head_dim=24, sliding_window=6,
@@ -78,17 +75,14 @@ def _prompts(seed: int = 1) -> list[list[int]]:
 
 
 def _hf_model(case: str, seed: int = 0):
-    cls_name, kw = CASES[case]
-    return hf_family_model(cls_name, {**BASE, **kw}, seed)
+    return tiny_family_model(CASES[case], seed)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def family(request, tmp_path_factory):
     """(case, transformers model, LLM over our model loaded from the directory HF saved)."""
     hf = _hf_model(request.param)
-    d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    ours = load_model(d).model
+    ours = load_saved(hf, tmp_path_factory.mktemp(request.param))
     if request.param in WINDOWED:
         assert ours.config.sliding_window == WINDOW
     return request.param, hf, LLM(ours, ByteTokenizer())
@@ -125,8 +119,7 @@ def test_these_prompts_need_the_window(case, mask_fn, tmp_path, monkeypatch):
     past the sequence (a decoder that ignores it), the greedy tokens are not transformers' any
     more."""
     hf = _hf_model(case)
-    hf.save_pretrained(tmp_path)
-    llm = LLM(load_model(tmp_path).model, ByteTokenizer())
+    llm = LLM(load_saved(hf, tmp_path), ByteTokenizer())
     prompts = _prompts()
     want = [_hf_greedy(hf, p) for p in prompts]
     assert _ids(llm.generate(prompts, GREEDY)) == want
@@ -169,10 +162,7 @@ def test_continuous_engine_equals_llm_generate(family):
 
 @pytest.fixture(scope="module")
 def qwen2_int8(tmp_path_factory):
-    hf = _hf_model("qwen2-bias")
-    d = tmp_path_factory.mktemp("qwen2-int8")
-    hf.save_pretrained(d)
-    ours = load_model(d).model
+    ours = load_saved(_hf_model("qwen2-bias"), tmp_path_factory.mktemp("qwen2-int8"))
     return ours, LLM(ours, ByteTokenizer(), quant="int8")
 
 

@@ -10,16 +10,21 @@ import os
 
 import pytest
 import torch
-from family_fixtures import QWEN2_VOCAB_SIZE, hf_family_model, write_qwen2_tokenizer
+from family_fixtures import (
+    QWEN2_VOCAB_SIZE,
+    TINY,
+    hf_family_model,
+    llama_cpp_logits,
+    load_saved,
+    tiny_family_model,
+    write_qwen2_tokenizer,
+)
 from infer_fixtures import decode_logits
 
 transformers = pytest.importorskip("transformers")
 
 from llamaworks.checkpoint import load_model, save_native  # noqa: E402
 from llamaworks.config import ModelConfig  # noqa: E402
-
-BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=4,
-            max_position_embeddings=64, rms_norm_eps=1e-6)
 
 CASES = {
     "llama-attention-bias": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
@@ -95,8 +100,7 @@ SEQ = 20  # longer than every sliding window above
 
 
 def _hf_model(case: str, seed: int = 0):
-    cls_name, kw = CASES[case]
-    return hf_family_model(cls_name, {**BASE, **kw}, seed)
+    return tiny_family_model(CASES[case], seed)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -104,13 +108,11 @@ def pair(request, tmp_path_factory):
     """(case, HF model, our model loaded from the directory transformers saved)."""
     hf = _hf_model(request.param)
     d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    ours = load_model(d).model
-    return request.param, hf, ours, d
+    return request.param, hf, load_saved(hf, d), d
 
 
 def _tokens(seed: int = 1, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, BASE["vocab_size"], (batch, SEQ),
+    return torch.randint(0, TINY["vocab_size"], (batch, SEQ),
                          generator=torch.Generator().manual_seed(seed))
 
 
@@ -205,7 +207,7 @@ def test_quantized_layers_keep_the_projection_biases(mode):
 
     ours = load_model_from(_hf_model("qwen2-bias-tied"))
     q = quantize_model(ours, mode, fuse=mode != "bf16")
-    x = torch.randn(3, BASE["hidden_size"], generator=torch.Generator().manual_seed(4))
+    x = torch.randn(3, TINY["hidden_size"], generator=torch.Generator().manual_seed(4))
     for name in ("q_proj", "k_proj", "v_proj"):
         float_layer = getattr(ours.model.layers[1].self_attn, name)
         layer = getattr(q.model.layers[1].self_attn, name)
@@ -218,10 +220,10 @@ def test_quantized_layers_keep_the_projection_biases(mode):
 
 def load_model_from(hf) -> torch.nn.Module:
     import tempfile
+    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        return load_model(d).model
+        return load_saved(hf, Path(d))
 
 
 GGUF_CASES = {  # converter arch: (transformers config, its kwargs)
@@ -365,12 +367,7 @@ def test_our_gguf_export_runs_in_llama_cpp_with_our_logits(case, tmp_path, llama
             layer.self_attn.scale = cfg.attn_scale
     path = export_gguf(tmp_path / "m.gguf", cfg, ours.state_dict(), None, "F32")
     toks = _tokens(seed=6, batch=1)[0].tolist()
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64,
-                          verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
-                          type_v=llama_cpp.GGML_TYPE_F32)
-    llm.eval(toks)
-    theirs = np.array(llm.scores[: len(toks)], dtype=np.float32)
-    llm.close()
+    theirs = llama_cpp_logits(llama_cpp, path, toks)
     with torch.no_grad():
         want = ours(torch.tensor([toks]))[0].numpy()
         back = load_model(path).model(torch.tensor([toks]))[0].numpy()

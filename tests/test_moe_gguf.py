@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_fixtures import widen
+from family_fixtures import hf_family_model, llama_cpp_logits, load_saved
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,10 +52,7 @@ def _hf(case: str, wide: bool = False, std: float = 0.25, seed: int = 0):
     kw = {**BASE, **kw}
     if wide:
         kw.update({k: v for k, v in WIDE.items() if k in kw})
-    cfg = getattr(transformers, cls_name)(**kw)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    return widen(model, False, std).float().eval()
+    return hf_family_model(cls_name, kw, seed, std)
 
 
 def _convert(hf, tok, folder: Path, outtype: str = "f32") -> Path:
@@ -77,16 +74,6 @@ def _quantize(llama_cpp, src: Path, ftype: str) -> Path:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(),
                                           ctypes.byref(params)) == 0
-    return out
-
-
-def _llama_cpp_logits(llama_cpp, path: Path, toks: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64,
-                          verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
-                          type_v=llama_cpp.GGML_TYPE_F32)
-    llm.eval(toks)
-    out = np.array(llm.scores[: len(toks)], dtype=np.float32)
-    llm.close()
     return out
 
 
@@ -121,7 +108,7 @@ def test_converter_made_moe_gguf_loads_with_transformers_logits(case, tmp_path, 
     torch.testing.assert_close(stored, got, atol=1e-5, rtol=0)
     if case == "qwen3moe-unnormalized":
         assert (got - want).abs().max() > 0.1  # transformers does not renormalize; llama.cpp does
-        want = torch.from_numpy(_llama_cpp_logits(llama_cpp, path, toks))
+        want = torch.from_numpy(llama_cpp_logits(llama_cpp, path, toks))
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
     else:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -141,16 +128,32 @@ def test_llama_cpp_quantized_moe_keeps_its_experts_in_blocks(case, ftype, tmp_pa
     tiles for experts given many tokens, the integer block kernels for few and for one-token
     steps), and llama.cpp's own logits
     on that file up to llama.cpp's 8-bit activations."""
-    from infer_fixtures import decode_logits
-
     f32 = _convert(_hf(case, wide=True, std=0.05), smollm_tokenizer, tmp_path / "hf")
     path = _quantize(llama_cpp, f32, ftype)
     infos = {t.name: t for t in parse_gguf(path).tensors}
     kinds = {infos[f"blk.0.ffn_{p}_exps.weight"].type_name for p in ("gate", "up", "down")}
     assert kinds <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0"}, kinds
     stored = load_as_stored(path).model
-    floats = load_model(path).model
+    assert all(map(stored.config.is_moe, range(stored.config.n_layers)))  # every layer sparse
+    _assert_experts_in_blocks(stored, infos, ftype)
+    # an expert given fewer than 16 of the tokens runs the block kernels: Q4_0 / Q8_0 on int16
+    # activations; the K-quants (and a Q4_0 file's Q6_K head) on int8 ones, as llama.cpp
+    # (measured: 0.2-1% of the largest logit per token, 9% at a token whose routing that rounding
+    # flips, 1 of 24; one-token decode steps, K-quants: 1.4-4.0%, 4.9% at one step of 12)
+    per_token = _close_to_float32_and_llama_cpp(llama_cpp, path, stored)
+    # measured: 1-4% of the largest logit at most tokens (llama.cpp's 8-bit activations vs our
+    # int16), up to 29% at the odd token whose routing those 8 bits flip (1-2 tokens of 24)
+    assert (per_token < 0.05).sum() >= len(per_token) - 3, per_token
+    _fused_equals_eager(path)
+
+
+def _assert_experts_in_blocks(stored: Llama, infos: dict, ftype: str) -> None:
+    """Every sparse layer of a file quantized by llama.cpp, loaded as stored, keeps its experts
+    in the file's blocks (`GGUFExperts`, uint8 buffers of the file's bytes; Q4_0's regrouped as
+    Q4_1, 20/18 as many), never a float32 copy. `infos`: the file's tensors by name."""
     for i, layer in enumerate(stored.model.layers):
+        if not stored.config.is_moe(i):
+            continue
         experts = layer.mlp.experts
         assert isinstance(experts, GGUFExperts), type(experts)
         assert all(b.dtype == torch.uint8 for b in experts.buffers())
@@ -158,26 +161,26 @@ def test_llama_cpp_quantized_moe_keeps_its_experts_in_blocks(case, ftype, tmp_pa
                          for p in ("gate", "up", "down"))
         want = file_bytes * (20 / 18 if ftype == "Q4_0" else 1)  # Q4_0 blocks become Q4_1
         assert experts.resident_bytes() == pytest.approx(want, rel=1e-9)
+
+
+def _close_to_float32_and_llama_cpp(llama_cpp, path: Path, stored: Llama) -> torch.Tensor:
+    """A quantized file loaded as stored (`stored`) vs its float32 dequantization: the logits of
+    a 24-token prompt (`_prompt_close_to_float32`) and of 4 one-token decode steps
+    (`_steps_close_to_float32`). Returns llama.cpp's distance from our logits on that prompt, per
+    token, over its largest logit, for the test to bound (llama.cpp's 8-bit activations)."""
+    from infer_fixtures import decode_logits
+
+    floats = load_model(path).model
     toks = _tokens(24)
     with torch.no_grad():
         got = stored(torch.tensor([toks]))[0]
         ref = floats(torch.tensor([toks]))[0]
-    # an expert given fewer than 16 of the tokens runs the block kernels: Q4_0 / Q8_0 on int16
-    # activations; the K-quants (and a Q4_0 file's Q6_K head) on int8 ones, as llama.cpp
-    # (measured: 0.2-1% of the largest logit per token, 9% at a token whose routing that rounding
-    # flips, 1 of 24)
     int8 = _int8_activations(path)
     _prompt_close_to_float32(got, ref, int8)
-    theirs = torch.from_numpy(_llama_cpp_logits(llama_cpp, path, toks))
-    per_token = (got - theirs).abs().amax(-1) / theirs.abs().max()
-    # measured: 1-4% of the largest logit at most tokens (llama.cpp's 8-bit activations vs our
-    # int16), up to 29% at the odd token whose routing those 8 bits flip (1-2 tokens of 24)
-    assert (per_token < 0.05).sum() >= len(toks) - 3, per_token
-    # one-token decode steps on the block kernels vs the float32 weights (K-quants, int8
-    # activations: measured 1.4-4.0% of the largest logit, 4.9% at one step of 12)
     steps, eager = decode_logits(stored, False, steps=4), decode_logits(floats, False, steps=4)
     _steps_close_to_float32(steps, eager, int8)
-    _fused_equals_eager(path)
+    theirs = torch.from_numpy(llama_cpp_logits(llama_cpp, path, toks))
+    return (got - theirs).abs().amax(-1) / theirs.abs().max()
 
 
 # GGUF types whose decode kernels quantize activations to int8 blocks, as llama.cpp's do
@@ -241,7 +244,7 @@ def test_our_moe_gguf_export_runs_in_llama_cpp_with_our_logits(case, tmp_path, l
     equal ours, and our loader reads the file back exactly; a Q8_0 export keeps the router F32
     and loads back with its experts in blocks."""
     with torch.no_grad():
-        ours = _loaded(_hf(case), tmp_path / "hf")
+        ours = load_saved(_hf(case), tmp_path / "hf")
     path = export_gguf(tmp_path / "m.gguf", ours.config, ours.state_dict(), None, "F32")
     arch = "llama" if case == "mixtral" else "qwen3moe"
     from llamaworks.checkpoint.gguf import read_metadata
@@ -250,7 +253,7 @@ def test_our_moe_gguf_export_runs_in_llama_cpp_with_our_logits(case, tmp_path, l
     assert md["general.architecture"] == arch and md[f"{arch}.expert_count"] == \
         ours.config.n_experts
     toks = _tokens(seed=6)
-    theirs = _llama_cpp_logits(llama_cpp, path, toks)
+    theirs = llama_cpp_logits(llama_cpp, path, toks)
     with torch.no_grad():
         want = ours(torch.tensor([toks]))[0].numpy()
         back = load_model(path).model(torch.tensor([toks]))[0].numpy()
@@ -261,11 +264,6 @@ def test_our_moe_gguf_export_runs_in_llama_cpp_with_our_logits(case, tmp_path, l
     assert types["blk.0.ffn_gate_inp.weight"] == "F32"
     assert types["blk.0.ffn_down_exps.weight"] == "Q8_0"
     assert isinstance(load_as_stored(q8).model.model.layers[0].mlp.experts, GGUFExperts)
-
-
-def _loaded(hf, folder: Path) -> Llama:
-    hf.save_pretrained(folder)
-    return load_model(folder).model
 
 
 def _tiny(**kw) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -13,14 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_fixtures import hf_family_model, widen
+from family_fixtures import hf_family_model, llama_cpp_logits, load_saved, widen
 from test_moe_gguf import (
+    _assert_experts_in_blocks,
+    _close_to_float32_and_llama_cpp,
     _convert,
-    _int8_activations,
-    _llama_cpp_logits,
-    _prompt_close_to_float32,
     _quantize,
-    _steps_close_to_float32,
     _tokens,
 )
 
@@ -160,7 +158,7 @@ def test_converter_made_gguf_loads_with_transformers_logits(case, tmp_path, smol
     if case == "deepseek3-direct-q":  # no q_lora_rank key: llama.cpp refuses the file
         assert "deepseek2.attention.q_lora_rank" not in read_metadata(path)
         return
-    theirs = torch.from_numpy(_llama_cpp_logits(llama_cpp, path, toks))
+    theirs = torch.from_numpy(llama_cpp_logits(llama_cpp, path, toks))
     torch.testing.assert_close(got, theirs, atol=2e-4, rtol=0)
 
 
@@ -177,46 +175,27 @@ def test_llama_cpp_quantized_file_keeps_experts_in_blocks(case, ftype, tmp_path,
     quantized attn_k_b / attn_v_b as float32 (so cached decode runs absorbed); logits equal our
     float32 dequantization of the same file (prompt and decode steps) and llama.cpp's up to its
     8-bit activations."""
-    from infer_fixtures import decode_logits
-
     f32 = _convert(_hf(case, wide=True, std=0.05), smollm_tokenizer, tmp_path / "hf")
     path = _quantize(llama_cpp, f32, ftype)
     infos = {t.name: t for t in parse_gguf(path).tensors}
     stored = load_as_stored(path).model
-    floats = load_model(path).model
+    _assert_experts_in_blocks(stored, infos, ftype)
     cfg = stored.config
-    for i, layer in enumerate(stored.model.layers):
-        if not cfg.is_moe(i):
-            continue
-        experts = layer.mlp.experts
-        assert isinstance(experts, GGUFExperts), type(experts)
-        assert all(b.dtype == torch.uint8 for b in experts.buffers())
-        file_bytes = sum(infos[f"blk.{i}.ffn_{p}_exps.weight"].n_bytes
-                         for p in ("gate", "up", "down"))
-        assert experts.resident_bytes() == pytest.approx(file_bytes, rel=1e-9)
     if cfg.mla:
         assert infos["blk.0.attn_k_b.weight"].type_name != "F32"
         for layer in stored.model.layers:
             w = layer.self_attn.kv_b_proj.weight
             assert isinstance(w, torch.Tensor) and w.dtype == torch.float32
-    toks = _tokens(24)
-    with torch.no_grad():
-        got = stored(torch.tensor([toks]))[0]
-        ref = floats(torch.tensor([toks]))[0]
     # experts given few tokens (and every one-token step) run the block kernels: Q8_0 on int16
     # activations; the K-quants on int8 ones, as llama.cpp, so their logits move by ~1-5% of the
     # largest (measured: decode steps 2.2-4.8%), more at a token whose routing that flips (38%)
-    kq = _int8_activations(path)
-    _prompt_close_to_float32(got, ref, kq)
-    theirs = torch.from_numpy(_llama_cpp_logits(llama_cpp, path, toks))
-    per_token = (got - theirs).abs().amax(-1) / theirs.abs().max()
+    per_token = _close_to_float32_and_llama_cpp(llama_cpp, path, stored)
     # measured, of the largest logit: median 2.4% (Llama 4 Q4_K_M), 2.7% (DeepSeek Q8_0), 4.0%
     # (DeepSeek Q4_K_M: llama.cpp's 8-bit activations through latent attention's chain of
     # matmuls), where the quantization itself moves the logits by 26-44% (Q4_K_M) and 3.6%
     # (Q8_0) of it; up to 50% at the 1-3 tokens of 24 whose routing those 8 bits flip
-    assert per_token.median() < 0.05 and (per_token < 0.06).sum() >= len(toks) - 4, per_token
-    steps, eager = decode_logits(stored, False, steps=4), decode_logits(floats, False, steps=4)
-    _steps_close_to_float32(steps, eager, kq)
+    assert per_token.median() < 0.05 and (per_token < 0.06).sum() >= len(per_token) - 4, \
+        per_token
 
 
 EXPORT_CASES = ["llama4-step2-top1", "llama4-top2-tied", "llama4-scout-rope",
@@ -231,13 +210,12 @@ def test_our_export_runs_in_llama_cpp_with_our_logits(case, tmp_path, llama_cpp)
     (rope_interleave false) has its rope rows permuted into llama.cpp's pairs; a direct-q
     DeepSeek gets q_lora_rank 0, which llama.cpp needs."""
     hf = _hf(case)
-    hf.save_pretrained(tmp_path / "hf")
     with torch.no_grad():
-        ours = load_model(tmp_path / "hf").model
+        ours = load_saved(hf, tmp_path / "hf")
     assert ours.config.rope_interleaved == (case != "deepseek3-halves")
     path = export_gguf(tmp_path / "m.gguf", ours.config, ours.state_dict(), None, "F32")
     toks = _tokens(seed=6)
-    theirs = _llama_cpp_logits(llama_cpp, path, toks)
+    theirs = llama_cpp_logits(llama_cpp, path, toks)
     with torch.no_grad():
         want = ours(torch.tensor([toks]))[0].numpy()
         back = load_model(path).model(torch.tensor([toks]))[0].numpy()
@@ -468,5 +446,5 @@ def test_legacy_kv_b_file_reads_as_the_split_one(tmp_path, llama_cpp):
     with torch.no_grad():
         want = a(torch.tensor([toks]))[0]
         torch.testing.assert_close(b(torch.tensor([toks]))[0], want, atol=1e-6, rtol=0)
-    theirs = torch.from_numpy(_llama_cpp_logits(llama_cpp, legacy, toks))
+    theirs = torch.from_numpy(llama_cpp_logits(llama_cpp, legacy, toks))
     torch.testing.assert_close(theirs, want, atol=2e-4, rtol=0)
