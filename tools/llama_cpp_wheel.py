@@ -1,7 +1,7 @@
 """Build (once) and install llama-cpp-python, the test reference for tokenization and speed.
 
 llama-cpp-python has no CPU wheel on PyPI, so it is built from its source distribution (about six
-minutes on two cores). The wheel is cached in `.cache/wheels` (git-ignored) and in a per-user
+minutes on two cores). The wheel is cached in `.cache/wheels-native` (git-ignored) and in a per-user
 cache, so later runs and fresh clones on the same machine install it in seconds. The same source
 distribution also ships llama.cpp's vocabulary-only GGUFs (`models/ggml-vocab-*.gguf`), which the
 tokenizer tests use as real Llama-1/2 (SentencePiece), Llama-3, GPT-2 and Qwen2 vocabularies, and
@@ -121,7 +121,19 @@ def extract_templates(sdist: Path, out: Path) -> None:
         sys.exit(f"error: {sdist} lacks chat templates: {sorted(wanted)}")
 
 
-def find_wheel(version: str, dirs: list[Path], folder: str = "wheels") -> Path | None:
+# The reference build: native (every instruction set of this CPU) but without AMX. llama.cpp's AMX
+# matmuls segfault on the first decode on some AMX machines (llama.cpp#20824; seen here on a
+# virtualized Xeon with AMX, which crashed every test that runs llama.cpp), so its AMX code is
+# left out by the compiler. It keeps the AVX-512 / AVX-VNNI kernels and the CPU_REPACK buffers;
+# the wheels live in their own folder, so a build with AMX cached by an earlier version of this
+# script is never reused. (The flags go through CFLAGS / CXXFLAGS, CMake's initial flags;
+# -march=native after them does not turn back on what they turn off.)
+NATIVE_CMAKE_ARGS = "-DGGML_NATIVE=ON"
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+NATIVE_FOLDER = "wheels-native"
+
+
+def find_wheel(version: str, dirs: list[Path], folder: str = NATIVE_FOLDER) -> Path | None:
     for d in dirs:
         hits = sorted(glob.glob(str(d / folder / f"llama_cpp_python-{version}-*.whl")))
         if hits:
@@ -136,15 +148,16 @@ AVX2_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
                    "-DGGML_AVX_VNNI=OFF")
 
 
-def build_wheel(sdist: Path, version: str, dirs: list[Path], folder: str = "wheels",
-                cmake_args: str | None = None) -> Path:
+def build_wheel(sdist: Path, version: str, dirs: list[Path], folder: str = NATIVE_FOLDER,
+                cmake_args: str = NATIVE_CMAKE_ARGS) -> Path:
     out = dirs[0] / folder
     out.mkdir(parents=True, exist_ok=True)
     print(f"building llama-cpp-python {version} from source (about 6 minutes on 2 cores) ...",
           flush=True)
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    if cmake_args:
-        env["CMAKE_ARGS"] = cmake_args
+    env["CMAKE_ARGS"] = cmake_args
+    for var in ("CFLAGS", "CXXFLAGS"):
+        env[var] = f"{env.get(var, '')} {NO_AMX_FLAGS}".strip()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.check_call([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                                "-w", tmp, str(sdist)], env=env)
@@ -162,10 +175,16 @@ def build_wheel(sdist: Path, version: str, dirs: list[Path], folder: str = "whee
 
 
 def installed_version() -> str | None:
+    """The installed llama-cpp-python's version, or None when absent or when it is a build with
+    AMX (an earlier build of this script's, to be replaced: see NATIVE_CMAKE_ARGS)."""
     try:
-        return importlib.metadata.version("llama_cpp_python")
+        version = importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
         return None
+    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; "
+                            "print(llama_cpp.llama_print_system_info().decode())"],
+                           capture_output=True, text=True)
+    return None if probe.returncode or "AMX_INT8 = 1" in probe.stdout else version
 
 
 def main() -> None:
@@ -212,7 +231,7 @@ def main() -> None:
             return
         wheel = find_wheel(a.version, dirs) or build_wheel(find_sdist(a.version, dirs), a.version,
                                                            dirs)
-        _pip("install", "-q", str(wheel))
+        _pip("install", "-q", "--force-reinstall", "--no-deps", str(wheel))
 
 
 if __name__ == "__main__":
