@@ -126,8 +126,12 @@ def test_stacked_adapter_equals_merging_both_in_turn(tmp_path):
 def test_rl_cli_runs_grpo_steps_on_smollm_and_writes_adapter_metrics_and_plot(tmp_path,
                                                                                capsys):
     out = tmp_path / "rl"
-    assert main(["rl", "--out", str(out), "--steps", "2", "--group-size", "2",
-                 "--prompts-per-step", "1", "--max-new", "40", "--problems", "20"]) == 0
+    assert main(["rl", "--out", str(out), "--steps", "2", "--group-size", "2", "--save-every",
+                 "1", "--keep-last", "2", "--prompts-per-step", "1", "--max-new", "40",
+                 "--problems", "20"]) == 0
+    # a checkpoint after every step (the default, 5, would have saved only the last)
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()
+                  if d.is_dir()) == ["step_000001", "step_000002"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0 <= r["reward"] <= 1.1 and r["length"] > 0 for r in rows)

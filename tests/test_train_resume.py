@@ -222,3 +222,21 @@ def test_an_unknown_precision_is_a_clear_error(data, tmp_path):
 
     with pytest.raises(LlamaworksError, match="precision must be auto, fp32 or bf16"):
         train(get_preset("tiny"), small_train_config(precision="fp16"), data, tmp_path)
+
+
+
+def test_resuming_pretraining_from_a_fine_tuning_runs_folder_is_refused_and_changes_nothing(
+        data, straight, tmp_path):
+    """The trainers share one resume point: a folder whose newest checkpoint another trainer
+    (SFT) wrote is refused by name, before anything is written."""
+    from llamaworks.train import checkpoints as ckpt
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    d = ckpt.begin(out, 41)  # a newer, intact checkpoint of another trainer
+    torch.save({"format": 1, "kind": "sft", "step": 41}, d / ckpt.STATE)
+    ckpt.commit(out, 41, keep_last=100)
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"is a sft checkpoint, not pretrain"):
+        train(get_preset("tiny"), small_train_config(), data, out, resume=True)
+    assert (out / "metrics.jsonl").read_bytes() == before

@@ -246,7 +246,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
                          kl_coef=args.kl, inner_epochs=args.inner_epochs,
                          temperature=args.temperature, max_new=max_new,
                          max_tool_calls=max_tool_calls, grammar=not args.no_grammar,
-                         seed=args.seed, bf16=args.bf16,
+                         seed=args.seed, bf16=args.bf16, save_every=args.save_every,
+                         keep_last=args.keep_last,
                          lora=LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.0))
         train_set = suite(args.problems, "train", _kinds(args), args.seed + 1) if suite_tasks \
             else problems(args.problems, "train", args.seed + 1)
@@ -372,6 +373,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this wall time")
+    p.add_argument("--save-every", type=int, default=5,
+                   help="checkpoint every N steps (adapter + trainer state, for --resume)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     p.add_argument("--group-size", type=int, default=4, help="samples per prompt (G)")
     p.add_argument("--prompts-per-step", type=int, default=2)
     p.add_argument("--tasks", choices=["legacy", "suite"], default="legacy",

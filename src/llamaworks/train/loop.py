@@ -38,7 +38,13 @@ from llamaworks.train.metrics import (
 )
 from llamaworks.train.moe import RouterBalance
 from llamaworks.train.optim import build_optimizer, lr_lambda
-from llamaworks.train.skeleton import StopFlag, load_optimizer, set_rng_state, trainer_state
+from llamaworks.train.skeleton import (
+    StopFlag,
+    load_optimizer,
+    resume_point,
+    set_rng_state,
+    trainer_state,
+)
 
 
 @torch.no_grad()
@@ -88,11 +94,12 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
     model = Llama(cfg, device="meta")
     model.to_empty(device=dev)
     start_step, state = 0, None
-    found = ckpt.newest_intact(out) if resume else None
+    # the trainers' one resume point: refuses an SFT / GRPO run's folder (another kind)
+    found = resume_point(out, "pretrain") if resume else None
     if resume and found is None and info.is_main:
         print(f"no checkpoint in {out} to resume from; starting fresh")
     if found is not None:
-        start_step, cdir = found
+        start_step, cdir, state = found
         _, sd, _ = load_state_dict(cdir)
         if cfg.tie_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
@@ -103,7 +110,6 @@ def _train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, out: Path, resume:
                                   "resume with the same preset and overrides") from None
         model.reset_rope()
         model.tie_weights()
-        state = ckpt.load_trainer_state(cdir / ckpt.STATE)
     else:
         model.init_weights(tc.init_std, generator=torch.Generator(dev).manual_seed(tc.seed))
     if tc.precision not in ("auto", "fp32", "bf16"):
