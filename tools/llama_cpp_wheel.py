@@ -13,6 +13,7 @@ chat templates (`models/templates/*.jinja`, those in TEMPLATES), which the chat-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.metadata
 import os
@@ -231,7 +232,10 @@ def main() -> None:
             return
         wheel = find_wheel(a.version, dirs) or build_wheel(find_sdist(a.version, dirs), a.version,
                                                            dirs)
-        _pip("install", "-q", "--force-reinstall", "--no-deps", str(wheel))
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # another build
+            importlib.metadata.version("llama_cpp_python")
+            _pip("uninstall", "-y", "-q", "llama_cpp_python")
+        _pip("install", "-q", str(wheel))  # with its dependencies (diskcache, ...)
 
 
 if __name__ == "__main__":
