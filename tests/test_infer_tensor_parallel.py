@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent('''
     from llamaworks.infer.sampling import SamplingParams
 
     path, out, tp, text = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    tok, model = load_tokenizer(path), T.load_float(path)
+    tok, model = load_tokenizer(path), None
     logits = []
 
     class Recording(Engine):
@@ -69,9 +69,10 @@ SCRIPT = textwrap.dedent('''
                    f"{out}.{rank}")
 
     if tp == 1:
+        model = T.load_float(path)
         report(None, 0)
     else:
-        with T.tensor_parallel(model, tp) as (main, agree):
+        with T.tensor_parallel(path, tp) as (model, main, agree):
             report(agree, dist.get_rank())
 ''')
 

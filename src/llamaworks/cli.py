@@ -196,8 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:  # refused before any weight is read where possible, the same on every rank
         tp.check_launch(args.tensor_parallel, compile=args.compile, quant=args.quant)
         use_threads(args.threads)
-        model = tp.load_float(_model_path(args))
-        with tp.tensor_parallel(model, args.tensor_parallel) as (main, agree):
+        with tp.tensor_parallel(_model_path(args), args.tensor_parallel) as (model, main, agree):
             engine = _engine(model, tok, args, agree)
             return _emit_generated(args, tok, engine, prompt, params, main)
     except ValueError as e:

@@ -95,6 +95,19 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str = "ch
     return model.eval()
 
 
+def fill_meta(model: Llama, tensors: dict[str, torch.Tensor], source: str) -> Llama:
+    """`model`, built on the meta device with some weights already placed, given `tensors`
+    (assigned, not copied), its tied head and its rotary tables, in eval mode; CheckpointError
+    naming `source` and what is still without weights."""
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.reset_rope()  # the rotary tables are computed, not stored
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: no weights for {left[:5]} ({len(left)} in all)")
+    return model.eval()
+
+
 @dataclass
 class Loaded:
     model: Llama
@@ -118,5 +131,5 @@ def load_tokenizer(path: str | Path) -> Any:
     return Tokenizer.load(resolve(path, detect_format(path)))
 
 
-__all__ = ["detect_format", "resolve", "load_state_dict", "build_model", "load_model",
-           "load_tokenizer", "save_native", "export_gguf", "Loaded", "FORMATS"]
+__all__ = ["detect_format", "resolve", "load_state_dict", "build_model", "fill_meta",
+           "load_model", "load_tokenizer", "save_native", "export_gguf", "Loaded", "FORMATS"]

@@ -7,7 +7,7 @@ Our native format *is* this layout, so one reader serves checkpoints from transf
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +20,9 @@ SINGLE = "model.safetensors"
 LEGACY_BIN = "pytorch_model.bin"
 # Buffers some older exports carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# `iter_tensors(part=)`: (HF name, stored shape) -> the index of the part to read (a tuple of
+# slices, one per dimension), or None for the whole tensor.
+Part = Callable[[str, tuple[int, ...]], tuple[slice, ...] | None]
 
 
 def read_json(path: Path) -> dict:
@@ -99,18 +102,29 @@ def torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _file_tensors(path: Path, part: Part | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of one weight file: a `.bin` through the checked pickle loader, safetensors
-    one tensor at a time (`safe_open`, memory-mapped)."""
+    one tensor at a time (`safe_open`, memory-mapped). Where `part(key, shape)` gives an index,
+    only that part is read, into its own storage (`get_slice`; of a `.bin`, a copy of that part
+    of the mapped tensor)."""
     if path.suffix == ".bin":
-        yield from torch_load_tensors(path).items()
+        for key, t in torch_load_tensors(path).items():
+            idx = part(key, tuple(t.shape)) if part is not None else None
+            yield key, t if idx is None else t[idx].clone(memory_format=torch.contiguous_format)
         return
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield key, f.get_tensor(key)
+                if part is None:
+                    yield key, f.get_tensor(key)
+                    continue
+                sl = f.get_slice(key)
+                idx = part(key, tuple(sl.get_shape()))
+                # a slice is a view of the mapped file's whole tensor: copied into its own
+                yield key, f.get_tensor(key) if idx is None else \
+                    sl[idx].clone(memory_format=torch.contiguous_format)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     except CheckpointError:
@@ -120,20 +134,29 @@ def _file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                               ) from None
 
 
-def iter_tensors(directory: Path, cfg: ModelConfig) -> Iterator[tuple[Path, str, str,
-                                                                     torch.Tensor]]:
+def _hf_name(key: str) -> str:
+    """The HF model name of a stored key (a bare `LlamaModel` export's given `model.`)."""
+    return key if key.startswith(("model.", "lm_head.")) else "model." + key
+
+
+def iter_tensors(directory: Path, cfg: ModelConfig, part: Part | None = None
+                 ) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
     """(file, key as stored, HF model name, tensor) of every weight to load, one at a time:
     recomputed buffers and a tied model's `lm_head.weight` skipped, a bare `LlamaModel`
     export's names given the `model.` prefix, a MoE layer's per-expert tensors yielded as one
-    stacked tensor once the last has been read (see `checkpoint.experts`)."""
+    stacked tensor once the last has been read (see `checkpoint.experts`). With `part`, a
+    tensor for which `part(HF name, stored shape)` returns an index is read as that part only
+    (tensor-parallel ranks' rows or columns, `train.tensor_parallel.load_split`); the others
+    whole."""
     from llamaworks.checkpoint.experts import Stacker
 
     stacker = Stacker(cfg, str(directory))
+    named = None if part is None else (lambda key, shape: part(_hf_name(key), shape))
     for f in weight_files(directory):
-        for key, t in _file_tensors(f):
+        for key, t in _file_tensors(f, named):
             if key.endswith(_IGNORED_SUFFIXES):
                 continue
-            name = key if key.startswith(("model.", "lm_head.")) else "model." + key
+            name = _hf_name(key)
             if cfg.tie_embeddings and name == "lm_head.weight":
                 continue
             for name, t in stacker.add(name, t):  # noqa: B020 - one in, zero or one out

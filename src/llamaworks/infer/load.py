@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamaworks.checkpoint import Loaded, detect_format, load_model, resolve
+from llamaworks.checkpoint import Loaded, detect_format, fill_meta, load_model, resolve
 from llamaworks.errors import CheckpointError
 from llamaworks.infer import kernels
 from llamaworks.infer.quantize import (
@@ -134,14 +134,9 @@ def load_hf_as_stored(path: str | Path) -> Loaded:
         owner = model.get_submodule(name.removesuffix(".bias"))
         if isinstance(owner, BF16Linear):
             owner.bias = floats.pop(name)
-    model.load_state_dict(floats, strict=False, assign=True)
-    model.tie_weights()
-    model.reset_rope()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{d}: no weights for {left[:5]} ({len(left)} in all)")
+    fill_meta(model, floats, str(d))
     return_freed_memory()
-    return Loaded(model=model.eval(), config=cfg, path=d, format="hf")
+    return Loaded(model=model, config=cfg, path=d, format="hf")
 
 
 # Matrices that read the same input: packed into one buffer, so `fuse_projections` runs them as one

@@ -1,13 +1,17 @@
 """Tensor-parallel decoding under torchrun (`llamaworks generate|serve --tensor-parallel N`,
 launched with `torchrun --nproc-per-node N`): the pretraining TP plan (`train.tensor_parallel`:
 q/k/v and gate/up column-parallel, o and down row-parallel, DTensors over a 1-D mesh of the N
-processes; gloo on CPU, NCCL on CUDA) applied to a loaded checkpoint, the engine run on every rank.
+processes; gloo on CPU, NCCL on CUDA) applied to the checkpoint, the engine run on every rank.
 
-Memory per rank: the whole checkpoint is read first on every rank (the peak is one process's
-float32 model), then each rank keeps 1/N of every block's attention and MLP matrices (and their
-biases) in its own storage, the rest whole (embeddings, norms, the output head), and a KV cache
-of n_kv_heads / N heads per layer (`shard_for_inference` gives the config the local head count
-the engine's `KVPool` allocates from). Per rank: embeddings + head + (block matrices + cache) / N.
+Memory per rank: each rank keeps 1/N of every block's attention and MLP matrices (and their
+column-parallel biases) in its own storage, the rest whole (embeddings, norms, the output head),
+and a KV cache of n_kv_heads / N heads per layer (`shard_for_inference` gives the config the
+local head count the engine's `KVPool` allocates from). Per rank: embeddings + head + (block
+matrices + cache) / N. An HF safetensors directory (one file or shards) is read that way too
+(`train.tensor_parallel.load_split`: the model built on the meta device, each rank reading only
+its rows or columns of each split matrix, `safe_open(...).get_slice`), so the load's peak is
+that share as well. GGUF files (F32/F16/BF16), Meta directories and `.bin` pickles are read whole
+on every rank first (the peak is one process's float32 model), then split.
 
 Decode runs on the eager forward: the fused C++ step takes no DTensors (`FusedDecoder.build`
 declines them) and `--compile` is refused rather than tried on them. Every rank takes the same
@@ -16,10 +20,10 @@ broadcast to the others (`RankZeroTokens`: one integer per token), so ranks whos
 math could differ (unlike CPUs, seeds drawn per process) still feed identical tokens. The server
 (`LockstepEngine`) adds to that the requests rank 0 receives: broadcast before each step.
 
-Weights are split as float32 nn.Linear layers (`load_float`): bf16/F16 checkpoints are widened
-on load (each rank's share is then 2/N of the file), `--quant` and GGUF files with quantized
-matrices are refused by name (dequantized, a Q4 file's share would be about 8/N of it: more than
-the one device the split is for).
+Weights are split as float32 nn.Linear layers: bf16/F16 checkpoints are widened on load (each
+rank's share is then 2/N of the file), `--quant` and GGUF files with quantized matrices are
+refused by name (dequantized, a Q4 file's share would be about 8/N of it: more than the one
+device the split is for).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llamaworks.checkpoint import load_model
+from llamaworks.checkpoint import detect_format, load_model, resolve
 from llamaworks.infer.engine import Engine
 from llamaworks.infer.load import stored_types
 from llamaworks.infer.sequence import Sequence as SeqState
@@ -86,17 +90,42 @@ class RankZeroTokens:
         return int(self.buf.item())
 
 
-@contextmanager
-def tensor_parallel(model: Llama, tp: int) -> Iterator[tuple[bool, RankZeroTokens]]:
-    """Split `model` (loaded whole on this rank) over the `tp` torchrun processes; yields
-    (whether this rank prints, the token hook to give the engine), and ends the process group
-    on exit. ValueError for a world of another size or a model that does not split in `tp`."""
-    from llamaworks.train.tensor_parallel import check_splittable, shard_for_inference
+def reads_slices(path: str | Path) -> bool:
+    """Whether `path` is an HF directory of safetensors files, which `tensor_parallel` reads
+    rank by rank (each its own rows / columns) instead of whole on every rank."""
+    from llamaworks.checkpoint.hf import weight_files
 
-    check_splittable(model.config, tp)  # before the process group: the same error on each rank
-    main = shard_for_inference(model, tp)
+    p = Path(path)
+    if detect_format(p) != "hf":
+        return False
+    return all(f.suffix == ".safetensors" for f in weight_files(resolve(p, "hf")))
+
+
+@contextmanager
+def tensor_parallel(path: str | Path, tp: int) -> Iterator[tuple[Llama, bool, RankZeroTokens]]:
+    """The checkpoint at `path` as a float32 model split over the `tp` torchrun processes;
+    yields (the model, whether this rank prints, the token hook to give the engine), and ends
+    the process group on exit. An HF safetensors directory is read rank by rank, each its own
+    share (`load_split`); other checkpoints whole on every rank, then split (`load_float`).
+    ValueError for a world of another size or a model that does not split in `tp`, raised the
+    same on each rank."""
+    from llamaworks.checkpoint.hf import read_config
+    from llamaworks.train.tensor_parallel import (
+        check_splittable,
+        inference_mesh,
+        load_split,
+        shard_for_inference,
+    )
+
+    p = Path(path)
+    model = None if reads_slices(p) else load_float(p)
+    check_splittable(read_config(resolve(p, "hf")) if model is None else model.config, tp)
+    mesh = inference_mesh(tp, torch.device("cpu") if model is None else model.device)
     try:
-        yield main, RankZeroTokens(model.device)
+        if model is None:
+            model = load_split(resolve(p, "hf"), mesh)
+        main = shard_for_inference(model, mesh)
+        yield model, main, RankZeroTokens(model.device)
     finally:
         dist.destroy_process_group()
 

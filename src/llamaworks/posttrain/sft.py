@@ -429,7 +429,11 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     Under torchrun with `cfg.tensor_parallel` = the world size, every rank runs this on the
     same data: the model is split over the ranks (`SFTTrainer`), rank 0 logs and writes what
     one process writes (the gathered adapter or weights), and each checkpoint also holds the
-    ranks' DCP folder (weights and optimizer) to resume from under torchrun."""
+    ranks' DCP folder (weights and optimizer) to resume from under torchrun. `model` comes
+    whole on every rank (the load's peak is one process's model): it is read, and any adapter
+    applied, before this joins the process group and `parallelize` builds its (dp, tp) mesh,
+    so `train.tensor_parallel.load_split` (each rank reading only its share, as `generate` and
+    `serve --tensor-parallel` do) is not used here."""
     info = D.setup("cpu" if model.lm_head.weight.device.type == "cpu" else None)
     try:
         return _finetune(model, tokenizer, convs, cfg, Path(out), base_model, fmt, progress,

@@ -51,9 +51,9 @@ def build_engine(args: argparse.Namespace, model: Any = None, agree: Any = None
 
 @contextmanager
 def _split_engine(args: argparse.Namespace) -> Iterator[tuple[Any, str, bool]]:
-    """--tensor-parallel N under torchrun: the float32 model split over the ranks on a
-    `LockstepEngine`; yields (engine, name, whether this rank serves). Rank 0 stops the
-    followers when it leaves."""
+    """--tensor-parallel N under torchrun: the float32 model split over the ranks (each reading
+    only its share of an HF safetensors directory) on a `LockstepEngine`; yields (engine, name,
+    whether this rank serves). Rank 0 stops the followers when it leaves."""
     from llamaworks.cli import _model_path
     from llamaworks.infer import tensor_parallel as tp
     from llamaworks.infer.threads import use_threads
@@ -65,8 +65,8 @@ def _split_engine(args: argparse.Namespace) -> Iterator[tuple[Any, str, bool]]:
                 if given is not None:
                     raise ValueError(f"{flag} does not combine with --tensor-parallel")
             use_threads(args.threads)
-            model = tp.load_float(_model_path(args))
-            main, agree = stack.enter_context(tp.tensor_parallel(model, args.tensor_parallel))
+            model, main, agree = stack.enter_context(
+                tp.tensor_parallel(_model_path(args), args.tensor_parallel))
         except ValueError as e:
             raise LlamaworksError(str(e)) from None
         engine, name = build_engine(args, model, agree)

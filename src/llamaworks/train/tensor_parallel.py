@@ -16,18 +16,32 @@ Mixture-of-experts layers and latent attention (MLA) are refused: use --expert-p
 A linear wrapped from outside with its nn.Linear as `.base` (a LoRA adapter,
 `posttrain/lora.py`) has that base split; the wrapper sees the split in the base weight's
 DTensor placement and handles its own part.
+
+`load_split` builds the split model straight from an HF safetensors directory: on the meta
+device, each rank reading only its rows / columns of every split matrix (`checkpoint.hf.
+iter_tensors(part=)`) and the replicated tensors whole, so no rank ever holds a whole block
+matrix; the DTensors it makes are the ones `apply_tensor_parallel` would cut from whole tensors.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from llamaworks.config import ModelConfig
-from llamaworks.model import MLP, Attention
+from llamaworks.model import MLP, Attention, Llama
 from llamaworks.train.distributed import sum_grad_over
+
+# The split of every block: each layer and the dimension of its weight that each rank keeps
+# 1/tp of: 0, its rows (column-parallel, the bias split alike), or 1, its columns
+# (row-parallel, the bias whole on every rank).
+PLAN = (("self_attn.q_proj", 0), ("self_attn.k_proj", 0), ("self_attn.v_proj", 0),
+        ("self_attn.o_proj", 1), ("mlp.gate_proj", 0), ("mlp.up_proj", 0),
+        ("mlp.down_proj", 1))
 
 
 def check_splittable(cfg: ModelConfig, tp: int) -> None:
@@ -63,7 +77,8 @@ def _sum_weight_grad(norm: nn.Module, group: Any) -> None:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
     """Split every block's attention and MLP over `tp_mesh` (one-dimensional). Call after the
     weights are loaded or initialized: each rank keeps its slice of the full tensors it holds
-    (the same full tensors on every rank, as the trainer's seeded init makes them)."""
+    (the same full tensors on every rank, as the trainer's seeded init makes them); weights
+    that are already DTensors of the plan's placements (`load_split`) are kept as they are."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -72,17 +87,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
 
     tp = tp_mesh.size()
     check_splittable(model.config, tp)
-    col, row = ColwiseParallel(), RowwiseParallel()
+    styles = (ColwiseParallel(), RowwiseParallel())
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         if type(attn) is not Attention or type(mlp) is not MLP:
             raise ValueError(f"--tensor-parallel splits plain attention and MLP blocks, not "
                              f"{type(attn).__name__} / {type(mlp).__name__}")
         plan = {}
-        for name, style in (("self_attn.q_proj", col), ("self_attn.k_proj", col),
-                            ("self_attn.v_proj", col), ("self_attn.o_proj", row),
-                            ("mlp.gate_proj", col), ("mlp.up_proj", col),
-                            ("mlp.down_proj", row)):
+        for name, dim in PLAN:
+            style = styles[dim]
             m = block.get_submodule(name)
             if type(getattr(m, "base", None)) is nn.Linear:  # a wrapper applied from outside
                 name, m = f"{name}.base", m.base  # (LoRA): split its base; it reads the split
@@ -99,12 +112,75 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
             _sum_weight_grad(attn.k_norm, tp_mesh.get_group())
 
 
-def shard_for_inference(model: nn.Module, tensor_parallel: int) -> bool:
-    """Under torchrun with `tensor_parallel` ranks, split `model` (loaded whole on every rank)
-    over all of them for decoding; returns whether this is rank 0 (the one that prints). Every
-    rank then runs the same engine steps: the logits are replicated, so greedy and seeded
-    sampling pick the same tokens everywhere. The config's `n_kv_heads` becomes this rank's
-    share, so the KV caches the engine builds from it hold only this rank's heads."""
+def _split_names(cfg: ModelConfig) -> dict[str, int | None]:
+    """HF name -> the dimension this rank reads 1/tp of, or None for a tensor of a split layer
+    kept whole (a row-parallel bias); names not in it are replicated plain tensors."""
+    out: dict[str, int | None] = {}
+    for i in range(cfg.n_layers):
+        for layer, dim in PLAN:
+            out[f"model.layers.{i}.{layer}.weight"] = dim
+            out[f"model.layers.{i}.{layer}.bias"] = 0 if dim == 0 else None
+    return out
+
+
+def load_split(directory: str | Path, tp_mesh: Any) -> Llama:
+    """The float32 model of the HF safetensors `directory` with this rank's parts of the split
+    layers as the DTensors over `tp_mesh` that `apply_tensor_parallel` cuts (which, called next
+    on the same mesh, keeps them and installs the split's forward). Built on the meta device,
+    this rank reading only its part of each split matrix (rank r of tp: rows or columns
+    [r n/tp, (r+1) n/tp)) and the other tensors whole. Peak memory: the replicated tensors +
+    1/tp of the block matrices (+ the one part being read, in its stored dtype).
+    CheckpointError for a tensor of the wrong shape or one missing; ValueError for a model
+    that does not split."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from llamaworks.checkpoint import fill_meta
+    from llamaworks.checkpoint.hf import iter_tensors, read_config
+    from llamaworks.errors import CheckpointError
+
+    d = Path(directory)
+    cfg = read_config(d)
+    device = torch.device(tp_mesh.device_type)
+    tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
+    check_splittable(cfg, tp)
+    model = Llama(cfg, device="meta")
+    shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(),
+                                              *model.named_buffers()]}
+    split = _split_names(cfg)
+
+    def part(name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+        dim = split.get(name)
+        if dim is None:
+            return None
+        if shapes.get(name) != shape:  # checked before a slice of it is read
+            raise CheckpointError(f"{d}: {name} has shape {shape}; the config wants "
+                                  f"{shapes.get(name)}")
+        n = shape[dim] // tp
+        return tuple(slice(rank * n, (rank + 1) * n) if i == dim else slice(None)
+                     for i in range(len(shape)))
+
+    whole: dict[str, Tensor] = {}
+    for f, key, name, t in iter_tensors(d, cfg, part=part):
+        if split.get(name) is None and shapes.get(name) != tuple(t.shape):
+            want = shapes.get(name, "no such tensor")
+            raise CheckpointError(f"{f}: {key} has shape {tuple(t.shape)}; the config wants "
+                                  f"{want}")
+        if name not in split:
+            whole[name] = t.to(device, torch.float32)
+            continue
+        dim = split[name]
+        local = DTensor.from_local(t.to(device, torch.float32).contiguous(), tp_mesh,
+                                   [Replicate() if dim is None else Shard(dim)])
+        module, _, pname = name.rpartition(".")
+        old = model.get_submodule(module).get_parameter(pname)
+        model.get_submodule(module).register_parameter(
+            pname, nn.Parameter(local, requires_grad=old.requires_grad))
+    return fill_meta(model, whole, str(d))
+
+
+def inference_mesh(tensor_parallel: int, device: torch.device) -> Any:
+    """Under torchrun with `tensor_parallel` ranks: the process group (gloo on CPU, NCCL on
+    CUDA) and the one-dimensional mesh of all of them; ValueError for another world size."""
     import os
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -113,10 +189,19 @@ def shard_for_inference(model: nn.Module, tensor_parallel: int) -> bool:
     if world != tensor_parallel:
         raise ValueError(f"--tensor-parallel {tensor_parallel} needs as many processes: torchrun "
                          f"--nproc-per-node {tensor_parallel} (this run has {world})")
-    device = model.device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    apply_tensor_parallel(model, init_device_mesh(device.type, (tensor_parallel,)))
+    return init_device_mesh(device.type, (tensor_parallel,))
+
+
+def shard_for_inference(model: nn.Module, mesh: Any) -> bool:
+    """Split `model` (whole, or from `load_split` on `mesh`) over `mesh` (`inference_mesh`) for
+    decoding; returns whether this is rank 0 (the one that prints). Every rank then runs the same
+    engine steps: the logits are replicated, so greedy and seeded sampling pick the same tokens
+    everywhere. The config's `n_kv_heads` becomes this rank's share, so the KV caches the
+    engine builds from it hold only this rank's heads."""
+    tp = mesh.size()
+    apply_tensor_parallel(model, mesh)
     cfg = model.config
-    model.config = cfg.replace(n_kv_heads=cfg.n_kv_heads // tensor_parallel)
+    model.config = cfg.replace(n_kv_heads=cfg.n_kv_heads // tp)
     return dist.get_rank() == 0
