@@ -98,8 +98,10 @@ def test_q4_1_and_q8_0_matrices_are_the_files_own_blocks(mixed):
         assert torch.equal(got, want), name
     down = kernels.pack_q8_0(ref_layer.mlp.down_proj.weight)
     assert torch.equal(layer.mlp.down_proj.blocks, down)
-    # Q4_0 runs as the Q4_1 it exactly is (min = -8 d): the same weights as gguf-py decodes
-    assert isinstance(layer.mlp.up_proj, Int4Linear)
+    # Q4_0 stays in its own blocks (the file's bytes): the same weights as gguf-py decodes
+    assert isinstance(layer.mlp.up_proj, GGUFLinear)
+    up = layer.mlp.up_proj
+    assert up.blocks.dtype == torch.uint8 and up.blocks.shape[1] == up.in_features // 32 * 18
     assert torch.equal(layer.mlp.up_proj.dequantize(), ref_layer.mlp.up_proj.weight)
     tokens = torch.tensor([[1, 70, 80, 90]])
     torch.testing.assert_close(stored.model.embed_tokens(tokens), ref.model.embed_tokens(tokens),
@@ -122,14 +124,17 @@ def test_prompts_score_exactly_as_the_dequantized_model_and_decode_within_kernel
     assert eager.token_ids == got.token_ids
     for g, e in zip(got.logprobs, eager.logprobs, strict=True):
         for t in g.keys() & e.keys():
-            assert abs(g[t] - e[t]) < 2e-3  # the same kernels, one op vs per-op (sum order)
+            # the same kernels, one op vs per-op: float sum orders differ, and an activation at
+            # an int8 rounding boundary (Q4_0, Q5_0 inputs) may round the other way (0.004 measured)
+            assert abs(g[t] - e[t]) < 1e-2
     want = LLM(ref, tok).generate("hello there", p)[0]
     assert got.token_ids == want.token_ids
     for g, w in zip(got.logprobs, want.logprobs, strict=True):
         for t in g.keys() & w.keys():
-            # the decode kernels quantize activations to int8 blocks of 32 for Q5_0, as llama.cpp
-            # does (Q8_0 activations): up to 0.020 measured on this random model's 16 steps
-            assert abs(g[t] - w[t]) < 5e-2
+            # the decode kernels quantize activations to int8 blocks of 32 for Q4_0 and Q5_0, as
+            # llama.cpp does (Q8_0 activations): up to 0.057 measured on this model's 16 steps
+            # (0.020 while Q4_0 ran as Q4_1 on int16 activations)
+            assert abs(g[t] - w[t]) < 0.1
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -123,7 +123,7 @@ QUANT_CASES = [("mixtral", "Q4_K_M"), ("qwen3moe", "Q4_K_M"), ("qwen3moe", "Q8_0
 def test_llama_cpp_quantized_moe_keeps_its_experts_in_blocks(case, ftype, tmp_path,
                                                             smollm_tokenizer, llama_cpp):
     """A file quantized by llama.cpp's own quantizer loads as stored with every expert tensor in
-    its blocks (`GGUFExperts`: the file's bytes, Q4_0 regrouped as Q4_1), never a float32 copy;
+    its blocks (`GGUFExperts`: the file's bytes), never a float32 copy;
     its logits equal our float32 dequantization of the same file (float32 GEMMs over dequantized
     tiles for experts given many tokens, the integer block kernels for few and for one-token
     steps), and llama.cpp's own logits
@@ -136,8 +136,8 @@ def test_llama_cpp_quantized_moe_keeps_its_experts_in_blocks(case, ftype, tmp_pa
     stored = load_as_stored(path).model
     assert all(map(stored.config.is_moe, range(stored.config.n_layers)))  # every layer sparse
     _assert_experts_in_blocks(stored, infos, ftype)
-    # an expert given fewer than 16 of the tokens runs the block kernels: Q4_0 / Q8_0 on int16
-    # activations; the K-quants (and a Q4_0 file's Q6_K head) on int8 ones, as llama.cpp
+    # an expert given fewer than 16 of the tokens runs the block kernels: Q8_0 on int16
+    # activations; Q4_0 and the K-quants on int8 ones, as llama.cpp
     # (measured: 0.2-1% of the largest logit per token, 9% at a token whose routing that rounding
     # flips, 1 of 24; one-token decode steps, K-quants: 1.4-4.0%, 4.9% at one step of 12)
     per_token = _close_to_float32_and_llama_cpp(llama_cpp, path, stored)
@@ -149,8 +149,8 @@ def test_llama_cpp_quantized_moe_keeps_its_experts_in_blocks(case, ftype, tmp_pa
 
 def _assert_experts_in_blocks(stored: Llama, infos: dict, ftype: str) -> None:
     """Every sparse layer of a file quantized by llama.cpp, loaded as stored, keeps its experts
-    in the file's blocks (`GGUFExperts`, uint8 buffers of the file's bytes; Q4_0's regrouped as
-    Q4_1, 20/18 as many), never a float32 copy. `infos`: the file's tensors by name."""
+    in the file's blocks (`GGUFExperts`, uint8 buffers of exactly the file's bytes), never a
+    float32 copy. `infos`: the file's tensors by name."""
     for i, layer in enumerate(stored.model.layers):
         if not stored.config.is_moe(i):
             continue
@@ -159,8 +159,7 @@ def _assert_experts_in_blocks(stored: Llama, infos: dict, ftype: str) -> None:
         assert all(b.dtype == torch.uint8 for b in experts.buffers())
         file_bytes = sum(infos[f"blk.{i}.ffn_{p}_exps.weight"].n_bytes
                          for p in ("gate", "up", "down"))
-        want = file_bytes * (20 / 18 if ftype == "Q4_0" else 1)  # Q4_0 blocks become Q4_1
-        assert experts.resident_bytes() == pytest.approx(want, rel=1e-9)
+        assert experts.resident_bytes() == file_bytes
 
 
 def _close_to_float32_and_llama_cpp(llama_cpp, path: Path, stored: Llama) -> torch.Tensor:
@@ -184,11 +183,11 @@ def _close_to_float32_and_llama_cpp(llama_cpp, path: Path, stored: Llama) -> tor
 
 
 # GGUF types whose decode kernels quantize activations to int8 blocks, as llama.cpp's do
-INT8_ACTIVATION_TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"}
+INT8_ACTIVATION_TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1"}
 
 
 def _int8_activations(path: Path) -> bool:
-    """Whether any matrix of the file runs on int8 activations (a Q4_0 file's Q6_K head too)."""
+    """Whether any matrix of the file runs on int8 activations (Q4_0 and the K-quants)."""
     return any(t.type_name in INT8_ACTIVATION_TYPES for t in parse_gguf(path).tensors
                if len(t.shape) >= 2)
 

@@ -295,9 +295,10 @@ def test_a_tier_that_fails_to_build_warns_naming_it_and_the_next_tier_runs(monke
 
 
 # -- the other GGUF types, kept in their own blocks (ggml_types.h) -----------------------------
-GGML_SIZES = {"F16": (1, 2), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_K": (256, 144),
-              "Q5_K": (256, 176), "Q6_K": (256, 210)}
-GGML_FP16_FIELDS = {"Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+GGML_SIZES = {"F16": (1, 2), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q5_1": (32, 24),
+              "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+GGML_FP16_FIELDS = {"Q4_0": [0], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+                    "Q6_K": [208]}
 
 
 def ggml_blocks(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -315,8 +316,8 @@ def ggml_blocks(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 # Types whose kernels run on int8 activation blocks, and the block: 256 for the K-quants
-# (llama.cpp's Q8_K), 32 for Q5_0 / Q5_1.
-INT8_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q5_0": 32, "Q5_1": 32}
+# (llama.cpp's Q8_K), 32 for Q4_0 / Q5_0 / Q5_1.
+INT8_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q4_0": 32, "Q5_0": 32, "Q5_1": 32}
 
 
 def q8_reference(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +347,8 @@ def test_int8_activations_are_round_to_nearest_per_block_with_their_sums(tier, b
         kernels.q8_quantize(x, 64, tier)
 
 
-INT8_CASES = [(t, k) for t in INT8_BLOCK for k in (256, 768, 2304)] + [("Q5_0", 96), ("Q5_1", 160)]
+INT8_CASES = [(t, k) for t in INT8_BLOCK for k in (256, 768, 2304)] + [
+    ("Q4_0", 96), ("Q5_0", 96), ("Q5_1", 160)]
 
 
 @pytest.mark.parametrize("tier", kernels.host_tiers())

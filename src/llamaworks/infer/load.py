@@ -3,9 +3,9 @@ as the file stores them where our kernels run that type.
 
 `load_for_use(path)` is what `LLM(path)` and the inference verbs (chat, generate, score, serve,
 eval) call. For a GGUF file, every matrix of a type our kernels run stays in the file's own
-blocks, so model memory is about the file size: Q4_1, Q4_0 and Q8_0 become `Int4Linear` /
-`Int8Linear` over the blocks regrouped byte for byte into the integer kernels' row format (Q4_0 as
-the Q4_1 it exactly is); F16, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K become `GGUFLinear` over the bytes
+blocks, so model memory is about the file size: Q4_1 and Q8_0 become `Int4Linear` /
+`Int8Linear` over the blocks regrouped byte for byte into the integer kernels' row format; F16,
+Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K become `GGUFLinear` over the bytes
 as stored (integer dots over those blocks; F16 a float dot); an embedding table in any of these
 is a `BlockEmbedding`, and a tied output head shares its blocks. A MoE file's stacked experts
 (`blk.N.ffn_{gate,up,down}_exps`) of those types become `GGUFExperts` over the same blocks
@@ -43,11 +43,9 @@ from llamaworks.infer.quantize import (
 from llamaworks.model import Llama
 from llamaworks.train.allocator import return_freed_memory
 
-# GGUF types our kernels run as stored (Q4_0 as the Q4_1 it exactly is; the GGML_KINDS types by
-# kernels of ggml_types.h), and the `quant` mode that gives back exactly that type's blocks from
-# their float32 dequantization.
-KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8", "Q4_0": None,
-                **dict.fromkeys(kernels.GGML_KINDS)}
+# GGUF types our kernels run as stored (the GGML_KINDS types by kernels of ggml_types.h), and the
+# `quant` mode that gives back exactly that type's blocks from their float32 dequantization.
+KERNEL_TYPES = {"Q4_1": "int4", "Q8_0": "int8", **dict.fromkeys(kernels.GGML_KINDS)}
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -147,7 +145,7 @@ _GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 
 def _experts(model: Llama, blocks: dict[str, Any], floats: dict[str, Tensor]) -> None:
     """Each MoE layer with an expert tensor kept in blocks gets a `GGUFExperts` (the blocks
-    copied out of the mapped file, Q4_0/Q4_1/Q8_0 repacked for the kernels; a projection of
+    copied out of the mapped file, Q4_1/Q8_0 repacked for the kernels; a projection of
     another type as the float32 tensor it was decoded to). Their entries leave `blocks` and
     `floats`."""
     from llamaworks.infer.experts import GGUFExperts
@@ -211,8 +209,8 @@ def with_float_head(model: Llama) -> Llama:
 
 
 def _kind(type_name: str) -> int:
-    """The kernel kind a stored type runs as: 4 (Q4_1, Q4_0), 8 (Q8_0) or its GGML kind."""
-    return {"Q8_0": 8, "Q4_1": 4, "Q4_0": 4}.get(type_name) or kernels.GGML_KINDS[type_name]
+    """The kernel kind a stored type runs as: 4 (Q4_1), 8 (Q8_0) or its GGML kind."""
+    return {"Q8_0": 8, "Q4_1": 4}.get(type_name) or kernels.GGML_KINDS[type_name]
 
 
 def _linear(rows: Tensor, kind: int, in_features: int) -> nn.Module:

@@ -458,10 +458,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32,
     return model
 
 
-Q4_0_BYTES = 18  # GGUF Q4_0 block: fp16 d, 16 quant bytes; w = d * (q - 8)
-# Bytes per block of 32 of the kernels' packed rows a stored type becomes (Q4_0 becomes Q4_1).
-_PACKED_BLOCK_BYTES = {"Q4_1": kernels.Q4_1_BYTES, "Q4_0": kernels.Q4_1_BYTES,
-                       "Q8_0": kernels.Q8_0_BYTES}
+# Bytes per block of 32 of the kernels' packed rows a stored type becomes.
+_PACKED_BLOCK_BYTES = {"Q4_1": kernels.Q4_1_BYTES, "Q8_0": kernels.Q8_0_BYTES}
 
 
 def packed_row_bytes(type_name: str, in_features: int, stored_row_bytes: int) -> int:
@@ -475,25 +473,18 @@ def packed_row_bytes(type_name: str, in_features: int, stored_row_bytes: int) ->
 
 def packed_rows(gguf_rows: Tensor, type_name: str, order: Tensor | None = None,
                 out: Tensor | None = None) -> Tensor:
-    """GGUF Q4_1 / Q8_0 / Q4_0 block rows uint8 [N, nb * block bytes] (rows `order` of them, if
-    given) -> our kernels' packed rows (Q4_1 or Q8_0): the same bytes regrouped, quants first, then
-    the fp16 scales (and mins), written into `out` if given. Q4_0 becomes Q4_1 exactly (same
-    nibbles and d, min = -8 d, exact in fp16). The `kernels.GGML_KINDS` types stay as stored. No
-    weight is decoded; the output is the only full-size allocation."""
+    """GGUF Q4_1 / Q8_0 block rows uint8 [N, nb * block bytes] (rows `order` of them, if given)
+    -> our kernels' packed rows (Q4_1 or Q8_0): the same bytes regrouped, quants first, then the
+    fp16 scales (and mins), written into `out` if given. The `kernels.GGML_KINDS` types (Q4_0
+    among them) stay as stored. No weight is decoded; the output is the only full-size
+    allocation."""
     n = gguf_rows.shape[0]
     if type_name in kernels.GGML_KINDS:  # kept exactly as stored (rows reordered if asked)
         src = gguf_rows if order is None else gguf_rows.index_select(0, order)
         if out is None:
             return src.clone() if order is None else src
         return out.copy_(src)
-    if type_name == "Q4_0":  # per block: d (fp16), 16 quant bytes; its Q4_1 min is -8 d
-        b = gguf_rows.reshape(n, -1, Q4_0_BYTES)
-        d = b[..., 0:2]
-        m = (d.contiguous().view(torch.float16).float() * -8).to(torch.float16)
-        if not torch.isfinite(m).all():
-            raise ValueError("Q4_0 scale too large for an fp16 Q4_1 min")
-        parts = (b[..., 2:], d, m.view(torch.uint8))
-    elif type_name == "Q4_1":  # per block: d, m (fp16), 16 quant bytes
+    if type_name == "Q4_1":  # per block: d, m (fp16), 16 quant bytes
         b = gguf_rows.reshape(n, -1, kernels.Q4_1_BYTES)
         parts = (b[..., 4:], b[..., 0:2], b[..., 2:4])
     elif type_name == "Q8_0":  # per block: d (fp16), 32 int8

@@ -51,7 +51,8 @@ Q8_0_BYTES = 34  # per block: 32 int8, fp16 d
 
 # GGUF types kept in the file's own blocks, run by the kernels of ggml_types.h (integer dots over
 # the blocks; F16 a float dot): kind = 100 + the GGML type id.
-GGML_KINDS = {"F16": 101, "Q5_0": 106, "Q5_1": 107, "Q4_K": 112, "Q5_K": 113, "Q6_K": 114}
+GGML_KINDS = {"F16": 101, "Q4_0": 102, "Q5_0": 106, "Q5_1": 107, "Q4_K": 112, "Q5_K": 113,
+              "Q6_K": 114}
 
 TIERS = ("avx512", "avx2", "scalar")  # best first
 # CPU flags (as /proc/cpuinfo names them) each tier's code needs.
@@ -255,8 +256,8 @@ def dequant_rows(w: Tensor, kind: int, k: int, tier: str | None = None) -> Tenso
 
 def q8_quantize(x: Tensor, block: int, tier: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The int8 activations the GGUF-type kernels dot against, of x [R, K]: per block of 256 (the
-    K-quants Q4_K / Q5_K / Q6_K, with sums per 16) or of 32 (Q5_0 / Q5_1, sums per block): q int8
-    [R, K], scales d float32 [R, K / block] (x ~ q * d), sums of q int16."""
+    K-quants Q4_K / Q5_K / Q6_K, with sums per 16) or of 32 (Q4_0 / Q5_0 / Q5_1, sums per block):
+    q int8 [R, K], scales d float32 [R, K / block] (x ~ q * d), sums of q int16."""
     return ops(tier).q8_quantize(x, block)
 
 

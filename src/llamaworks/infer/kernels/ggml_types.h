@@ -1,14 +1,14 @@
-// The other GGUF tensor types, kept in the file's own blocks: F16, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
-// (the types inside llama.cpp's Q4_K_M / Q5_K_M / Q6_K files besides Q4_0/Q4_1/Q8_0, which have
-// their own kernels). `ggml_dequant_row` decodes a row to float32 (prompts' GEMM tiles; F16's
+// The other GGUF tensor types, kept in the file's own blocks: F16, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K,
+// Q6_K (the types inside llama.cpp's Q4_0 / Q4_K_M / Q5_K_M / Q6_K files besides Q4_1/Q8_0, which
+// have their own kernels). `ggml_dequant_row` decodes a row to float32 (prompts' GEMM tiles; F16's
 // matvec dots that buffer), as plain loops the compiler vectorizes with each tier's flags.
-// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matvecs are integer dots over the blocks as stored on int8
+// Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matvecs are integer dots over the blocks as stored on int8
 // activations (`ggml_int8_dot`; 256-bit code in the AVX2 and AVX-512 tiers, plain integer loops
 // otherwise). Layouts and formulas are llama.cpp's ggml-quants.c ones (the
 // reference is gguf-py's dequantize, which the tests use).
 //
-// A matrix of one of these types has kind GGML_KIND + its GGML type id (F16 1, Q5_0 6, Q5_1 7,
-// Q4_K 12, Q5_K 13, Q6_K 14).
+// A matrix of one of these types has kind GGML_KIND + its GGML type id (F16 1, Q4_0 2, Q5_0 6,
+// Q5_1 7, Q4_K 12, Q5_K 13, Q6_K 14).
 #pragma once
 
 #include <cstdint>
@@ -17,12 +17,15 @@
 namespace {
 
 constexpr int64_t GGML_KIND = 100;
-enum GgmlType : int64_t { T_F16 = 1, T_Q5_0 = 6, T_Q5_1 = 7, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum GgmlType : int64_t {
+  T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q5_1 = 7, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14
+};
 
 // (weights per block, bytes per block) of a type, or (0, 0) if not one of ours.
 inline void ggml_block(int64_t type, int64_t* block, int64_t* bytes) {
   switch (type) {
     case T_F16: *block = 1, *bytes = 2; return;
+    case T_Q4_0: *block = 32, *bytes = 18; return;
     case T_Q5_0: *block = 32, *bytes = 22; return;
     case T_Q5_1: *block = 32, *bytes = 24; return;
     case T_Q4_K: *block = 256, *bytes = 144; return;
@@ -73,6 +76,16 @@ void ggml_dequant_row(int64_t type, const uint8_t* row, int64_t k, float* y) {
       for (; i < k; ++i) y[i] = fp16_to_fp32(row + 2 * i);
       return;
     }
+    case T_Q4_0:  // d (fp16), 16 bytes: weight j is the low nibble of byte j, 16 + j its high
+      for (int64_t b = 0; b < k / 32; ++b, y += 32) {
+        const uint8_t* p = row + b * 18;
+        const float d = fp16_to_fp32(p);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = static_cast<float>((p[2 + j] & 0x0F) - 8) * d;
+          y[j + 16] = static_cast<float>((p[2 + j] >> 4) - 8) * d;
+        }
+      }
+      return;
     case T_Q5_0:
     case T_Q5_1: {
       const bool has_min = type == T_Q5_1;
@@ -158,8 +171,8 @@ void ggml_dequant_row(int64_t type, const uint8_t* row, int64_t k, float* y) {
 // -- integer dots over the blocks as stored, on int8 activations (as llama.cpp's) ------------
 // A matvec input row is quantized once (shared by every weight row and thread) per block: int8
 // q = round(x / dx), dx = amax / 127, plus sums of consecutive q. The K-quants take blocks of 256
-// with a sum per 16 (`bsum`: llama.cpp's Q8_K); Q5_0 / Q5_1 (rows of any multiple of 32) blocks
-// of 32 with their sum (Q8_1-like).
+// with a sum per 16 (`bsum`: llama.cpp's Q8_K); Q4_0, Q5_0, Q5_1 (rows of any multiple of 32)
+// blocks of 32 with their sum (Q8_1-like).
 // A K-quant super-block's dot is then integer up to one float scale: d_w * dx * (sum over
 // sub-blocks of scale_j * sum(qw * q)), minus (Q4_K / Q5_K) dmin_w * dx * sum of min_j * the
 // sub-block's activation sum (from bsum); Q6_K's -32 offset is folded the same way. The vector
@@ -174,7 +187,7 @@ constexpr int64_t QKK = 256;
 struct Q8Row {
   const int8_t* q;      // [K]
   const float* d;       // [K / block]
-  const int16_t* bsum;  // [K / 16] (K-quants) or [K / 32] (Q5_0 / Q5_1)
+  const int16_t* bsum;  // [K / 16] (K-quants) or [K / 32] (Q4_0, Q5_0, Q5_1)
 };
 
 inline bool ggml_q8k_kernel(int64_t kind) {
@@ -184,7 +197,7 @@ inline bool ggml_q8k_kernel(int64_t kind) {
 
 inline bool ggml_q8b_kernel(int64_t kind) {
   const int64_t t = kind - GGML_KIND;
-  return t == T_Q5_0 || t == T_Q5_1;
+  return t == T_Q4_0 || t == T_Q5_0 || t == T_Q5_1;
 }
 
 // One row x [k] (k a multiple of `block`) -> q, d [k / block], sums [k / group] of each `group`
@@ -460,7 +473,42 @@ float q5_dot(bool has_min, const uint8_t* row, Q8Row x, int64_t k) {
   return total;
 }
 
+// Q4_0 row . x (int8 blocks of 32): weight j of a block is d (q_j - 8), q from the low nibbles
+// (0-15) and high nibbles (16-31) of its 16 bytes; the -8 comes from the block's activation sum,
+// added to the integer dot before the one float multiply per block.
+float q4_0_dot(const uint8_t* row, Q8Row x, int64_t k) {
+#ifdef LW_DOT4
+  __m256 acc = _mm256_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < k / QK; ++b) {
+    const uint8_t* p = row + b * 18;
+    const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
+    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(n, 4), low),
+                                         _mm_and_si128(n, low));  // weights 0-15 | 16-31
+    const __m256i pr = _mm256_maddubs_epi16(
+        nib, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * QK)));
+    const __m256i sumi = _mm256_add_epi32(dot_i16(_mm256_setzero_si256(), pr, ones),
+                                          _mm256_setr_epi32(-8 * x.bsum[b], 0, 0, 0, 0, 0, 0, 0));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(fp16_to_fp32(p) * x.d[b]),
+                          acc);
+  }
+  return hsum(acc);
+#else
+  float total = 0.f;
+  for (int64_t b = 0; b < k / QK; ++b) {
+    const uint8_t* p = row + b * 18;
+    uint8_t q[QK];
+    for (int j = 0; j < 16; ++j) q[j] = p[2 + j] & 0x0F, q[j + 16] = p[2 + j] >> 4;
+    total += fp16_to_fp32(p) * x.d[b] *
+             static_cast<float>(dot_u8_i8(q, x.q + b * QK, QK) - 8 * x.bsum[b]);
+  }
+  return total;
+#endif
+}
+
 float ggml_int8_dot(int64_t kind, const uint8_t* row, Q8Row x, int64_t k) {
+  if (kind == GGML_KIND + T_Q4_0) return q4_0_dot(row, x, k);
   if (kind == GGML_KIND + T_Q5_0 || kind == GGML_KIND + T_Q5_1)
     return q5_dot(kind == GGML_KIND + T_Q5_1, row, x, k);
   if (kind == GGML_KIND + T_Q6_K) return q6k_dot(row, x, k);
