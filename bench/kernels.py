@@ -24,7 +24,7 @@ from llamaworks.infer import kernels
 
 # GGUF types kept in their blocks: (weights per block, bytes per block, offsets of fp16 fields)
 GGML = {"Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208]),
-        "Q5_0": (32, 22, [0]), "Q5_1": (32, 24, [0, 2])}
+        "Q4_0": (32, 18, [0]), "Q5_0": (32, 22, [0]), "Q5_1": (32, 24, [0, 2])}
 
 
 def blocks(type_name: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, int]:
