@@ -3,8 +3,9 @@
 // have their own kernels). `ggml_dequant_row` decodes a row to float32 (prompts' GEMM tiles; F16's
 // matvec dots that buffer), as plain loops the compiler vectorizes with each tier's flags.
 // Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matvecs are integer dots over the blocks as stored on int8
-// activations (`ggml_int8_dot`; 256-bit code in the AVX2 and AVX-512 tiers, plain integer loops
-// otherwise). Layouts and formulas are llama.cpp's ggml-quants.c ones (the
+// activations: the K-quants one row at a time (`ggml_int8_dot`, 256-bit code in both vector
+// tiers), Q4_0/Q5_0/Q5_1 four rows at a time (`dot_block32`, 512-bit code in the AVX-512 tier);
+// plain integer loops in the portable tier. Layouts and formulas are llama.cpp's ggml-quants.c ones (the
 // reference is gguf-py's dequantize, which the tests use).
 //
 // A matrix of one of these types has kind GGML_KIND + its GGML type id (F16 1, Q4_0 2, Q5_0 6,
@@ -423,94 +424,242 @@ float q6k_dot(const uint8_t* row, Q8Row x, int64_t k) {
 #endif
 }
 
-// Q5_0 / Q5_1 row . x (int8 blocks of 32): quants 0..31 from 16 nibble bytes and 32 high bits;
-// Q5_0's weights are d (q - 16), Q5_1's d q + m, so the offset or min comes from the block's
-// activation sum.
-float q5_dot(bool has_min, const uint8_t* row, Q8Row x, int64_t k) {
-  const int64_t bytes = has_min ? 24 : 22;
-  float total = 0.f;
+// -- Q4_0, Q5_0, Q5_1: blocks of 32 weights on int8 activation blocks of 32 -------------------
+// Weight j of a block is d (q_j - 8) (Q4_0: q 0..15), d (q_j - 16) (Q5_0) or d q_j + m (Q5_1),
+// q 0..31 with bit j of the block's 32-bit qh as its fifth bit. The low nibbles of the 16 quant
+// bytes are weights 0-15 and their high nibbles 16-31, so a block's 32 unsigned quants meet its 32
+// activations in order: the integer dot sum(q a) is scaled once per block by s = d dx, and the
+// offset (or the min) comes through the block's activation sum, -8 s bsum, -16 s bsum or
+// m dx bsum, summed apart and added at the end.
+// Rows go R at a time (4, then 1 for the rest of a range): the activations are loaded once for
+// the R rows, whose independent accumulators hide the latencies. The vector tiers read the fp16
+// scales of 16 (AVX-512) or 8 (AVX2) blocks of a row with one gather.
+template <int64_t TYPE>
+struct Block32 {
+  static constexpr bool FIVE = TYPE != T_Q4_0, MIN = TYPE == T_Q5_1;
+  static constexpr int64_t BYTES = TYPE == T_Q4_0 ? 18 : MIN ? 24 : 22;
+  static constexpr int64_t QH = MIN ? 4 : 2, QS = TYPE == T_Q4_0 ? 2 : MIN ? 8 : 6;
+  static constexpr int OFFSET = TYPE == T_Q4_0 ? -8 : MIN ? 0 : -16;
+};
+
 #ifdef LW_DOT4
-  __m256 acc = _mm256_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bits = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+// acc + the sums in fours of unsigned bytes w times signed bytes a, in int32 lanes (VNNI's
+// vpdpbusd where compiled for it; else pairs to int16 by vpmaddubsw, which cannot saturate here:
+// q <= 31, |a| <= 127).
+inline __m256i dot_u8(__m256i acc, __m256i w, __m256i a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, w, a);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, w, a);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
 #endif
-  for (int64_t b = 0; b < k / QK; ++b) {
-    const uint8_t* p = row + b * bytes;
-    const float dx = x.d[b], d = fp16_to_fp32(p) * dx;
+}
+
+// One block's 32 quants in weight order, as the bytes of a 256-bit vector.
+template <int64_t TYPE>
+inline __m256i quants32(const uint8_t* p) {
+  using T = Block32<TYPE>;
+  const __m256i v =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + T::QS)));
+  __m256i w = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0),
+                               _mm256_set1_epi8(0x0F));
+  if (T::FIVE) {
     uint32_t qh;
-    std::memcpy(&qh, p + (has_min ? 4 : 2), 4);
-    const uint8_t* qs = p + (has_min ? 8 : 6);
-    total += (has_min ? fp16_to_fp32(p + 2) * dx : -16.f * d) * static_cast<float>(x.bsum[b]);
-    const int8_t* a = x.q + b * QK;
-#ifdef LW_DOT4
-    const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(n, 4), low),
-                                         _mm_and_si128(n, low));  // weights 0-15 | 16-31
-    __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), spread);
-    hb = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bits), bits), sixteen);
-    const __m256i pr = _mm256_maddubs_epi16(_mm256_or_si256(nib, hb),
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(_mm256_setzero_si256(), pr, ones)),
-                          _mm256_set1_ps(d), acc);
+    std::memcpy(&qh, p + T::QH, 4);
+#ifdef LW_AVX512
+    w = _mm256_mask_add_epi8(w, static_cast<__mmask32>(qh), w, _mm256_set1_epi8(16));
 #else
-    uint8_t q[QK];  // quants 0..31 in weight order
-    for (int j = 0; j < 16; ++j) q[j] = qs[j] & 0x0F, q[j + 16] = qs[j] >> 4;
-    for (int j = 0; j < 4; ++j) {  // the fifth bits, 8 at a time
-      uint64_t lanes;
-      std::memcpy(&lanes, q + 8 * j, 8);
-      lanes |= SPREAD16[(qh >> (8 * j)) & 0xff];
-      std::memcpy(q + 8 * j, &lanes, 8);
+    // byte i <- byte i / 8 of qh, then 16 where its bit i % 8 is set
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bits = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+    const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), spread), bits);
+    w = _mm256_or_si256(w, _mm256_and_si256(_mm256_cmpeq_epi8(hb, bits), _mm256_set1_epi8(16)));
+#endif
+  }
+  return w;
+}
+#endif
+
+#ifdef LW_AVX512
+inline __m512i dot_u8(__m512i w, __m512i a) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1));
+#endif
+}
+
+// fp16 values in the low halves of 16 int32 lanes -> 16 floats
+inline __m512 fp16_lanes(__m512i h) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)); }
+
+// R rows (stride row_bytes) . x, two blocks (64 weights) per 512-bit step.
+template <int64_t TYPE, int R>
+void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* out) {
+  using T = Block32<TYPE>;
+  const int64_t nb = k / QK;
+  __m512 acc[R], off[R];
+  __m256 acc1[R];
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps(), acc1[r] = _mm256_setzero_ps();
+  const __m512i at = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(T::BYTES)));
+  // the 16-bit lanes of 128-bit quarters 1 and 3 shifted by 4: two blocks' quant bytes, each
+  // twice, become [weights 0-15 | 16-31] of each block
+  constexpr int64_t S = 0x0004000400040004;
+  const __m512i shift = _mm512_setr_epi64(0, 0, S, S, 0, 0, S, S);
+  const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+  const __m512i two = _mm512_set1_epi32(2);
+  for (int64_t c = 0; c < nb; c += 16) {
+    const int64_t n = std::min<int64_t>(16, nb - c);
+    const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+    const __m512 xd = _mm512_maskz_loadu_ps(mask, x.d + c);
+    const __m512 xs = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(mask, x.bsum + c)));
+    __m512 s[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = row + r * row_bytes + c * T::BYTES;
+      s[r] = _mm512_mul_ps(fp16_lanes(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, at, p, 1)), xd);
+      if (T::MIN) {
+        const __m512 m = fp16_lanes(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, at, p + 2, 1));
+        off[r] = _mm512_fmadd_ps(m, _mm512_mul_ps(xd, xs), off[r]);
+      } else {
+        off[r] = _mm512_fmadd_ps(s[r], xs, off[r]);
+      }
     }
-    total += d * static_cast<float>(dot_u8_i8(q, a, QK));
-#endif
+    __m512i idx = pair_index(0);
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2, idx = _mm512_add_epi32(idx, two)) {
+      const __m512i a = _mm512_loadu_si512(x.q + (c + i) * QK);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = row + r * row_bytes + (c + i) * T::BYTES;
+        const __m512i z = _mm512_castsi256_si512(_mm256_loadu2_m128i(
+            reinterpret_cast<const __m128i*>(p + T::BYTES + T::QS), reinterpret_cast<const __m128i*>(p + T::QS)));
+        __m512i w = _mm512_and_si512(_mm512_srlv_epi16(_mm512_shuffle_i64x2(z, z, 0x50), shift), low);
+        if (T::FIVE) {
+          uint32_t h0, h1;
+          std::memcpy(&h0, p + T::QH, 4), std::memcpy(&h1, p + T::BYTES + T::QH, 4);
+          w = _mm512_mask_add_epi8(w, static_cast<__mmask64>(h0) | static_cast<__mmask64>(h1) << 32, w, sixteen);
+        }
+        // lanes 0-7 are block i's sums, 8-15 block i + 1's
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8(w, a)), _mm512_permutexvar_ps(idx, s[r]), acc[r]);
+      }
+    }
+    if (i < n) {  // a single last block
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (c + i) * QK));
+      const __m512i one = _mm512_set1_epi32(static_cast<int>(i));
+      for (int r = 0; r < R; ++r) {
+        const __m256i q = quants32<TYPE>(row + r * row_bytes + (c + i) * T::BYTES);
+        acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8(_mm256_setzero_si256(), q, a)),
+                                  _mm512_castps512_ps256(_mm512_permutexvar_ps(one, s[r])), acc1[r]);
+      }
+    }
   }
-#ifdef LW_DOT4
-  total += hsum(acc);
-#endif
-  return total;
+  for (int r = 0; r < R; ++r) {
+    const float o = _mm512_reduce_add_ps(off[r]);
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], _mm512_zextps256_ps512(acc1[r]))) +
+             (T::MIN ? o : static_cast<float>(T::OFFSET) * o);
+  }
 }
 
-// Q4_0 row . x (int8 blocks of 32): weight j of a block is d (q_j - 8), q from the low nibbles
-// (0-15) and high nibbles (16-31) of its 16 bytes; the -8 comes from the block's activation sum,
-// added to the integer dot before the one float multiply per block.
-float q4_0_dot(const uint8_t* row, Q8Row x, int64_t k) {
-#ifdef LW_DOT4
-  __m256 acc = _mm256_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < k / QK; ++b) {
-    const uint8_t* p = row + b * 18;
-    const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
-    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(n, 4), low),
-                                         _mm_and_si128(n, low));  // weights 0-15 | 16-31
-    const __m256i pr = _mm256_maddubs_epi16(
-        nib, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * QK)));
-    const __m256i sumi = _mm256_add_epi32(dot_i16(_mm256_setzero_si256(), pr, ones),
-                                          _mm256_setr_epi32(-8 * x.bsum[b], 0, 0, 0, 0, 0, 0, 0));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(fp16_to_fp32(p) * x.d[b]),
-                          acc);
+#elif defined(LW_AVX2)
+// fp16 values in the low halves of 8 int32 lanes -> 8 floats
+inline __m256 fp16_lanes(__m256i h) {
+  const __m256i u = _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+}
+
+// R rows (stride row_bytes) . x, one block (32 weights) per 256-bit step.
+template <int64_t TYPE, int R>
+void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* out) {
+  using T = Block32<TYPE>;
+  const int64_t nb = k / QK;
+  __m256 acc[R], off[R];
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i at = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(T::BYTES)));
+  for (int64_t c = 0; c < nb; c += 8) {
+    const int64_t n = std::min<int64_t>(8, nb - c);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+    const __m256 xd = _mm256_maskload_ps(x.d + c, live);
+    alignas(16) int16_t bs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(bs, x.bsum + c, static_cast<size_t>(n) * 2);
+    const __m256 xs = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bs))));
+    __m256 s[R];
+    for (int r = 0; r < R; ++r) {
+      const int* p = reinterpret_cast<const int*>(row + r * row_bytes + c * T::BYTES);
+      s[r] = _mm256_mul_ps(fp16_lanes(_mm256_mask_i32gather_epi32(_mm256_setzero_si256(), p, at, live, 1)), xd);
+      if (T::MIN) {
+        const int* pm = reinterpret_cast<const int*>(row + r * row_bytes + c * T::BYTES + 2);
+        const __m256 m = fp16_lanes(_mm256_mask_i32gather_epi32(_mm256_setzero_si256(), pm, at, live, 1));
+        off[r] = _mm256_fmadd_ps(m, _mm256_mul_ps(xd, xs), off[r]);
+      } else {
+        off[r] = _mm256_fmadd_ps(s[r], xs, off[r]);
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (c + i) * QK));
+      const __m256i one = _mm256_set1_epi32(static_cast<int>(i));
+      for (int r = 0; r < R; ++r) {
+        const __m256i q = quants32<TYPE>(row + r * row_bytes + (c + i) * T::BYTES);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8(_mm256_setzero_si256(), q, a)),
+                                 _mm256_permutevar8x32_ps(s[r], one), acc[r]);
+      }
+    }
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) {
+    const float o = hsum(off[r]);
+    out[r] = hsum(acc[r]) + (T::MIN ? o : static_cast<float>(T::OFFSET) * o);
+  }
+}
+
 #else
-  float total = 0.f;
-  for (int64_t b = 0; b < k / QK; ++b) {
-    const uint8_t* p = row + b * 18;
-    uint8_t q[QK];
-    for (int j = 0; j < 16; ++j) q[j] = p[2 + j] & 0x0F, q[j + 16] = p[2 + j] >> 4;
-    total += fp16_to_fp32(p) * x.d[b] *
-             static_cast<float>(dot_u8_i8(q, x.q + b * QK, QK) - 8 * x.bsum[b]);
+// Portable: each block's quants in weight order, then one plain integer loop.
+template <int64_t TYPE, int R>
+void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* out) {
+  using T = Block32<TYPE>;
+  for (int r = 0; r < R; ++r) {
+    float total = 0.f;
+    for (int64_t b = 0; b < k / QK; ++b) {
+      const uint8_t* p = row + r * row_bytes + b * T::BYTES;
+      const uint8_t* qs = p + T::QS;
+      uint8_t q[QK];
+      for (int j = 0; j < 16; ++j) q[j] = qs[j] & 0x0F, q[j + 16] = qs[j] >> 4;
+      if (T::FIVE) {
+        uint32_t qh;
+        std::memcpy(&qh, p + T::QH, 4);
+        for (int j = 0; j < 4; ++j) {  // the fifth bits, 8 at a time
+          uint64_t lanes;
+          std::memcpy(&lanes, q + 8 * j, 8);
+          lanes |= SPREAD16[(qh >> (8 * j)) & 0xff];
+          std::memcpy(q + 8 * j, &lanes, 8);
+        }
+      }
+      const int sumi = dot_u8_i8(q, x.q + b * QK, QK);
+      const float s = fp16_to_fp32(p) * x.d[b];
+      total += T::MIN ? s * static_cast<float>(sumi) +
+                            fp16_to_fp32(p + 2) * x.d[b] * static_cast<float>(x.bsum[b])
+                      : s * static_cast<float>(sumi + T::OFFSET * x.bsum[b]);
+    }
+    out[r] = total;
   }
-  return total;
+}
 #endif
+
+// R rows of a Q4_0 / Q5_0 / Q5_1 matrix (kind; stride row_bytes) . x -> out[R].
+template <int R>
+inline void dot_block32(int64_t kind, const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k,
+                        float* out) {
+  switch (kind - GGML_KIND) {
+    case T_Q4_0: return dot_b32<T_Q4_0, R>(row, row_bytes, x, k, out);
+    case T_Q5_0: return dot_b32<T_Q5_0, R>(row, row_bytes, x, k, out);
+    default: return dot_b32<T_Q5_1, R>(row, row_bytes, x, k, out);
+  }
 }
 
+// One row of a K-quant matrix (Q4_K, Q5_K, Q6_K) . x.
 float ggml_int8_dot(int64_t kind, const uint8_t* row, Q8Row x, int64_t k) {
-  if (kind == GGML_KIND + T_Q4_0) return q4_0_dot(row, x, k);
-  if (kind == GGML_KIND + T_Q5_0 || kind == GGML_KIND + T_Q5_1)
-    return q5_dot(kind == GGML_KIND + T_Q5_1, row, x, k);
   if (kind == GGML_KIND + T_Q6_K) return q6k_dot(row, x, k);
   if (kind == GGML_KIND + T_Q5_K) return qk4_dot<true>(row, x, k);
   return qk4_dot<false>(row, x, k);

@@ -206,17 +206,33 @@ inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t 
   const int64_t K = in.K, nb = K / QK, b1 = s.b0 + s.nb;
   const uint8_t* end = m.data + m.rows * m.row_bytes;
   float* yc = y + s.col;
+  if (ggml_q8b_kernel(m.kind)) {  // Q4_0 / Q5_0 / Q5_1: four rows at a time, then one by one
+    int64_t i = r0;
+    float four[4];
+    for (; i + 4 <= r1; i += 4) {
+      const uint8_t* w = m.data + i * m.row_bytes;
+      prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
+      for (int64_t b = s.b0; b < b1; ++b) {
+        dot_block32<4>(m.kind, w, m.row_bytes, in.rowb(b), K, four);
+        for (int r = 0; r < 4; ++r) yc[b * ldy + i + r] = four[r];
+      }
+    }
+    for (; i < r1; ++i) {
+      for (int64_t b = s.b0; b < b1; ++b)
+        dot_block32<1>(m.kind, m.data + i * m.row_bytes, m.row_bytes, in.rowb(b), K, yc + b * ldy + i);
+    }
+    return;
+  }
   if (is_ggml_kind(m.kind)) {  // one row at a time: an integer dot over the stored blocks, or
     // (F16) the row dequantized into a buffer, then one dot per input row
-    const bool q8k = ggml_q8k_kernel(m.kind), q8b = ggml_q8b_kernel(m.kind);
+    const bool q8k = ggml_q8k_kernel(m.kind);
     thread_local std::vector<float> buf;
-    if (!q8k && !q8b && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+    if (!q8k && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
     for (int64_t i = r0; i < r1; ++i) {
       const uint8_t* w = m.data + i * m.row_bytes;
       prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);
-      if (q8k || q8b) {  // integer dots over the blocks as stored, on int8 activation blocks
-        for (int64_t b = s.b0; b < b1; ++b)
-          yc[b * ldy + i] = ggml_int8_dot(m.kind, w, q8k ? in.rowk(b) : in.rowb(b), K);
+      if (q8k) {  // integer dots over the blocks as stored, on int8 activation blocks
+        for (int64_t b = s.b0; b < b1; ++b) yc[b * ldy + i] = ggml_int8_dot(m.kind, w, in.rowk(b), K);
         continue;
       }
       ggml_dequant_row(m.kind - GGML_KIND, w, K, buf.data());
