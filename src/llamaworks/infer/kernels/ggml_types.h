@@ -60,6 +60,10 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
   }
 }
 
+// Q4_0 / Q5_0 / Q5_1 rows -> float32 (below, with their dot kernels).
+template <int64_t TYPE>
+void dequant_b32(const uint8_t* row, int64_t k, float* y);
+
 // One row of k weights of GGML type `type` -> float32 y[k].
 void ggml_dequant_row(int64_t type, const uint8_t* row, int64_t k, float* y) {
   switch (type) {
@@ -77,36 +81,9 @@ void ggml_dequant_row(int64_t type, const uint8_t* row, int64_t k, float* y) {
       for (; i < k; ++i) y[i] = fp16_to_fp32(row + 2 * i);
       return;
     }
-    case T_Q4_0:  // d (fp16), 16 bytes: weight j is the low nibble of byte j, 16 + j its high
-      for (int64_t b = 0; b < k / 32; ++b, y += 32) {
-        const uint8_t* p = row + b * 18;
-        const float d = fp16_to_fp32(p);
-        for (int j = 0; j < 16; ++j) {
-          y[j] = static_cast<float>((p[2 + j] & 0x0F) - 8) * d;
-          y[j + 16] = static_cast<float>((p[2 + j] >> 4) - 8) * d;
-        }
-      }
-      return;
-    case T_Q5_0:
-    case T_Q5_1: {
-      const bool has_min = type == T_Q5_1;
-      const int64_t bytes = has_min ? 24 : 22;
-      for (int64_t b = 0; b < k / 32; ++b, y += 32) {
-        const uint8_t* p = row + b * bytes;
-        const float d = fp16_to_fp32(p), m = has_min ? fp16_to_fp32(p + 2) : 0.f;
-        uint32_t qh;
-        std::memcpy(&qh, p + (has_min ? 4 : 2), 4);
-        const uint8_t* qs = p + (has_min ? 8 : 6);
-        const int off = has_min ? 0 : 16;
-        for (int j = 0; j < 16; ++j) {
-          const int x0 = (qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10);
-          const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
-          y[j] = static_cast<float>(x0 - off) * d + m;
-          y[j + 16] = static_cast<float>(x1 - off) * d + m;
-        }
-      }
-      return;
-    }
+    case T_Q4_0: return dequant_b32<T_Q4_0>(row, k, y);
+    case T_Q5_0: return dequant_b32<T_Q5_0>(row, k, y);
+    case T_Q5_1: return dequant_b32<T_Q5_1>(row, k, y);
     case T_Q4_K:
     case T_Q5_K: {
       const bool five = type == T_Q5_K;
@@ -646,6 +623,39 @@ void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* o
   }
 }
 #endif
+
+// Weight j of each block: float32 (q_j + offset) * d, or (Q5_1) q_j * d + m, each product and
+// sum rounded as gguf-py's dequantize rounds them.
+template <int64_t TYPE>
+void dequant_b32(const uint8_t* row, int64_t k, float* y) {
+  using T = Block32<TYPE>;
+  for (int64_t b = 0; b < k / QK; ++b, y += QK) {
+    const uint8_t* p = row + b * T::BYTES;
+    const float d = fp16_to_fp32(p), m = T::MIN ? fp16_to_fp32(p + 2) : 0.f;
+#ifdef LW_DOT4
+    alignas(32) uint8_t q[QK];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), quants32<TYPE>(p));
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    const __m256i off = _mm256_set1_epi32(T::OFFSET);
+    for (int j = 0; j < QK; j += 8) {
+      const __m256i qi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(qi, off)), dv);
+      _mm256_storeu_ps(y + j, T::MIN ? _mm256_add_ps(v, mv) : v);
+    }
+#else
+    const uint8_t* qs = p + T::QS;
+    uint32_t qh = 0;
+    if (T::FIVE) std::memcpy(&qh, p + T::QH, 4);
+    for (int j = 0; j < 16; ++j) {
+      const int x0 = (qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10);
+      const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
+      const float v0 = static_cast<float>(x0 + T::OFFSET) * d, v1 = static_cast<float>(x1 + T::OFFSET) * d;
+      y[j] = T::MIN ? v0 + m : v0;
+      y[j + 16] = T::MIN ? v1 + m : v1;
+    }
+#endif
+  }
+}
 
 // R rows of a Q4_0 / Q5_0 / Q5_1 matrix (kind; stride row_bytes) . x -> out[R].
 template <int R>
