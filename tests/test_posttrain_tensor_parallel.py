@@ -1,7 +1,9 @@
 """`finetune --tensor-parallel 2` under the real torchrun (2 gloo ranks on CPU): LoRA (with
-dropout, adapters kept whole beside the split base) and full fine-tuning log the losses of one
-process at every step and save the adapter / weights one process saves, in its format; a run
-stopped at step 5 resumes on 2 ranks into the same curve; layouts it cannot take are refused."""
+dropout, adapters kept whole beside the split base) and full fine-tuning (from a base with an
+adapter merged in) log the losses of one process at every step and save the adapter / weights
+one process saves, in its format; each rank reads only its rows / columns of every split matrix
+of the safetensors base (a spy on `safetensors.safe_open`); a run stopped at step 5 resumes on
+2 ranks into the same curve; layouts it cannot take are refused."""
 
 from __future__ import annotations
 
@@ -9,14 +11,64 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+from test_tensor_parallel_sliced_load import _split_dim
 
 from llamaworks.errors import LlamaworksError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 10
+
+# `SPY READS CLI-ARGS...` under torchrun: the CLI, with every tensor read from a safetensors file
+# recorded as (file, key, whole or part, stored shape, shape read) into READS.RANK (JSON).
+SPY = textwrap.dedent('''
+    import json
+    import os
+    import sys
+    import safetensors
+
+    reads, real = [], safetensors.safe_open
+
+    class Slice:
+        def __init__(self, path, key, s):
+            self.path, self.key, self.s = path, key, s
+        def get_shape(self):
+            return self.s.get_shape()
+        def __getitem__(self, idx):
+            t = self.s[idx]
+            reads.append((self.path, self.key, "part", list(self.s.get_shape()), list(t.shape)))
+            return t
+
+    class Spy:
+        def __init__(self, path, *a, **k):
+            self.path, self.f = str(path), real(path, *a, **k)
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+        def __getattr__(self, name):  # what load_file uses (get_tensors, ...): unrecorded
+            return getattr(self.f, name)
+        def keys(self):
+            return self.f.keys()
+        def get_slice(self, key):
+            return Slice(self.path, key, self.f.get_slice(key))
+        def get_tensor(self, key):
+            t = self.f.get_tensor(key)
+            reads.append((self.path, key, "whole", list(t.shape), list(t.shape)))
+            return t
+
+    safetensors.safe_open = Spy
+    from llamaworks.cli import main
+
+    code = main(sys.argv[2:])
+    with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:
+        json.dump(reads, f)
+    sys.exit(code)
+''')
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +101,46 @@ LORA = ("--lr", "3e-3", "--rank", "4", "--alpha", "8")  # the CLI's dropout 0.05
 FULL = ("--full", "--lr", "3e-4", "--pack", "--max-len", "512")  # packed rows, not the prefix
 
 
-def _run(args: list[str], ranks: int = 1) -> None:
-    head = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(ranks)]
+def _run(args: list[str], ranks: int = 1) -> list[list]:
+    """Run the CLI in one process, or under torchrun with `ranks` ranks through SPY; returns
+    each rank's safetensors reads (none for one process)."""
+    head = [sys.executable]
+    if ranks > 1:
+        spy = Path(args[args.index("--out") + 1]).parent / "spy.py"
+        spy.write_text(SPY)
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(ranks), str(spy), str(spy.with_suffix(".reads"))]
+        args = args[2:]  # without "-m llamaworks.cli"
     r = subprocess.run([*head, *args], capture_output=True, text=True, timeout=400, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [] if ranks == 1 else [
+        json.loads(spy.with_suffix(f".reads.{i}").read_text()) for i in range(ranks)]
+
+
+def _read_shares(reads: list[list], ckpt: Path) -> None:
+    """Every rank read each tensor of the base checkpoint once: a split matrix (or
+    column-parallel bias) as half its rows / columns, never whole, the others whole."""
+    from safetensors import safe_open
+
+    stored = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as g:
+            stored |= {(f.name, k): list(g.get_slice(k).get_shape())
+                       for k in g.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    n_split = sum(_split_dim(k) is not None for _, k in stored)
+    assert n_split == 2 * 7  # 7 matrices in 2 layers, no biases
+    for rank in reads:
+        base = [(Path(f).name, *r) for f, *r in rank
+                if Path(f).resolve().parent == ckpt.resolve()]
+        assert sorted((f, k) for f, k, *_ in base) == sorted(stored)  # each once
+        for f, key, how, shape, got in base:
+            assert shape == stored[(f, key)], key
+            dim = _split_dim(key)
+            want = list(shape)
+            if dim is not None:
+                assert how == "part", key
+                want[dim] //= 2
+            assert got == want, (key, got, want)
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -105,7 +191,8 @@ def test_lora_on_two_tensor_parallel_ranks_follows_one_process(ckpt_and_data, lo
 
     ckpt, data = ckpt_and_data
     two = tmp_path / "two"
-    _run(_args(ckpt, data, two, *LORA, "--tensor-parallel", "2"), ranks=2)
+    reads = _run(_args(ckpt, data, two, *LORA, "--tensor-parallel", "2"), ranks=2)
+    _read_shares(reads, ckpt)
     _same_losses(lora_one, two)
     cfg1, t1, base1 = read_adapter(lora_one)
     cfg2, t2, base2 = read_adapter(two)
@@ -122,16 +209,19 @@ def test_lora_on_two_tensor_parallel_ranks_follows_one_process(ckpt_and_data, lo
 
 @pytest.mark.slow
 def test_full_finetune_on_two_tensor_parallel_ranks_follows_one_process(ckpt_and_data,
-                                                                       tmp_path):
-    """Full fine-tuning on packed rows: losses within 1e-4 relative at steps 0-10 (measured:
-    2.2e-7); the saved checkpoint is a whole native one (the split tensors gathered) within
-    1e-4 of one process's (measured: 7.9e-6; fused vs foreach AdamW and the split sums)."""
+                                                                       lora_one, tmp_path):
+    """Full fine-tuning on packed rows, from the base with one process's LoRA adapter merged in
+    (on 2 ranks: into each rank's share): losses within 1e-4 relative at steps 0-10 (measured:
+    8e-8); the saved checkpoint is a whole native one (the split tensors gathered) within
+    1e-4 of one process's (measured: 1.1e-6; fused vs foreach AdamW and the split sums)."""
     from llamaworks.checkpoint import load_state_dict
 
     ckpt, data = ckpt_and_data
     one, two = tmp_path / "one", tmp_path / "two"
-    _run(_args(ckpt, data, one, *FULL))
-    _run(_args(ckpt, data, two, *FULL, "--tensor-parallel", "2"), ranks=2)
+    _run(_args(ckpt, data, one, *FULL, "--adapter", str(lora_one)))
+    reads = _run(_args(ckpt, data, two, *FULL, "--adapter", str(lora_one),
+                       "--tensor-parallel", "2"), ranks=2)
+    _read_shares(reads, ckpt)
     _same_losses(one, two)
     _, sd1, _ = load_state_dict(one)
     _, sd2, _ = load_state_dict(two)

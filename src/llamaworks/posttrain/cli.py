@@ -57,10 +57,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
         model = with_float_head(load_as_stored(path).model)
     else:
-        model = load_model(path).model
+        from llamaworks.posttrain.sft import load_split_base
+
+        try:
+            model = load_split_base(path, cfg.tensor_parallel)
+        except ValueError as e:  # a model that does not split
+            raise LlamaworksError(str(e)) from None
+        model = model if model is not None else load_model(path).model
     if cfg.lora is not None and args.dropout is None and model.config.n_experts:
         cfg.lora.dropout = 0.0  # experts get one LoRA each, without dropout (as PEFT's)
-    if args.adapter:  # continue from an adapter: merge it into the base first
+    if args.adapter:  # continue from an adapter: merge it into the base (its share) first
         from llamaworks.posttrain.lora import load_adapter
 
         load_adapter(model, args.adapter)
@@ -316,7 +322,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="under torchrun --nproc-per-node N: split every block's attention "
                    "heads and MLP over the N ranks (dense float models; LoRA adapters stay "
-                   "whole on every rank); rank 0 writes what one process writes")
+                   "whole on every rank; each rank reads only its share of an HF safetensors "
+                   "checkpoint, GGUF/Meta/.bin ones whole); rank 0 writes what one process "
+                   "writes")
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into a native checkpoint")

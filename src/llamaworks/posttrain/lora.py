@@ -350,7 +350,8 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.M
         base = lin.base if isinstance(lin, LoRALinear) else lin
         w = base.weight
         if merge:
-            w += ((b.to(torch.float32) @ a.to(torch.float32)) * cfg.scaling).to(w.dtype)
+            _add_update(w, ((b.to(torch.float32) @ a.to(torch.float32)) * cfg.scaling
+                            ).to(w.dtype))
             continue
         new = LoRALinear(base, a.shape[0], cfg.alpha * a.shape[0] / cfg.r, cfg.dropout)
         new.train(base.training)
@@ -358,6 +359,18 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.M
         new.lora_B.copy_(b)
         setattr(parent, child, new)
     return model
+
+
+def _add_update(w: Tensor, delta: Tensor) -> None:
+    """w += delta (whole, as a weight's shape); a tensor-parallel shard (a DTensor base that
+    `train.tensor_parallel.load_split` read) adds its own rows / columns of it, no collective."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(w, DTensor):
+            w += distribute_tensor(delta, w.device_mesh, w.placements, src_data_rank=None)
+            return
+    w += delta
 
 
 def _stack_expert_pairs(modules: dict[str, nn.Module],

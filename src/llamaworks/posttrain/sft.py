@@ -415,6 +415,32 @@ def restore_weights(model: Llama, lora: LoraConfig | None, folder: Path) -> None
         p.copy_(sd[n])
 
 
+def load_split_base(path: str | Path, tensor_parallel: int) -> Llama | None:
+    """The base model of a fine-tuning run under torchrun with `tensor_parallel` = the world
+    size (> 1) from an HF safetensors directory (one file or shards): this rank's share only,
+    read as `generate --tensor-parallel` reads it (`train.tensor_parallel.load_split`, over the
+    "tp" dimension of the (dp, tp) mesh `parallelize` builds alike next; this joins the process
+    group first), so no rank holds a whole block matrix. None for any other run or checkpoint
+    (GGUF, Meta, `.bin`: they cannot be read in parts, so the caller loads them whole on every
+    rank and `parallelize` splits them). ValueError for a model that does not split."""
+    import os
+
+    if tensor_parallel < 2 or int(os.environ.get("WORLD_SIZE", "1")) != tensor_parallel:
+        return None  # one process, or a layout `_parallelize` refuses by name
+    from llamaworks.checkpoint import resolve
+    from llamaworks.infer.tensor_parallel import reads_slices
+    from llamaworks.train.tensor_parallel import load_split
+
+    if not reads_slices(path):
+        return None
+    info = D.setup("cpu")
+    try:
+        return load_split(resolve(path, "hf"), D.world_mesh(info, tensor_parallel)["tp"])
+    except BaseException:
+        D.teardown(info)
+        raise
+
+
 def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, out: str | Path,
              base_model: str | None = None, fmt: str | None = None, progress: bool = True,
              resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
@@ -429,11 +455,9 @@ def finetune(model: Llama, tokenizer: Any, convs: list[dict], cfg: SFTConfig, ou
     Under torchrun with `cfg.tensor_parallel` = the world size, every rank runs this on the
     same data: the model is split over the ranks (`SFTTrainer`), rank 0 logs and writes what
     one process writes (the gathered adapter or weights), and each checkpoint also holds the
-    ranks' DCP folder (weights and optimizer) to resume from under torchrun. `model` comes
-    whole on every rank (the load's peak is one process's model): it is read, and any adapter
-    applied, before this joins the process group and `parallelize` builds its (dp, tp) mesh,
-    so `train.tensor_parallel.load_split` (each rank reading only its share, as `generate` and
-    `serve --tensor-parallel` do) is not used here."""
+    ranks' DCP folder (weights and optimizer) to resume from under torchrun. `model` is
+    whole, or already this rank's share (`load_split_base`, whose DTensors `parallelize`
+    keeps)."""
     info = D.setup("cpu" if model.lm_head.weight.device.type == "cpu" else None)
     try:
         return _finetune(model, tokenizer, convs, cfg, Path(out), base_model, fmt, progress,

@@ -20,7 +20,9 @@ DTensor placement and handles its own part.
 `load_split` builds the split model straight from an HF safetensors directory: on the meta
 device, each rank reading only its rows / columns of every split matrix (`checkpoint.hf.
 iter_tensors(part=)`) and the replicated tensors whole, so no rank ever holds a whole block
-matrix; the DTensors it makes are the ones `apply_tensor_parallel` would cut from whole tensors.
+matrix; the DTensors it makes are the ones `apply_tensor_parallel` would cut from whole tensors
+(`generate` and `serve --tensor-parallel` on a 1-D mesh; `finetune --tensor-parallel` on the "tp"
+dimension of the (dp, tp) mesh `distributed.parallelize` builds alike, so they are kept there).
 """
 
 from __future__ import annotations
