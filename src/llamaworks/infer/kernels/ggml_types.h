@@ -4,8 +4,9 @@
 // matvec dots that buffer), as plain loops the compiler vectorizes with each tier's flags.
 // Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matvecs are integer dots over the blocks as stored on int8
 // activations: the K-quants one row at a time (`ggml_int8_dot`, 256-bit code in both vector
-// tiers), Q4_0/Q5_0/Q5_1 four rows at a time (`dot_block32`, 512-bit code in the AVX-512 tier);
-// plain integer loops in the portable tier. Layouts and formulas are llama.cpp's ggml-quants.c ones (the
+// tiers; Q4_K/Q5_K four rows at a time in 512-bit steps in the AVX-512 tier, `qk4_rows`),
+// Q4_0/Q5_0/Q5_1 four rows at a time (`dot_block32`, 512-bit code in the AVX-512 tier); plain
+// integer loops in the portable tier. Layouts and formulas are llama.cpp's ggml-quants.c ones (the
 // reference is gguf-py's dequantize, which the tests use).
 //
 // A matrix of one of these types has kind GGML_KIND + its GGML type id (F16 1, Q4_0 2, Q5_0 6,
@@ -673,6 +674,91 @@ float ggml_int8_dot(int64_t kind, const uint8_t* row, Q8Row x, int64_t k) {
   if (kind == GGML_KIND + T_Q6_K) return q6k_dot(row, x, k);
   if (kind == GGML_KIND + T_Q5_K) return qk4_dot<true>(row, x, k);
   return qk4_dot<false>(row, x, k);
+}
+
+#ifdef LW_AVX512
+// Q4_K (FIVE: Q5_K), R rows at a time in 512-bit steps: the 64 quant bytes of sub-blocks
+// (0, 1, 2, 3) and then (4, 5, 6, 7) per load; low nibbles pair sub-blocks 2j and 2j + 2, high
+// ones 2j + 1 and 2j + 3, and the activations are put in that order once for the R rows. Each
+// lane's 6-bit scale comes from one word permute of the row's 8 scales (as int16).
+template <bool FIVE, int R>
+void qk4_rows(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* out) {
+  constexpr int64_t bytes = FIVE ? 176 : 144;
+  __m512 acc[R];
+  __m128 accm[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+  // word lanes 0-15 take scale a, 16-31 scale b: (a, b) = (0, 2), (1, 3), (4, 6), (5, 7)
+  auto pick = [](int a, int b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(static_cast<short>(a))),
+                              _mm256_set1_epi16(static_cast<short>(b)), 1);
+  };
+  const __m512i picks[4] = {pick(0, 2), pick(1, 3), pick(4, 6), pick(5, 7)};
+  // Q5_K: the fifth bit of sub-block s is bit s of qh[l]
+  auto bit = [](int a, int b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8(static_cast<char>(1 << a))),
+                              _mm256_set1_epi8(static_cast<char>(1 << b)), 1);
+  };
+  const __m512i bits[4] = {bit(0, 2), bit(1, 3), bit(4, 6), bit(5, 7)};
+  for (int64_t sb = 0; sb < k / QKK; ++sb) {
+    const int8_t* a = x.q + sb * QKK;
+    const __m512i l0 = _mm512_loadu_si512(a), l1 = _mm512_loadu_si512(a + 64);
+    const __m512i l2 = _mm512_loadu_si512(a + 128), l3 = _mm512_loadu_si512(a + 192);
+    const __m512i act[4] = {_mm512_shuffle_i64x2(l0, l1, 0x44), _mm512_shuffle_i64x2(l0, l1, 0xEE),
+                            _mm512_shuffle_i64x2(l2, l3, 0x44), _mm512_shuffle_i64x2(l2, l3, 0xEE)};
+    const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsum + sb * 16));
+    const __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    const float dx = x.d[sb];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = row + r * row_bytes + sb * bytes;
+      uint32_t sm[4];
+      k4_scales_mins(p + 4, sm);
+      const __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
+      const __m128i mins = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
+      accm[r] = _mm_fmadd_ps(_mm_set1_ps(fp16_to_fp32(p + 2) * dx), _mm_cvtepi32_ps(mins), accm[r]);
+      const __m512i sc = _mm512_castsi256_si512(sm16);
+      const uint8_t* ql = p + (FIVE ? 48 : 16);
+      const __m512i v0 = _mm512_loadu_si512(ql), v1 = _mm512_loadu_si512(ql + 64);
+      __m512i w[4] = {_mm512_and_si512(v0, low), _mm512_and_si512(_mm512_srli_epi16(v0, 4), low),
+                      _mm512_and_si512(v1, low), _mm512_and_si512(_mm512_srli_epi16(v1, 4), low)};
+      __m512i h = _mm512_setzero_si512();
+      if (FIVE) h = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+      __m512i sumi = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        if (FIVE) w[g] = _mm512_mask_add_epi8(w[g], _mm512_test_epi8_mask(h, bits[g]), w[g], sixteen);
+        sumi = dot_i16(sumi, _mm512_maddubs_epi16(w[g], act[g]), _mm512_permutexvar_epi16(picks[g], sc));
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(fp16_to_fp32(p) * dx), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(m);
+  }
+}
+#endif
+
+// Whether a K-quant kind has a kernel for four rows at once in this tier.
+inline bool kquant_rows4(int64_t kind) {
+#ifdef LW_AVX512
+  return kind == GGML_KIND + T_Q4_K || kind == GGML_KIND + T_Q5_K;
+#else
+  (void)kind;
+  return false;
+#endif
+}
+
+// R rows (stride row_bytes) of a K-quant matrix . x -> out[R].
+template <int R>
+inline void kquant_rows(int64_t kind, const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k,
+                        float* out) {
+#ifdef LW_AVX512
+  if (kind == GGML_KIND + T_Q4_K) return qk4_rows<false, R>(row, row_bytes, x, k, out);
+  if (kind == GGML_KIND + T_Q5_K) return qk4_rows<true, R>(row, row_bytes, x, k, out);
+#endif
+  for (int r = 0; r < R; ++r) out[r] = ggml_int8_dot(kind, row + r * row_bytes, x, k);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // (`matvec_segments`).
 #pragma once
 
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
@@ -206,35 +207,38 @@ inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t 
   const int64_t K = in.K, nb = K / QK, b1 = s.b0 + s.nb;
   const uint8_t* end = m.data + m.rows * m.row_bytes;
   float* yc = y + s.col;
-  if (ggml_q8b_kernel(m.kind)) {  // Q4_0 / Q5_0 / Q5_1: four rows at a time, then one by one
-    int64_t i = r0;
-    float four[4];
-    for (; i + 4 <= r1; i += 4) {
+  const bool q8b = ggml_q8b_kernel(m.kind), q8k = ggml_q8k_kernel(m.kind);
+  if (q8b || q8k) {  // integer dots over the blocks as stored, on int8 activation blocks: four
+    // rows at a time, then one by one
+    auto rows = [&](auto r_count, int64_t i) {
+      constexpr int R = decltype(r_count)::value;
       const uint8_t* w = m.data + i * m.row_bytes;
-      prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
+      float v[R];
       for (int64_t b = s.b0; b < b1; ++b) {
-        dot_block32<4>(m.kind, w, m.row_bytes, in.rowb(b), K, four);
-        for (int r = 0; r < 4; ++r) yc[b * ldy + i + r] = four[r];
+        if (q8b) dot_block32<R>(m.kind, w, m.row_bytes, in.rowb(b), K, v);
+        else kquant_rows<R>(m.kind, w, m.row_bytes, in.rowk(b), K, v);
+        for (int r = 0; r < R; ++r) yc[b * ldy + i + r] = v[r];
+      }
+    };
+    int64_t i = r0;
+    if (q8b || kquant_rows4(m.kind)) {
+      for (; i + 4 <= r1; i += 4) {
+        prefetch(m.data + (i + PREFETCH_ROWS) * m.row_bytes, end, 4 * m.row_bytes);
+        rows(std::integral_constant<int, 4>{}, i);
       }
     }
-    for (; i < r1; ++i) {
-      for (int64_t b = s.b0; b < b1; ++b)
-        dot_block32<1>(m.kind, m.data + i * m.row_bytes, m.row_bytes, in.rowb(b), K, yc + b * ldy + i);
+    for (; i < r1; ++i) {  // (a one-row kernel: each row's prefetch before it, as streamed best)
+      prefetch(m.data + (i + PREFETCH_ROWS) * m.row_bytes, end, m.row_bytes);
+      rows(std::integral_constant<int, 1>{}, i);
     }
     return;
   }
-  if (is_ggml_kind(m.kind)) {  // one row at a time: an integer dot over the stored blocks, or
-    // (F16) the row dequantized into a buffer, then one dot per input row
-    const bool q8k = ggml_q8k_kernel(m.kind);
+  if (is_ggml_kind(m.kind)) {  // F16: each row decoded into a buffer, then one dot per input row
     thread_local std::vector<float> buf;
-    if (!q8k && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+    if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
     for (int64_t i = r0; i < r1; ++i) {
       const uint8_t* w = m.data + i * m.row_bytes;
       prefetch(w + PREFETCH_ROWS * m.row_bytes, end, m.row_bytes);
-      if (q8k) {  // integer dots over the blocks as stored, on int8 activation blocks
-        for (int64_t b = s.b0; b < b1; ++b) yc[b * ldy + i] = ggml_int8_dot(m.kind, w, in.rowk(b), K);
-        continue;
-      }
       ggml_dequant_row(m.kind - GGML_KIND, w, K, buf.data());
       for (int64_t b = s.b0; b < b1; ++b) yc[b * ldy + i] = dot_f32(buf.data(), x + b * K, K);
     }
