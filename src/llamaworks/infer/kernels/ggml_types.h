@@ -242,6 +242,29 @@ constexpr Spread16 SPREAD16;
 // Byte-shuffle mask that repeats 16-bit lane i of each 128-bit half everywhere in that half.
 inline __m256i rep16(int i) { return _mm256_set1_epi16(static_cast<short>((2 * i + 1) << 8 | 2 * i)); }
 
+// The activation sums of a super-block's 8 sub-blocks of 32 (pairs of its 16 bsums), as int16.
+inline __m128i sub_block_sums(const int16_t* bsum) {
+  const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum));
+  return _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+}
+
+// A Q4_K / Q5_K super-block's 8 scales (int16 lanes 0-7) and 8 mins (8-15); adds the mins' part,
+// dmin dx sum_j min_j * sums_j, to *accm (subtracted at the end).
+inline __m256i k4_scales_add_mins(const uint8_t* p, __m128i sums, float dx, __m128* accm) {
+  uint32_t sm[4];
+  k4_scales_mins(p + 4, sm);
+  const __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
+  const __m128i mins = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), sums);
+  *accm = _mm_fmadd_ps(_mm_set1_ps(fp16_to_fp32(p + 2) * dx), _mm_cvtepi32_ps(mins), *accm);
+  return sm16;
+}
+
+// The sum of a 128-bit float vector's lanes.
+inline float hsum4(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
 // Bit `pos` of each byte of h as 16 or 0 (Q5_K's fifth bit).
 inline __m256i bit_as_16(__m256i h, int pos) {
   const __m256i s = pos <= 4 ? _mm256_slli_epi16(h, 4 - pos) : _mm256_srli_epi16(h, pos - 4);
@@ -263,14 +286,7 @@ float qk4_dot(const uint8_t* row, Q8Row x, int64_t k) {
     const uint8_t* ql = p + (FIVE ? 48 : 16);
     const int8_t* a = x.q + sb * QKK;
     const float dx = x.d[sb];
-    uint32_t sm[4];
-    k4_scales_mins(p + 4, sm);
-    const __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
-    // the mins' part: min_j * (activation sum of sub-block j = two bsums)
-    const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsum + sb * 16));
-    const __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-    const __m128i mins = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
-    accm = _mm_fmadd_ps(_mm_set1_ps(fp16_to_fp32(p + 2) * dx), _mm_cvtepi32_ps(mins), accm);
+    const __m256i sm16 = k4_scales_add_mins(p, sub_block_sums(x.bsum + sb * 16), dx, &accm);
     const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
     __m256i h = _mm256_setzero_si256();
     if (FIVE) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
@@ -292,9 +308,7 @@ float qk4_dot(const uint8_t* row, Q8Row x, int64_t k) {
     }
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(fp16_to_fp32(p) * dx), acc);
   }
-  __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-  m = _mm_add_ss(m, _mm_movehdup_ps(m));
-  return hsum(acc) - _mm_cvtss_f32(m);
+  return hsum(acc) - hsum4(accm);
 #else
   float total = 0.f;
   for (int64_t sb = 0; sb < k / QKK; ++sb) {
@@ -706,17 +720,11 @@ void qk4_rows(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* 
     const __m512i l2 = _mm512_loadu_si512(a + 128), l3 = _mm512_loadu_si512(a + 192);
     const __m512i act[4] = {_mm512_shuffle_i64x2(l0, l1, 0x44), _mm512_shuffle_i64x2(l0, l1, 0xEE),
                             _mm512_shuffle_i64x2(l2, l3, 0x44), _mm512_shuffle_i64x2(l2, l3, 0xEE)};
-    const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsum + sb * 16));
-    const __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    const __m128i sums = sub_block_sums(x.bsum + sb * 16);
     const float dx = x.d[sb];
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = row + r * row_bytes + sb * bytes;
-      uint32_t sm[4];
-      k4_scales_mins(p + 4, sm);
-      const __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
-      const __m128i mins = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
-      accm[r] = _mm_fmadd_ps(_mm_set1_ps(fp16_to_fp32(p + 2) * dx), _mm_cvtepi32_ps(mins), accm[r]);
-      const __m512i sc = _mm512_castsi256_si512(sm16);
+      const __m512i sc = _mm512_castsi256_si512(k4_scales_add_mins(p, sums, dx, &accm[r]));
       const uint8_t* ql = p + (FIVE ? 48 : 16);
       const __m512i v0 = _mm512_loadu_si512(ql), v1 = _mm512_loadu_si512(ql + 64);
       __m512i w[4] = {_mm512_and_si512(v0, low), _mm512_and_si512(_mm512_srli_epi16(v0, 4), low),
@@ -732,11 +740,7 @@ void qk4_rows(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* 
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(fp16_to_fp32(p) * dx), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(m);
-  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) - hsum4(accm[r]);
 }
 #endif
 
