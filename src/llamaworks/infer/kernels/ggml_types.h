@@ -574,7 +574,7 @@ void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* o
   for (int64_t c = 0; c < nb; c += 8) {
     const int64_t n = std::min<int64_t>(8, nb - c);
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
-    const __m256 xd = _mm256_maskload_ps(x.d + c, live);
+    const __m256 xd = load_f32x8(x.d + c, n);
     alignas(16) int16_t bs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(bs, x.bsum + c, static_cast<size_t>(n) * 2);
     const __m256 xs = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bs))));
