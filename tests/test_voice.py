@@ -159,7 +159,7 @@ def test_speak_bad_input_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFi
     out.write_bytes(b"old")
     for argv in (["--voice", "nobody", "--text", "Hi."], ["--text", "  "],
                  ["--file", str(tmp_path / "missing.txt")], ["--text", "Hi.", "--speed", "9"],
-                 ["--text", "Hi.", "--file", "x"]):
+                 ["--text", "Hi.", "--variation", "2"], ["--text", "Hi.", "--file", "x"]):
         assert main(["speak", "--out", str(out), *argv]) == 2
         assert capsys.readouterr().err.startswith("error: ")
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.wav"]
@@ -192,6 +192,17 @@ def test_speak_speed_shortens_the_audio(tmp_path: Path) -> None:
     assert fast < 0.7 * slow
 
 
+def test_piper_at_variation_0_speaks_the_same_text_as_the_same_audio(tmp_path: Path) -> None:
+    """Variation 0 turns off piper's sampling noise (same text, same samples); the published
+    voice (variation 1) draws new noise for every synthesis."""
+    text = "The same words, twice."
+    a, b, c, d = (tmp_path / f"{n}.wav" for n in "abcd")
+    for path, variation in ((a, 0.0), (b, 0.0), (c, 1.0), (d, 1.0)):
+        tts.speak_to_wav(text, path, "joe", variation=variation)
+    assert _read(a) == _read(b)
+    assert _read(c) != _read(d) and _read(a) != _read(c)
+
+
 def test_speak_failure_mid_text_keeps_the_old_file(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after the first sentence was written leaves the old file and no temporary."""
@@ -216,8 +227,9 @@ def test_streaming_yields_the_first_sentence_before_the_last_is_synthesized(
     asked: list[str] = []
     real_open = tts.open_engine
 
-    def open_engine(v: str | None, speed: float) -> tts.PiperEngine | tts.EspeakEngine:
-        engine = real_open(v, speed)
+    def open_engine(v: str | None, speed: float,
+                    variation: float = 1.0) -> tts.PiperEngine | tts.EspeakEngine:
+        engine = real_open(v, speed, variation=variation)
         real_synth = engine.synth
 
         def synth(sentence: str) -> tuple[bytes, int]:

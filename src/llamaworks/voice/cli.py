@@ -41,7 +41,7 @@ def cmd_speak(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         raise LlamaworksError(f"--out {args.out} is a directory; pass a .wav file name")
     fmt = format_for_path(args.out)  # an unknown ending or a missing encoder: before speaking
-    n, seconds, rate = speak_to_file(text, args.out, args.voice, args.speed, fmt)
+    n, seconds, rate = speak_to_file(text, args.out, args.voice, args.speed, fmt, args.variation)
     print(f"wrote {args.out} ({n} sentence{'s' * (n != 1)}, {seconds:.2f} s at {rate} Hz)")
     return 0
 
@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voice", default=None,
                    help="joe (piper, default when installed), espeak or espeak:VOICE")
     p.add_argument("--speed", type=float, default=1.0, help="speaking rate, 0.25-4 (default 1)")
+    p.add_argument("--variation", type=float, default=1.0,
+                   help="piper's sampling noise, 0-1 (default 1, the voice as published; 0 "
+                   "speaks the same text as the same audio every time)")
     p.set_defaults(fn=cmd_speak)
 
 
@@ -85,6 +88,9 @@ def add_chat_voice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice", default=None,
                    help="the voice of --voice-out: joe (piper, default when installed), espeak "
                    "or espeak:VOICE")
+    p.add_argument("--voice-variation", type=float, default=1.0, metavar="V",
+                   help="piper's sampling noise for --voice-out, 0-1 (default 1; 0: the same "
+                   "reply is the same audio every time)")
     p.add_argument("--asr-model", default=TURN_ASR_MODEL,
                    help=f"the Whisper model hearing --voice-in and /voice (default "
                    f"{TURN_ASR_MODEL}: fastest, English; base for other languages)")
@@ -113,7 +119,9 @@ class ChatVoice:
         self.asr_model = getattr(args, "asr_model", None) or "tiny.en"
         self.out = SpeechFile(vout, gap_s=tts.SENTENCE_GAP_S) if vout is not None else None
         self.samples = asr.load_audio(vin) if vin is not None else None
-        self.engine = tts.open_engine(args.voice, warm=True) if vout is not None else None
+        self.engine = (tts.open_engine(args.voice, warm=True,
+                                       variation=getattr(args, "voice_variation", 1.0))
+                       if vout is not None else None)
         self.heard: str | None = None
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -87,17 +88,22 @@ def espeak_program() -> str | None:
 
 class PiperEngine:
     """A `python -m piper` process: each sentence written to its stdin as one line comes back
-    as one WAV file in a private folder (piper logs `Wrote PATH` on stderr when it is done)."""
+    as one WAV file in a private folder (piper logs `Wrote PATH` on stderr when it is done).
+    `variation` scales the voice's sampling noise (its config's noise_scale and noise_w): 1 is
+    the voice as published, 0 speaks the same text as the same audio every time."""
 
     name = "joe"
 
-    def __init__(self, speed: float = 1.0, warm: bool = False) -> None:
+    def __init__(self, speed: float = 1.0, warm: bool = False, variation: float = 1.0) -> None:
         files = piper_voice_files()
         if files is None or importlib.util.find_spec("piper") is None:
             raise LlamaworksError(f"the piper voice is not installed: {PIPER_HINT}")
+        noise = json.loads(files[1].read_text()).get("inference", {})
         self._dir = tempfile.TemporaryDirectory(prefix="llamaworks-piper-")
         cmd = [sys.executable, "-m", "piper", "-m", str(files[0]), "-c", str(files[1]),
-               "-d", self._dir.name, "--length-scale", f"{1.0 / speed:.4f}"]
+               "-d", self._dir.name, "--length-scale", f"{1.0 / speed:.4f}",
+               "--noise-scale", f"{variation * noise.get('noise_scale', 0.667):.4f}",
+               "--noise-w-scale", f"{variation * noise.get('noise_w', 0.8):.4f}"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, text=True, bufsize=1, env=env)
@@ -169,17 +175,20 @@ class EspeakEngine:
         pass
 
 
-def open_engine(voice: str | None = None, speed: float = 1.0,
-                warm: bool = False) -> PiperEngine | EspeakEngine:
+def open_engine(voice: str | None = None, speed: float = 1.0, warm: bool = False,
+                variation: float = 1.0) -> PiperEngine | EspeakEngine:
     """`voice` None: piper's joe when installed, else espeak-ng (with a note on stderr); `joe`;
     `espeak` or `espeak:VOICE` (an espeak-ng voice name such as en-us, en-gb, de). `warm`: have
     piper load its voice and speak a warm-up sentence now (in its own process, while the caller
-    goes on), so the first real sentence does not wait for that."""
+    goes on), so the first real sentence does not wait for that. `variation`: piper's sampling
+    noise, 0-1 (0: the same audio every time; espeak-ng always is)."""
     if not 0.25 <= speed <= 4.0:
         raise LlamaworksError(f"--speed {speed}: must be between 0.25 and 4")
+    if not 0.0 <= variation <= 1.0:
+        raise LlamaworksError(f"voice variation {variation}: must be between 0 and 1")
     if voice is None:
         if piper_available():
-            return PiperEngine(speed, warm)
+            return PiperEngine(speed, warm, variation)
         if espeak_program() is None:
             raise LlamaworksError(f"no speech engine is installed: install piper "
                                   f"({PIPER_HINT}) or espeak-ng ({ESPEAK_HINT})")
@@ -187,7 +196,7 @@ def open_engine(voice: str | None = None, speed: float = 1.0,
               file=sys.stderr)
         return EspeakEngine(speed=speed)
     if voice == PIPER_VOICE:
-        return PiperEngine(speed, warm)
+        return PiperEngine(speed, warm, variation)
     if voice == "espeak" or voice.startswith("espeak:"):
         return EspeakEngine(voice.partition(":")[2] or "en-us", speed)
     raise LlamaworksError(f"unknown voice {voice!r}: use {PIPER_VOICE} (piper), espeak or "
@@ -200,13 +209,14 @@ def available_engines() -> list[str]:
         ["espeak"] if espeak_program() else [])
 
 
-def synthesize(text: str, voice: str | None = None, speed: float = 1.0) -> Iterator[Speech]:
+def synthesize(text: str, voice: str | None = None, speed: float = 1.0,
+               variation: float = 1.0) -> Iterator[Speech]:
     """Yield each sentence's audio as soon as it is synthesized (the engine process is closed
     when the generator finishes or is closed)."""
     sentences = split_sentences(text)
     if not sentences:
         raise LlamaworksError("nothing to speak: the text has no words")
-    engine = open_engine(voice, speed)
+    engine = open_engine(voice, speed, variation=variation)
     try:
         for s in sentences:
             pcm, rate = engine.synth(s)
@@ -216,7 +226,8 @@ def synthesize(text: str, voice: str | None = None, speed: float = 1.0) -> Itera
 
 
 def speak_to_file(text: str, out: str | os.PathLike[str], voice: str | None = None,
-                  speed: float = 1.0, fmt: str | None = None) -> tuple[int, float, int]:
+                  speed: float = 1.0, fmt: str | None = None,
+                  variation: float = 1.0) -> tuple[int, float, int]:
     """Write the speech of `text` to the audio file `out` atomically, sentence by sentence (each
     sentence is encoded as it arrives, into a temporary file renamed at the end); `fmt` wav, mp3,
     flac, opus or aac (default: from the file name's ending, none meaning wav); returns
@@ -224,7 +235,7 @@ def speak_to_file(text: str, out: str | os.PathLike[str], voice: str | None = No
     from llamaworks.voice.encode import SpeechFile
 
     target = SpeechFile(out, fmt, SENTENCE_GAP_S)  # a bad name or format: before any speech
-    speech = synthesize(text, voice, speed)
+    speech = synthesize(text, voice, speed, variation)
     first = next(speech)  # errors before any file exists
     with target:
         target.add(first.pcm, first.sample_rate)
@@ -234,6 +245,6 @@ def speak_to_file(text: str, out: str | os.PathLike[str], voice: str | None = No
 
 
 def speak_to_wav(text: str, out: str | os.PathLike[str], voice: str | None = None,
-                 speed: float = 1.0) -> tuple[int, float, int]:
+                 speed: float = 1.0, variation: float = 1.0) -> tuple[int, float, int]:
     """`speak_to_file` as WAV whatever the file is called."""
-    return speak_to_file(text, out, voice, speed, "wav")
+    return speak_to_file(text, out, voice, speed, "wav", variation)

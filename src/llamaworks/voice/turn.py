@@ -235,9 +235,10 @@ class VoiceChat:
     default (SmolLM2; with `tools` and no model, the shipped tool adapter merged as `chat --tools`
     does). tools: tool names ("calculator,python") or a `ToolRegistry` (then each turn is the
     agent loop). params: `SamplingParams` (default: `llamaworks chat`'s, 256 new tokens). voice,
-    speed: as `speak` (the engine process is started, and piper warmed, at once). asr_model,
-    language: what hears the audio (default tiny.en, English; loaded at once). threads: decode
-    threads (None: the free cores before each reply) and Whisper's (None: all cores)."""
+    speed, variation: as `speak` (the engine process is started, and piper warmed, at once).
+    asr_model, language: what hears the audio (default tiny.en, English; loaded at once).
+    threads: decode threads (None: the free cores before each reply) and Whisper's (None: all
+    cores)."""
 
     llm: Any = None
     system: str | None = None
@@ -246,6 +247,7 @@ class VoiceChat:
     max_steps: int = 5
     voice: str | None = None
     speed: float = 1.0
+    variation: float = 1.0
     asr_model: str = TURN_ASR_MODEL
     language: str | None = None
     threads: int | None = None
@@ -260,7 +262,7 @@ class VoiceChat:
 
             self.registry = (self.tools if isinstance(self.tools, ToolRegistry)
                              else default_registry(self.tools))
-        self.engine = tts.open_engine(self.voice, self.speed, warm=True)
+        self.engine = tts.open_engine(self.voice, self.speed, warm=True, variation=self.variation)
         try:
             if not isinstance(self.llm, LLM):
                 self.llm = self._load(self.llm)
