@@ -698,3 +698,23 @@ def test_smollm2_q4_k_m_from_llama_cpp_scores_as_transformers_gguf_loader(smollm
     llm.step.fused = None
     per_op = llm.generate("The capital of France is", p)[0]
     assert_same_greedy_up_to_a_near_tie(fused, per_op)
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_greedy_with_bf16_prompt_gemms_equals_float32_up_to_a_near_tie(
+        smollm2_q4_k_m, monkeypatch):
+    """The engine's prompt chunks may run their GEMMs over quantized weight tiles in bf16
+    (`LLAMAWORKS_PROMPT_GEMM`, default on AMX machines): on a real Q4_K_M file the cache they
+    write moves the logits (so the bf16 path ran) but not the greedy continuation, except at a
+    near-tie."""
+    from llamaworks import LLM, SamplingParams
+
+    prompt = ("The history of the city begins with a small fishing village on the river, where "
+              "traders from the north and the south met every summer to exchange")
+    p = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+    out = {}
+    for mode in ("fp32", "bf16"):
+        monkeypatch.setenv("LLAMAWORKS_PROMPT_GEMM", mode)
+        out[mode] = LLM(smollm2_q4_k_m).generate(prompt, p)[0]
+    assert out["fp32"].logprobs[0] != out["bf16"].logprobs[0]
+    assert_same_greedy_up_to_a_near_tie(out["fp32"], out["bf16"])

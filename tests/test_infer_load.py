@@ -32,6 +32,8 @@ from llamaworks.infer.quantize import (
     Int4Linear,
     Int8Linear,
     block_linear,
+    fast_prompt,
+    prompt_gemm_dtype,
 )
 
 Q4_1 = gguf.GGMLQuantizationType.Q4_1
@@ -150,6 +152,51 @@ def test_block_linear_takes_kernels_for_few_rows_and_tiled_gemm_for_many(bits, m
         y = block_linear(x, blocks, bits, None)
         tol = 2e-4 if rows < GEMM_MIN_ROWS else 1e-5
         torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def _q4_k_rows(n: int, k: int) -> torch.Tensor:
+    from test_quant_kernels import ggml_blocks
+
+    return torch.from_numpy(ggml_blocks("Q4_K", n, k, seed=1))
+
+
+def test_prompt_gemms_are_float32_outside_fast_prompt_and_bf16_inside_when_asked(monkeypatch):
+    """Only the engine's prompt chunks (`fast_prompt`) may round: there a bf16 GEMM is within
+    bf16's rounding of the float64 product and not the float32 result; outside it (scoring,
+    every-token logits) the same call stays float32-exact even with bf16 asked for."""
+    kind, k = kernels.GGML_KINDS["Q4_K"], 512
+    blocks = _q4_k_rows(80, k)
+    w = kernels.dequant_rows(blocks, kind, k).double()
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ w.T
+    monkeypatch.setenv("LLAMAWORKS_PROMPT_GEMM", "bf16")
+    monkeypatch.setattr("llamaworks.infer.quantize.GEMM_TILE_ROWS", 32)
+    exact = block_linear(x, blocks, kind, None)
+    assert exact.dtype == torch.float32
+    torch.testing.assert_close(exact.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    with fast_prompt():
+        assert prompt_gemm_dtype() == torch.bfloat16
+        fast = block_linear(x, blocks, kind, None)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    # x and w rounded to 8 significant bits (2^-9 relative each), the output once more
+    size = x.double().abs() @ w.abs().T
+    assert ((fast.double() - ref).abs() <= 2 ** -7 * size).all()
+    monkeypatch.setenv("LLAMAWORKS_PROMPT_GEMM", "fp32")
+    with fast_prompt():
+        assert torch.equal(block_linear(x, blocks, kind, None), exact)
+
+
+def test_auto_prompt_gemm_is_bf16_only_on_the_avx512_tier_with_amx(monkeypatch):
+    monkeypatch.delenv("LLAMAWORKS_PROMPT_GEMM", raising=False)
+    assert prompt_gemm_dtype("avx512") == torch.float32  # outside fast_prompt: always exact
+    for amx, tier, want in [(True, "avx512", torch.bfloat16), (True, "avx2", torch.float32),
+                            (True, "scalar", torch.float32), (False, "avx512", torch.float32)]:
+        monkeypatch.setattr("llamaworks.infer.quantize._amx_bf16", lambda amx=amx: amx)
+        with fast_prompt():
+            assert prompt_gemm_dtype(tier) == want, (amx, tier)
+    monkeypatch.setenv("LLAMAWORKS_PROMPT_GEMM", "int3")
+    with fast_prompt(), pytest.raises(ValueError, match="LLAMAWORKS_PROMPT_GEMM='int3'"):
+        prompt_gemm_dtype()
 
 
 def test_quant_on_a_quantized_file_warns_about_double_quantization(mixed):

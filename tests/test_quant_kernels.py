@@ -392,6 +392,23 @@ def test_gguf_type_rows_dequantize_as_gguf_py(tier, type_name):
 
 
 @pytest.mark.parametrize("tier", kernels.host_tiers())
+@pytest.mark.parametrize("type_name", list(kernels.GGML_KINDS))
+def test_gguf_type_rows_decode_to_bf16_as_float32_rounded_to_nearest_even(tier, type_name):
+    """The bf16 weight tiles of prompt GEMMs: bit for bit torch's float32 -> bf16 rounding of
+    the float32 dequantization (one pass, no float32 tile)."""
+    kind, k = kernels.GGML_KINDS[type_name], 768
+    raw = torch.from_numpy(ggml_blocks(type_name, 37, k, seed=5))
+    if type_name == "F16":  # a corrupt file's infinities and NaNs stay what they are
+        raw.view(torch.float16)[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    got = kernels.dequant_rows_bf16(raw, kind, k, tier)
+    assert got.dtype == torch.bfloat16 and got.shape == (37, k)
+    want = kernels.dequant_rows(raw, kind, k, tier).to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("tier", kernels.host_tiers())
 @pytest.mark.parametrize("lead", [(1,), (3,)], ids=["decode", "batch"])
 def test_f16_kernel_equals_float64_matmul(tier, lead):
     import gguf

@@ -16,7 +16,11 @@ Activations stay in the model's dtype; results are cast back to it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import functools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,6 +85,46 @@ GEMM_MIN_ROWS = 16
 GEMM_TILE_ROWS = 2048  # weight rows dequantized at a time (2048 x 4096 floats = 32 MB)
 
 
+PROMPT_GEMMS = ("auto", "fp32", "bf16")
+_FAST_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_prompt", default=False)
+
+
+@functools.cache
+def _amx_bf16() -> bool:
+    """Whether this CPU has AMX's bf16 tiles and PyTorch's oneDNN will use bf16 GEMMs."""
+    return "amx_bf16" in kernels._cpu_flags().split() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def prompt_gemm_dtype(tier: str | None = None) -> torch.dtype:
+    """The precision of the GEMMs over dequantized weight tiles (`block_linear`) inside
+    `fast_prompt()` (outside it: float32, exact, as the dequantized model computes it: scoring,
+    evaluation, prompt log-probabilities). `LLAMAWORKS_PROMPT_GEMM`: `fp32`; `bf16` (weights,
+    activations and the GEMM's output rounded to bfloat16, float32 accumulation: oneDNN's
+    kernels); `auto` (default): bf16 where the CPU has AMX-BF16 and the kernel tier is avx512
+    (its tiles run the GEMM 6-7x faster than float32 there, BENCHMARKS.md), else fp32."""
+    if not _FAST_PROMPT.get():
+        return torch.float32
+    want = os.environ.get("LLAMAWORKS_PROMPT_GEMM", "auto").strip().lower() or "auto"
+    if want not in PROMPT_GEMMS:
+        raise ValueError(f"LLAMAWORKS_PROMPT_GEMM={want!r}: choose one of "
+                         f"{', '.join(PROMPT_GEMMS)}")
+    if want == "auto":
+        want = "bf16" if (tier or kernels.tier()) == "avx512" and _amx_bf16() else "fp32"
+    return torch.bfloat16 if want == "bf16" else torch.float32
+
+
+@contextlib.contextmanager
+def fast_prompt() -> Iterator[None]:
+    """Within: prompt GEMMs at `prompt_gemm_dtype`'s precision (the engine's prompt chunks, whose
+    only outputs are the cache and the last token's logits)."""
+    token = _FAST_PROMPT.set(True)
+    try:
+        yield
+    finally:
+        _FAST_PROMPT.reset(token)
+
+
 def dequantize_blocks(blocks: Tensor, kind: int, k: int, tier: str | None = None) -> Tensor:
     """float32 weights [N, k] of block rows of `kind`: 4 = our packed Q4_1, 8 = packed Q8_0, a
     `kernels.GGML_KINDS` value = that GGUF type's own blocks."""
@@ -99,12 +143,16 @@ def gathered_rows(blocks: Tensor, idx: Tensor, kind: int, k: int, tier: str | No
     return w.reshape(*idx.shape, k)
 
 
-def _weight_tiles(blocks: Tensor, kind: int, k: int, tier: str | None
-                  ) -> Iterator[tuple[int, int, Tensor]]:
-    """(r0, r1, float32 weights of rows r0:r1) over the block rows, GEMM_TILE_ROWS at a time."""
+def _weight_tiles(blocks: Tensor, kind: int, k: int, tier: str | None,
+                  dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, int, Tensor]]:
+    """(r0, r1, weights of rows r0:r1 in `dtype`) over the block rows, GEMM_TILE_ROWS at a
+    time (GGUF types decode straight to bf16 when asked)."""
     for r0 in range(0, blocks.shape[0], GEMM_TILE_ROWS):
         r1 = min(r0 + GEMM_TILE_ROWS, blocks.shape[0])
-        yield r0, r1, dequantize_blocks(blocks[r0:r1], kind, k, tier)
+        if dtype == torch.bfloat16 and kind not in (4, 8):
+            yield r0, r1, kernels.dequant_rows_bf16(blocks[r0:r1], kind, k, tier)
+        else:
+            yield r0, r1, dequantize_blocks(blocks[r0:r1], kind, k, tier).to(dtype)
 
 
 def block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tensor:
@@ -117,9 +165,10 @@ def block_linear(x: Tensor, blocks: Tensor, kind: int, tier: str | None) -> Tens
             linear = kernels.q4_1_linear if kind == 4 else kernels.q8_0_linear
             return linear(x, blocks, tier)
         return kernels.gguf_linear(x, blocks, kind, tier)
-    x2 = x.reshape(rows, x.shape[-1]).float()
-    y = torch.empty(rows, blocks.shape[0], dtype=torch.float32, device=x.device)
-    for r0, r1, w in _weight_tiles(blocks, kind, x.shape[-1], tier):
+    dtype = prompt_gemm_dtype(tier)
+    x2 = x.reshape(rows, x.shape[-1]).to(dtype)
+    y = torch.empty(rows, blocks.shape[0], dtype=dtype, device=x.device)
+    for r0, r1, w in _weight_tiles(blocks, kind, x.shape[-1], tier, dtype):
         torch.mm(x2, w.T, out=y[:, r0:r1])
     return y.reshape(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 

@@ -6,11 +6,14 @@ it, else on a `torch.compile`d forward when asked (falling back to eager with a 
 the eager forward. `--compile` never replaces a fused step: the fused step is the faster one on
 CPU (BENCHMARKS.md), so asking for compile with it available only logs which step runs. Several
 tokens per row (a prompt chunk, forced tool tokens, draft tokens to verify) always run the eager
-forward, whose matmuls are already batched over the tokens.
+forward, whose matmuls are already batched over the tokens; a prompt chunk whose only outputs
+are the cache and its last logits runs it under `quantize.fast_prompt()` (bf16 GEMMs over
+quantized weights where the CPU has AMX), anything asking for every token's logits in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from llamaworks.infer.kv import KVPool
+from llamaworks.infer.quantize import fast_prompt
 from llamaworks.model import Llama
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,11 @@ class Step:
                     if every or a + feed >= len(chunks[i]):
                         out[i].append(lg)
             return [torch.cat(o) for o in out]
+        with contextlib.nullcontext() if every else fast_prompt():
+            return self._extend(pool, rows, chunks, starts, every)
+
+    def _extend(self, pool: KVPool, rows: Sequence[int], chunks: Sequence[Sequence[int]],
+                starts: Sequence[int], every: bool) -> list[Tensor]:
         model, device = self.model, pool.cache.k.device
         lengths = [len(c) for c in chunks]
         t = max(lengths)

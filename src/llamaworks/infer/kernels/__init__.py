@@ -254,6 +254,11 @@ def dequant_rows(w: Tensor, kind: int, k: int, tier: str | None = None) -> Tenso
     return ops(tier).dequant_rows(w, kind, k)
 
 
+def dequant_rows_bf16(w: Tensor, kind: int, k: int, tier: str | None = None) -> Tensor:
+    """`dequant_rows` rounded to bfloat16 (to nearest even, as `Tensor.to`), in one pass."""
+    return ops(tier).dequant_rows_bf16(w, kind, k)
+
+
 def q8_quantize(x: Tensor, block: int, tier: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The int8 activations the GGUF-type kernels dot against, of x [R, K]: per block of 256 (the
     K-quants Q4_K / Q5_K / Q6_K, with sums per 16) or of 32 (Q4_0 / Q5_0 / Q5_1, sums per block):

@@ -53,19 +53,49 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
   return qlinear(x, w, kind);
 }
 
-// The float32 weights [N, k] of GGUF block rows W (kind as above), rows split across threads.
-at::Tensor dequant_rows(const at::Tensor& w, int64_t kind, int64_t k) {
+static void check_block_rows(const at::Tensor& w, int64_t kind, int64_t k) {
   TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
               "weight blocks must be a contiguous uint8 [out, bytes] CPU tensor");
   TORCH_CHECK(is_ggml_kind(kind), "unknown GGUF weight kind ", kind);
   TORCH_CHECK(w.size(1) == row_bytes(kind, k), "input size ", k, " does not match rows of ",
               w.size(1), " bytes");
+}
+
+// The float32 weights [N, k] of GGUF block rows W (kind as above), rows split across threads.
+at::Tensor dequant_rows(const at::Tensor& w, int64_t kind, int64_t k) {
+  check_block_rows(w, kind, k);
   at::Tensor out = at::empty({w.size(0), k}, at::kFloat);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   const int64_t rb = w.size(1);
   at::parallel_for(0, w.size(0), 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) ggml_dequant_row(kind - GGML_KIND, wp + r * rb, k, op + r * k);
+  });
+  return out;
+}
+
+// The same weights rounded to bfloat16 as at::Tensor::to rounds (to nearest even; a NaN becomes
+// c10's quiet NaN 0x7fc0): the prompt GEMMs' bf16 tiles without a float32 tile written and
+// read again.
+at::Tensor dequant_rows_bf16(const at::Tensor& w, int64_t kind, int64_t k) {
+  check_block_rows(w, kind, k);
+  at::Tensor out = at::empty({w.size(0), k}, at::kBFloat16);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t rb = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(k);
+    for (int64_t r = r0; r < r1; ++r) {
+      ggml_dequant_row(kind - GGML_KIND, wp + r * rb, k, row.data());
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(row.data());
+      uint16_t* o = op + r * k;
+      for (int64_t i = 0; i < k; ++i) {
+        const uint32_t b = bits[i];
+        o[i] = (b & 0x7fffffffu) > 0x7f800000u
+                   ? static_cast<uint16_t>(0x7fc0u)
+                   : static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+      }
+    }
   });
   return out;
 }
@@ -155,6 +185,7 @@ LW_LIBRARY(m) {
   m.def("rows_dot(Tensor x, Tensor w, Tensor idx, int bits) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor w, int kind) -> Tensor");
   m.def("dequant_rows(Tensor w, int kind, int k) -> Tensor");
+  m.def("dequant_rows_bf16(Tensor w, int kind, int k) -> Tensor");
   m.def("q8_quantize(Tensor x, int block) -> (Tensor, Tensor, Tensor)");
   m.def("isa() -> str", &isa);
 }
@@ -165,5 +196,6 @@ LW_IMPL(m) {
   m.impl("rows_dot", &rows_dot);
   m.impl("gguf_linear", &gguf_linear);
   m.impl("dequant_rows", &dequant_rows);
+  m.impl("dequant_rows_bf16", &dequant_rows_bf16);
   m.impl("q8_quantize", &q8_quantize);
 }
