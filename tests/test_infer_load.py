@@ -252,6 +252,20 @@ def _model_memory(path: Path) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def test_building_a_model_on_meta_runs_no_initializer_so_imports_no_compiler_stack():
+    """A meta tensor's first `normal_` imports torch's Python decompositions (dynamo, sympy:
+    ~830 modules, 2 s and 74 MB resident), a fixed cost every load paid for a model whose weights
+    are then read from the file. Measured in a fresh process."""
+    probe = ("import sys; from llamaworks.config import ModelConfig; "
+             "from llamaworks.model import Llama; "
+             "Llama(ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, "
+             "hidden_dim=96), device='meta'); "
+             "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["q4_1", "q4_k_m"])
 def test_smollm2_as_stored_keeps_model_memory_about_the_file_size(which, smollm_gguf,

@@ -40,8 +40,8 @@ from llamaworks.infer.quantize import (
     packed_rows,
     quantize_model,
 )
+from llamaworks.memory import return_freed_memory
 from llamaworks.model import Llama
-from llamaworks.train.allocator import return_freed_memory
 
 # GGUF types our kernels run as stored (the GGML_KINDS types by kernels of ggml_types.h), and the
 # `quant` mode that gives back exactly that type's blocks from their float32 dequantization.

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from llamaworks.errors import TokenizerError
+from llamaworks.memory import return_freed_memory
 from llamaworks.tokenizer import chat, gguf_vocab, hf_files, spm, tiktoken_bpe
 
 if TYPE_CHECKING:
@@ -86,7 +87,10 @@ class Tokenizer:
                   ) -> Tokenizer:
         """From a GGUF file (or its metadata dict from `checkpoint.gguf.read_metadata`)."""
         md = gguf_vocab.read_gguf_metadata(path_or_metadata)
-        return cls(**gguf_vocab.tokenizer_kwargs_from_gguf(md))
+        tok = cls(**gguf_vocab.tokenizer_kwargs_from_gguf(md))
+        del md
+        return_freed_memory()  # the vocabulary's lists and merge tables, built and dropped
+        return tok
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:

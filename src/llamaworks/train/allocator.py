@@ -14,22 +14,12 @@ preloading a library. No-op off glibc.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import platform
-import sys
 from collections.abc import Iterator
+
+from llamaworks.memory import libc as _libc
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
-
-
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 @contextlib.contextmanager
@@ -47,12 +37,3 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
         libc.malloc_trim(0)  # give what the block kept back to the kernel
-
-
-def return_freed_memory() -> None:
-    """Give the heap's free pages back to the kernel (glibc's `malloc_trim`, which also releases
-    free pages inside the heap): after a load that copied and freed many medium-sized tensors,
-    resident memory drops back to what is in use. No-op off glibc."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
