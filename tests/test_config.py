@@ -14,6 +14,7 @@ PUBLISHED = {
     "llama2-7b": 6.74e9,
     "llama3-8b": 8.03e9,
     "llama3.2-1b": 1.24e9,
+    "llama3.2-3b": 3.21e9,  # Llama 3.2 model card: "3.21B"
     "llama3.1-8b": 8.03e9,  # Llama 3.1 model card
     "llama3.1-70b": 70.6e9,
     "llama3.1-405b": 405.9e9,

@@ -844,7 +844,7 @@ def _gguf_deepseek2(md: dict[str, Any], n_layers: int, source: str) -> dict[str,
                 attn_scale=attn_scale)
 
 
-_LLAMA3_SCALING_1B = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+_LLAMA3_SCALING_32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _LLAMA3_SCALING_8 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -886,9 +886,15 @@ PRESETS: dict[str, ModelConfig] = {
     # Llama 3.2 1B: 1.24B, tied embeddings, Llama-3 rope scaling (factor 32).
     "llama3.2-1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32,
                                n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0,
-                               rope_scaling=_LLAMA3_SCALING_1B, max_seq_len=131072,
+                               rope_scaling=_LLAMA3_SCALING_32, max_seq_len=131072,
                                tie_embeddings=True, bos_token_id=128000,
                                eos_token_id=[128001, 128008, 128009], name="llama3.2-1b"),
+    # Llama 3.2 3B: 3.21B, the same rope scaling and tied embeddings (its config.json).
+    "llama3.2-3b": ModelConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24,
+                               n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0,
+                               rope_scaling=_LLAMA3_SCALING_32, max_seq_len=131072,
+                               tie_embeddings=True, bos_token_id=128000,
+                               eos_token_id=[128001, 128008, 128009], name="llama3.2-3b"),
     # Llama 3.1 (model cards): 8.03B, 70.6B, 405.9B; 128K context through Llama-3 rope scaling
     # (factor 8), the Meta reference's published shapes (405B: 126 layers, 8 KV heads).
     "llama3.1-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
