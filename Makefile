@@ -25,10 +25,11 @@ test: $(VENV)/.installed-test
 	$(PY) -m ruff check src tests bench
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=40
 
-# The edit loop: unit tests on tiny models (no llama.cpp, no real GGUF, no browser, no torchrun).
+# The edit loop: unit tests on tiny models (no llama.cpp, no real GGUF, no browser, no torchrun,
+# nothing over about a second), on two one-thread workers as make test.
 test-fast: $(VENV)/.installed-test
 	$(PY) -m ruff check src tests bench
-	$(PY) -m pytest -q -m "not slow and not browser"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not browser"
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -212,6 +212,7 @@ def test_smollm2_gguf_template_renders_like_transformers(smollm, smollm_hf, mess
 @pytest.mark.parametrize("extra", [{"date_string": "01 Feb 2025"},
                                    {"date_string": "01 Feb 2025", "tools_in_user_message": False}],
                          ids=["tools_in_user", "tools_in_system"])
+@pytest.mark.slow
 def test_llama3_template_renders_like_transformers(llama3, llama3_hf, messages,
                                                    add_generation_prompt, tools, extra):
     kwargs = dict(add_generation_prompt=add_generation_prompt, tools=tools,
@@ -352,6 +353,7 @@ def test_template_variables_reach_qwen3_as_in_transformers(hf_tokenizer_file, kw
     assert ("</think>" in theirs[-20:]) == (kwargs.get("enable_thinking") is False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("chat", list(REAL_CHATS))
 @pytest.mark.parametrize("tools", [None, TOOLS], ids=["no_tools", "tools"])

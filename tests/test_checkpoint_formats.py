@@ -433,6 +433,7 @@ def test_exported_gguf_runs_in_llama_cpp_with_equal_logits(tmp_path, name, llama
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra_vocab", [0, 64], ids=["exact", "padded"])
 def test_exported_gguf_carries_an_spm_vocabulary(tmp_path, vocab_dir, llama_cpp, extra_vocab):
     """SentencePiece vocabulary (tokens, float scores, int token types, bools) copied through
@@ -602,6 +603,7 @@ def test_rope_freqs_from_other_converters_are_recovered(scaling, head_dim, theta
     assert got == scaling
 
 
+@pytest.mark.slow
 def test_fast_gguf_parser_equals_gguf_reader(vocab_dir):
     """Our parser against the `gguf` package's reader: same key/values, same tensor table."""
     import gguf

@@ -128,6 +128,7 @@ def scheduler(tmp_path_factory) -> str:
             p.wait(timeout=20)
 
 
+@pytest.mark.slow
 def test_dask_local_two_workers_write_the_same_bytes_as_one_process(
         recipe_path, reference, tmp_path, small_chunks, pools):
     prepare(load_recipe(recipe_path), tmp_path / "out", progress=False,
@@ -137,6 +138,7 @@ def test_dask_local_two_workers_write_the_same_bytes_as_one_process(
     _assert_same(tmp_path / "out", reference)
 
 
+@pytest.mark.slow
 def test_an_existing_scheduler_writes_the_same_bytes(recipe_path, reference, tmp_path,
                                                      small_chunks, pools, scheduler):
     host_port = scheduler.removeprefix("tcp://")
@@ -146,6 +148,7 @@ def test_an_existing_scheduler_writes_the_same_bytes(recipe_path, reference, tmp
     _assert_same(tmp_path / "out", reference)
 
 
+@pytest.mark.slow
 def test_cleaning_interrupted_on_a_cluster_resumes_to_the_same_bytes(
         recipe_path, reference, tmp_path, small_chunks, monkeypatch, scheduler):
     out = tmp_path / "out"
@@ -221,6 +224,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_import_llamaworks_are_refused(tmp_path, monkeypatch):
     """A real `dask worker` whose Python has no llamaworks (a sitecustomize hides it)."""
     from distributed import LocalCluster
@@ -267,6 +271,7 @@ def test_executor_forms_parse():
     assert parse_executor("dask-local:3").local == 3
 
 
+@pytest.mark.slow
 def test_an_unreachable_scheduler_exits_2_with_a_message_not_a_hang(
         recipe_path, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(parallel, "CONNECT_TIMEOUT_S", 2.0)
@@ -278,6 +283,7 @@ def test_an_unreachable_scheduler_exits_2_with_a_message_not_a_hang(
     assert "no Dask scheduler answered at tcp://127.0.0.1:9" in err and "dask worker" in err
 
 
+@pytest.mark.slow
 def test_a_scheduler_without_workers_is_a_clear_error(recipe_path, tmp_path, monkeypatch):
     from distributed import LocalCluster
 

@@ -123,6 +123,7 @@ def _record(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_bytes_as_one(recipe_path, reference, tmp_path,
                                                  small_chunks, monkeypatch):
     pools: list[WorkerPool] = []
@@ -140,6 +141,7 @@ def test_two_workers_write_the_same_bytes_as_one(recipe_path, reference, tmp_pat
     _assert_same(tmp_path / "out", reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cleaning_interrupted_mid_source_resumes_to_the_same_bytes(
         recipe_path, reference, tmp_path, small_chunks, monkeypatch, workers):
@@ -190,6 +192,7 @@ def _interrupt_writes(monkeypatch, record: str, checkpoints: int, writes: int) -
     monkeypatch.setattr(ResumableFiles, "write", write)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tokenizing_interrupted_mid_source_resumes_to_the_same_bytes(
         recipe_path, reference, tmp_path, small_chunks, monkeypatch, workers):
@@ -256,6 +259,7 @@ def _damage(out: Path, how: str) -> str:
 @pytest.mark.parametrize("how", ["truncated_record", "garbage_record", "edited_record",
                                  "other_settings", "input_touched", "output_shorter",
                                  "output_changed"])
+@pytest.mark.slow
 def test_a_damaged_progress_record_restarts_the_source_cleanly(
         recipe_path, reference, tmp_path, small_chunks, monkeypatch, how):
     out = tmp_path / "out"
@@ -275,6 +279,7 @@ def test_a_damaged_progress_record_restarts_the_source_cleanly(
     _assert_same(out, reference)
 
 
+@pytest.mark.slow
 def test_a_damaged_token_progress_record_restarts_that_source(
         recipe_path, reference, tmp_path, small_chunks, monkeypatch):
     out = tmp_path / "out"
@@ -305,6 +310,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes via /proc")
 def test_sigkilled_prepare_resumes_to_the_same_bytes_and_leaves_no_workers(
         recipe_path, reference, tmp_path):

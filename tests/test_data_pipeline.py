@@ -23,6 +23,7 @@ def prepared(tmp_path_factory):
     return d / "out", prepare(load_recipe(recipe), d / "out", progress=False), src
 
 
+@pytest.mark.slow
 def test_mixture_weights_are_honoured_within_two_percent_of_tokens(prepared):
     _, m, _ = prepared
     fr = {k: v["fraction"] for k, v in m["sources"].items()}

@@ -47,6 +47,7 @@ def test_jsonl_missing_field_names_the_field_and_the_fix(tmp_path):
         list(read_jsonl(p))
 
 
+@pytest.mark.slow
 def test_parquet_reads_the_text_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

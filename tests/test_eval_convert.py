@@ -28,6 +28,7 @@ HELLASWAG = [
 ]
 
 
+@pytest.mark.slow
 def test_hellaswag_matches_lm_eval_preprocessing():
     import datasets
     from lm_eval.tasks.hellaswag.utils import process_docs

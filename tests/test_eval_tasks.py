@@ -53,6 +53,7 @@ def test_encode_pair_is_lm_evals_encode_pair(smollm_tokenizer):
     assert encode_pair(smollm_tokenizer, "", " start")[0] == [smollm_tokenizer.bos_id]
 
 
+@pytest.mark.slow
 def test_mc_metrics_equal_lm_eval_with_our_adapter(one_thread, tmp_path):
     """`evaluate_mc` and lm-eval's multiple-choice metrics over the adapter agree item by item
     (same model, so this pins the metric definitions: acc, acc_norm by characters)."""

@@ -101,6 +101,7 @@ def _ids(results) -> list[list[int]]:
     return [r.token_ids for r in results]
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_each_prompt_alone_and_transformers(family):
     case, hf, llm = family
     prompts = _prompts()
@@ -114,6 +115,7 @@ def test_batched_greedy_equals_each_prompt_alone_and_transformers(family):
 
 @pytest.mark.parametrize(("case", "mask_fn"), [*((c, "_window_mask") for c in WINDOWED),
                                              ("llama4-chunked", "_chunk_mask")])
+@pytest.mark.slow
 def test_these_prompts_need_the_window(case, mask_fn, tmp_path, monkeypatch):
     """The comparisons above can fail: with the window (Llama 4: the attention chunk) widened
     past the sequence (a decoder that ignores it), the greedy tokens are not transformers' any

@@ -50,6 +50,7 @@ def llm(smollm_tokenizer) -> LLM:
     return LLM(model.eval(), smollm_tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_sampled_output_is_valid_against_its_schema(llm, name):
     schema = SCHEMAS[name]
@@ -73,12 +74,14 @@ def test_without_the_schema_the_same_sampling_is_not_json(llm):
     ({"not": {"type": "string"}}, "not"),
     ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
 ])
+@pytest.mark.slow
 def test_a_schema_it_cannot_enforce_is_refused_naming_the_keyword(llm, schema, keyword):
     with pytest.raises(GrammarError, match=keyword):
         llm.generate(["x"], SamplingParams(json_schema=schema))
     assert not llm.engine.has_work and len(llm.engine.pool.free) == llm.max_batch_size
 
 
+@pytest.mark.slow
 def test_a_lark_grammar_constrains_the_text(llm):
     grammar = r'start: /[0-9]{3}-[a-z]{2}/'
     outs = llm.generate(["Code:"] * 3, [SamplingParams(temperature=1.0, seed=s, max_tokens=20,
@@ -123,6 +126,7 @@ def test_the_forced_call_grammar_accepts_each_formats_own_call_text(llm, fmt):
             bad.advance(t)  # not a declared tool
 
 
+@pytest.mark.slow
 def test_a_lazy_grammar_switches_on_at_the_trigger_and_off_after_the_call(llm):
     """tool_choice "auto": text is free until the output opens a call, then the call must name a
     declared tool with schema-valid arguments, then text is free again. The random model is
@@ -151,6 +155,7 @@ def test_a_lazy_grammar_switches_on_at_the_trigger_and_off_after_the_call(llm):
         assert seq.constraint is None or seq.lazy_from > 0  # free again after the call
 
 
+@pytest.mark.slow
 def test_text_without_the_trigger_stays_free(llm):
     from llamaworks.chat import calls as C
 

@@ -252,6 +252,7 @@ def _model_memory(path: Path) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_building_a_model_on_meta_runs_no_initializer_so_imports_no_compiler_stack():
     """A meta tensor's first `normal_` imports torch's Python decompositions (dynamo, sympy:
     ~830 modules, 2 s and 74 MB resident), a fixed cost every load paid for a model whose weights

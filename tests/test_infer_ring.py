@@ -81,6 +81,7 @@ def test_sliding_layers_hold_ring_slots_and_global_layers_the_context(saved, mon
     assert mistral.cache.k.shape[0] == 0 and mistral.cache.rk.shape[0] == cfg.n_layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-op"])
 @pytest.mark.parametrize("case", WINDOWED)
 def test_ring_decoding_equals_transformers_past_several_wraps(case, fused, saved, monkeypatch):

@@ -142,6 +142,7 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability():
     assert set(draws.tolist()) == {0, 1, 2}  # 0.06 < 0.15 * 0.5 = 0.075
 
 
+@pytest.mark.slow
 def test_sampling_frequencies_follow_softmax_of_logits_over_temperature():
     x = torch.tensor([2.0, 1.0, 0.0, -1.0])
     for t in (0.5, 1.0, 2.0):

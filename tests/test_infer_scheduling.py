@@ -32,6 +32,7 @@ def _run(engine: Engine, prompts: list[str], params: SamplingParams = GREEDY) ->
     return [[s.ids for s in g] for g in groups]
 
 
+@pytest.mark.slow
 def test_chunked_prefill_changes_no_output_token(model):
     want = _run(Engine(model, ByteTokenizer(), cache_mb=0), PROMPTS)
     for chunk in (1, 7, 64):

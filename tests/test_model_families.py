@@ -116,6 +116,7 @@ def _tokens(seed: int = 1, batch: int = 2) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_logits_equal_transformers(pair):
     case, hf, ours, _ = pair
     tokens = _tokens()
@@ -253,6 +254,7 @@ MULTILINGUAL = [
 ]
 
 
+@pytest.mark.slow
 def test_qwen2_tokenizer_json_built_from_llama_cpps_vocab_gives_its_test_ids(vocab_dir, tmp_path):
     """`write_qwen2_tokenizer` (Qwen2's HF tokenizer rebuilt from ggml-vocab-qwen2.gguf) gives
     llama.cpp's expected ids (made by the real Qwen tokenizer) on every .inp/.out case, both as
@@ -413,6 +415,7 @@ def test_fused_decode_step_equals_the_per_op_forward(pair):
         torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4, msg=f"{case} {tier}")
 
 
+@pytest.mark.slow
 def test_lora_on_each_family_merges_and_loads_in_peft_with_equal_logits(pair, tmp_path):
     """LoRA over every projection of each family (Qwen2's biased q/k/v included, and each expert
     of a MoE layer): merging equals the unmerged adapter, and PEFT loads what we save onto

@@ -38,6 +38,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", [True, False])
 def test_softmax_router_picks_and_weighs_as_qwen3_moes_router(norm):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
@@ -81,6 +82,7 @@ def saved(request, tmp_path_factory, smollm_tokenizer):
     return request.param, hf, d
 
 
+@pytest.mark.slow
 def test_score_on_a_saved_moe_directory_equals_transformers_nll(saved, capsys,
                                                                 smollm_tokenizer):
     family, hf, d = saved
@@ -163,6 +165,7 @@ def _tiny_moe(seed: int = 0) -> Llama:
     return m.eval()
 
 
+@pytest.mark.slow
 def test_lora_sft_on_a_moe_model_trains_every_experts_update_and_reloads(tmp_path):
     """`finetune` with LoRA on tiny-moe: held-out loss falls, each expert's low-rank update
     moved (the router sends every expert tokens), the adapter stores one pair per expert under

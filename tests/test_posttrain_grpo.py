@@ -163,6 +163,7 @@ def _fake_tools(monkeypatch) -> list[tuple[str, dict]]:
     return ran
 
 
+@pytest.mark.slow
 def test_rollouts_under_the_call_grammar_make_only_parsable_calls(caller, monkeypatch):
     """Temperature 1 from a model that opens calls but writes their JSON roughly: without the
     grammar some calls are broken (counted, not run); with it every call of a turn the model
@@ -194,6 +195,7 @@ def test_rollouts_under_the_call_grammar_make_only_parsable_calls(caller, monkey
         assert name in params and not validate(arguments, params[name])
 
 
+@pytest.mark.slow
 def test_a_grpo_step_on_suite_problems_samples_under_the_grammar(caller, monkeypatch):
     model, tok = caller
     _fake_tools(monkeypatch)

@@ -166,6 +166,7 @@ def _byte_chat_spans(tok, messages, tools=None, fmt=None):
     return text, out
 
 
+@pytest.mark.slow
 def test_lora_run_lowers_heldout_loss_and_saves_a_loadable_adapter(tmp_path, monkeypatch):
     import llamaworks.posttrain.sft as sft
 
@@ -216,12 +217,14 @@ def _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_after, damag
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in ref]
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path,
                                                                           monkeypatch):
     monkeypatch.setattr("llamaworks.chat.formats.assistant_spans", _byte_chat_spans)
     _assert_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_after=4)
 
 
+@pytest.mark.slow
 def test_resume_skips_a_truncated_state_and_continues_bit_for_bit_from_the_one_before(
         tmp_path, monkeypatch):
     monkeypatch.setattr("llamaworks.chat.formats.assistant_spans", _byte_chat_spans)

@@ -70,6 +70,7 @@ def test_the_suite_has_enough_families_of_each_kind_and_holds_out_about_a_quarte
     assert {f.name for f in T.families("train")} == {f.name for f in T.families("test")}
 
 
+@pytest.mark.slow
 def test_family_split_is_disjoint_in_families_and_in_wording():
     """No family, and no sentence of a question (numbers, names and quoted text masked), is in
     both the training families and the held-out ones; no word 6-gram either, apart from runs of
@@ -90,6 +91,7 @@ def test_family_split_is_disjoint_in_families_and_in_wording():
     assert not grams("train") & grams("heldout")
 
 
+@pytest.mark.slow
 def test_no_two_families_share_a_sentence():
     """Distinct families differ in wording, not only in the nouns they draw."""
     wording = {f.name: set().union(*(_sentences(p.question) for p in
@@ -155,6 +157,7 @@ def test_canonical_calculator_calls_give_the_answer_on_the_real_calculator():
             assert p.calls[-1].result == str(p.answer)
 
 
+@pytest.mark.slow
 def test_canonical_python_calls_print_the_answer_in_the_sandbox():
     from llamaworks.tools.sandbox import SandboxUnavailableError
 

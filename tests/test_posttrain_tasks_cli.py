@@ -64,6 +64,7 @@ def test_task_flags_that_do_not_fit_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tasks_eval_reports_per_family_and_call_validity_with_and_without_grammar(
         tiny_checkpoint, capsys):
     assert main(["tasks", "eval", "--model", str(tiny_checkpoint), "--split", "heldout",
@@ -92,6 +93,7 @@ def test_tasks_eval_json_output(tiny_checkpoint, capsys):
     assert json.loads(capsys.readouterr().out)["runs"]["free"]["grammar"] is False
 
 
+@pytest.mark.slow
 def test_rl_trains_on_the_suite_training_families(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "rl"
     assert main(["rl", "--model", str(tiny_checkpoint), "--tasks", "suite", "--kinds",

@@ -40,6 +40,7 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
                          ids=["even-blocks", "one-block", "odd-blocks", "long-rows",
                               "group-of-4-and-1", "chunks-then-2-and-1", "group-of-4-and-2-and-1",
                               "seven-blocks"])
+@pytest.mark.slow
 @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)], ids=["decode", "batch", "3d"])
 def test_kernel_equals_float64_matmul_with_the_dequantized_weight(tier, fmt, n, k, lead):
     pack, unpack, linear = FORMATS[fmt]
@@ -90,6 +91,7 @@ def test_quantized_linears_use_the_kernels_and_dequantize_consistently():
     assert torch.equal(head.rows(idx), head.dequantize()[idx])
 
 
+@pytest.mark.slow
 def test_custom_ops_trace_as_opaque_calls_under_torch_compile():
     blocks4, blocks8 = kernels.pack_q4_1(_weights(64, 96)), kernels.pack_q8_0(_weights(32, 64))
 

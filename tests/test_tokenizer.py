@@ -108,6 +108,7 @@ def test_llamacpp_expected_ids_for_gpt2_vocab(gpt2, vocab_dir):
 # ----------------------------------------------------------------------------- save / load
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["spm", "gpt2", "smollm"])
 def test_save_loads_in_transformers_with_identical_ids(name, request, tmp_path):
     from transformers import AutoTokenizer
@@ -131,6 +132,7 @@ def test_save_loads_in_transformers_with_identical_ids(name, request, tmp_path):
     assert all(again.encode(t, bos=None) == tok.encode(t, bos=None) for t in TEXTS)
 
 
+@pytest.mark.slow
 def test_load_dispatches_on_what_the_path_is(spm, tiny_spm_model, vocab_dir, tmp_path):
     spm.save(tmp_path / "saved")
     text = "Hello world"
@@ -299,6 +301,7 @@ def test_missing_files_and_bad_ids_raise_tokenizer_error(gpt2, tmp_path):
         gpt2.decode([gpt2.vocab_size])
 
 
+@pytest.mark.slow
 def test_skipping_specials_keeps_tool_call_markers(smollm, tmp_path):
     """A vocabulary where [TOOL_CALLS] is a special token (as Mistral's): decoding with
     skip_special_tokens (what generation returns) keeps it, so the tool-call parser sees the

@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
     return out / "tok"
 
 
+@pytest.mark.slow
 def test_cli_writes_a_tokenizer_that_autotokenizer_loads_with_identical_ids(trained):
     from transformers import AutoTokenizer
 

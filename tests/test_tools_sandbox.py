@@ -102,12 +102,14 @@ def test_starting_processes_is_refused(mode):
     assert "subprocess.Popen is not allowed" in r.stderr
 
 
+@pytest.mark.slow
 def test_infinite_loop_is_killed_by_the_cpu_limit():
     r = run_python("while True:\n    pass", cpu_s=1, wall_s=30)
     assert r.killed_reason == "CPU time limit exceeded (1 s)"
     assert r.exit_code < 0
 
 
+@pytest.mark.slow
 def test_sleeping_code_is_killed_by_the_wall_clock_limit():
     r = run_python("import time\nprint('start', flush=True)\ntime.sleep(60)", wall_s=1)
     assert r.killed_reason == "wall-clock limit exceeded (1 s)"
@@ -128,6 +130,7 @@ def test_huge_output_is_truncated():
     assert "output truncated" in r.stdout and r.stdout.endswith("end\n")
 
 
+@pytest.mark.slow
 def test_python_tool_reports_limits_and_exceptions_as_error_text():
     reg = default_registry("python")
     assert reg.call("python", {"code": "print(2**10)"}) == "1024"
@@ -338,6 +341,7 @@ except SandboxUnavailableError:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["weak", "hooks"])
 def test_without_namespaces_strict_mode_refuses_and_weak_mode_runs(mode):
     """As in a container whose seccomp profile refuses unshare(2) (Docker's default)."""

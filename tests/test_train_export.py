@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
     return d / "o", data, s
 
 
+@pytest.mark.slow
 def test_transformers_loads_the_checkpoint_with_our_score_nll_within_1e_4(trained, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

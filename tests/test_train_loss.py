@@ -140,6 +140,7 @@ print(default, active, sum(kept[1:]), after, off)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_libc() is None, reason="malloc tuning applies to glibc only")
 def test_reused_memory_is_not_page_faulted_again_and_defaults_come_back():
     # a fresh interpreter (one thread): the test process's heap depends on what ran before

@@ -67,6 +67,7 @@ def _imbalance(out, first: int) -> float:
     return worst
 
 
+@pytest.mark.slow
 def test_tiny_moe_learns_well_below_the_unigram_baseline(data, tmp_path):
     s = train(get_preset("tiny-moe"), small_train_config(
         max_steps=300, micro_batch=8, seq_len=64, log_every=10, eval_every=300,
@@ -76,6 +77,7 @@ def test_tiny_moe_learns_well_below_the_unigram_baseline(data, tmp_path):
     assert s["val_bpb"] < 0.8 * s["unigram_bpb"], s  # measured: 2.17 vs 3.39
 
 
+@pytest.mark.slow
 def test_the_aux_loss_keeps_experts_far_more_balanced_than_coefficient_0(runs):
     off, aux = _imbalance(runs["off"], 51), _imbalance(runs["aux"], 51)
     # measured: without balancing the routers collapse (3.9 of the possible 4.0 = E/k), with
@@ -85,6 +87,7 @@ def test_the_aux_loss_keeps_experts_far_more_balanced_than_coefficient_0(runs):
     assert m_aux[100]["aux_loss"] < m_off[100]["aux_loss"]
 
 
+@pytest.mark.slow
 def test_bias_updates_alone_balance_the_routers(runs):
     off, bias = _imbalance(runs["off"], 81), _imbalance(runs["bias"], 81)
     assert bias < 0.5 * off, (off, bias)  # measured: 1.2 vs 3.9
@@ -92,6 +95,7 @@ def test_bias_updates_alone_balance_the_routers(runs):
     assert set(last) == {"1", "2"} and all(v > 0 for v in last.values())
 
 
+@pytest.mark.slow
 def test_the_logged_loss_is_the_pure_lm_loss(runs):
     """Step 1's loss is measured before any update: the same with and without the aux term;
     the aux term's gradient then changes step 2."""
@@ -106,6 +110,7 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow
 def test_metrics_carry_per_layer_expert_load_and_loss_png_a_load_panel(runs, data, tmp_path):
     m = read_metrics(runs["aux"])
     for row in m.values():
@@ -171,6 +176,7 @@ def test_dense_models_get_no_router_balancing_and_a_bias_rate_needs_biases(data,
             train(get_preset(preset), small_train_config(router_bias_rate=1e-3), data, tmp_path)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_keeps_moe_losses_and_loads(data, tmp_path):
     over = dict(max_steps=5, eval_every=5)
     train(get_preset("tiny-moe"), small_train_config(**over), data, tmp_path / "a")

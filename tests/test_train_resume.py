@@ -41,6 +41,7 @@ def _losses(out, steps):
     return [m[s]["loss"] for s in steps]
 
 
+@pytest.mark.slow
 def test_stop_at_20_then_resume_to_40_reproduces_every_loss_and_the_weights(data, straight,
                                                                            tmp_path):
     s = train(get_preset("tiny"), small_train_config(stop_at=20), data, tmp_path)
@@ -101,6 +102,7 @@ DAMAGE = {  # what is damaged -> the step a resume must continue from
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_resume_skips_a_damaged_checkpoint_and_continues_bit_exactly_from_the_newest_intact(
         data, straight, stopped_at_30, tmp_path, damage):
@@ -177,6 +179,7 @@ def _wait_for_checkpoint(proc, out, step, timeout=120):
     pytest.fail("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill-9", "sigterm"])
 def test_a_killed_run_resumes_from_its_last_checkpoint_bit_exactly(data, straight, tmp_path,
                                                                      how):
@@ -204,6 +207,7 @@ def test_activation_checkpointing_changes_memory_not_the_losses(data, straight, 
         assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 * b[s]["loss"]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_trains_like_fp32_and_resumes_bit_exactly(data, straight, tmp_path):
     """`precision="bf16"` really autocasts on CPU (losses differ from fp32 in the low digits),
     learns as well (within 2% at step 40), and its resume is as exact as fp32's."""

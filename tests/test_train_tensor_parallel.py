@@ -189,6 +189,7 @@ def test_what_cannot_split_is_refused_by_name(preset, over, tp, message):
     check_splittable(get_preset("tiny"), 2)  # what can split passes
 
 
+@pytest.mark.slow
 def test_tensor_parallel_refuses_one_process_uneven_ranks_and_expert_parallel(data, tmp_path):
     with pytest.raises(LlamaworksError, match="needs torchrun with a multiple of 2"):
         train(get_preset("tiny"), small_train_config(tensor_parallel=2, max_steps=1),

@@ -172,6 +172,7 @@ def test_missing_espeak_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # -- speak -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("voice", ENGINES)
 def test_speak_writes_a_valid_wav(tmp_path: Path, voice: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,6 +193,7 @@ def test_speak_speed_shortens_the_audio(tmp_path: Path) -> None:
     assert fast < 0.7 * slow
 
 
+@pytest.mark.slow
 def test_piper_at_variation_0_speaks_the_same_text_as_the_same_audio(tmp_path: Path) -> None:
     """Variation 0 turns off piper's sampling noise (same text, same samples); the published
     voice (variation 1) draws new noise for every synthesis."""
@@ -221,6 +223,7 @@ def test_speak_failure_mid_text_keeps_the_old_file(tmp_path: Path,
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.wav"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("voice", ENGINES)
 def test_streaming_yields_the_first_sentence_before_the_last_is_synthesized(
         voice: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -175,6 +175,7 @@ def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_model", refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["missing", "empty", "random", "text", "silence"])
 def test_bad_audio_is_exit_2_and_nothing_is_written(tmp_path, monkeypatch, capsys, kind) -> None:
     _no_model(monkeypatch)
