@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 
 from llamaworks.memory import libc as _libc
+from llamaworks.memory import return_freed_memory
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
@@ -36,4 +37,4 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
-        libc.malloc_trim(0)  # give what the block kept back to the kernel
+        return_freed_memory()  # give what the block kept back to the kernel
