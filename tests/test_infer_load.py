@@ -126,9 +126,11 @@ def test_prompts_score_exactly_as_the_dequantized_model_and_decode_within_kernel
     assert eager.token_ids == got.token_ids
     for g, e in zip(got.logprobs, eager.logprobs, strict=True):
         for t in g.keys() & e.keys():
-            # the same kernels, one op vs per-op: float sum orders differ, and an activation at
-            # an int8 rounding boundary (Q4_0, Q5_0 inputs) may round the other way (0.004 measured)
-            assert abs(g[t] - e[t]) < 1e-2
+            # the same kernels, one op vs per-op: float sum orders differ (norms, attention), so
+            # an activation at an int8 rounding boundary (Q4_0, Q5_0 inputs) may round the other
+            # way, an error of the kind bounded by 0.1 below: 0.004 measured on an Intel Xeon,
+            # 0.013-0.017 on a Zen 4 (the same before and after the 2026-12-04 kernels)
+            assert abs(g[t] - e[t]) < 0.05
     want = LLM(ref, tok).generate("hello there", p)[0]
     assert got.token_ids == want.token_ids
     for g, w in zip(got.logprobs, want.logprobs, strict=True):

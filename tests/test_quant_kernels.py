@@ -350,7 +350,9 @@ def test_int8_activations_are_round_to_nearest_per_block_with_their_sums(tier, b
 
 
 INT8_CASES = [(t, k) for t in INT8_BLOCK for k in (256, 768, 2304)] + [
-    ("Q4_0", 96), ("Q5_0", 96), ("Q5_1", 160)]
+    ("Q4_0", 96), ("Q5_0", 96), ("Q5_1", 160),
+    # blocks in fours (AVX-512) and twos (AVX2), then one to three left over
+    ("Q4_0", 672), ("Q5_0", 704), ("Q5_1", 736), ("Q4_0", 544)]
 
 
 @pytest.mark.parametrize("tier", kernels.host_tiers())

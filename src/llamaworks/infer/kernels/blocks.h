@@ -139,8 +139,8 @@ void quantize_row(const float* x, int64_t k, Layout layout, int16_t* q, float* d
 //   Q4_1 row: nb * 16 bytes of nibbles | nb fp16 d | nb fp16 m     (20 bytes per block)
 //   Q8_0 row: nb * 32 int8               | nb fp16 d                 (34 bytes per block)
 
-// Ask for the weight rows a few groups ahead to be fetched while this group computes (the rows
-// are streamed from memory once per token; the hardware prefetcher alone leaves gaps).
+// Ask for the weight rows a few rows ahead to be fetched while this one computes (F16 rows only:
+// the quantized rows stream one at a time for the hardware prefetcher, matvec.h).
 constexpr int64_t PREFETCH_ROWS = 8;
 inline void prefetch(const uint8_t* p, const uint8_t* end, int64_t bytes) {
   for (int64_t o = 0; o < bytes && p + o < end; o += 64) __builtin_prefetch(p + o, 0, 3);
@@ -228,15 +228,16 @@ inline __m512i pair_index(int64_t i) {
                           _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0));
 }
 
-// Four rows at once: activation loads are shared, four independent accumulators hide latencies,
-// and each row's 16 block scales of a chunk (d_w * d_x) stay in a register for the permutes.
+// R rows at once (the matvec streams one, matvec.h): activation loads are shared, R independent
+// accumulators, and each row's 16 block scales of a chunk (d_w * d_x) stay in a register for
+// the permutes.
 // (always inlined: the one row loop calling both kernels, matvec.h, is ~25% slower otherwise)
-__attribute__((always_inline)) inline void dot4_q4_1(const uint8_t* row, int64_t row_bytes,
+template <int R>
+__attribute__((always_inline)) inline void rows_q4_1(const uint8_t* row, int64_t row_bytes,
                                                     QuantRow x, int64_t nb, float* out) {
-  constexpr int R = 4;
   __m512 acc[R], macc[R], dx[R];
   __m256 acc2[R];
-  float tail[R] = {0.f, 0.f, 0.f, 0.f};
+  float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm512_setzero_ps(), acc2[r] = _mm256_setzero_ps();
   const __m512i low = _mm512_set1_epi16(0x0f), four = _mm512_set1_epi32(4);
   const int64_t full = nb / 4 * 4;
@@ -301,12 +302,12 @@ __attribute__((always_inline)) inline void dot4_q4_1(const uint8_t* row, int64_t
   }
 }
 
-// Q8_0, four rows at once, two blocks (64 weight bytes) per step.
-__attribute__((always_inline)) inline void dot4_q8_0(const uint8_t* row, int64_t row_bytes,
+// Q8_0, R rows at once, two blocks (64 weight bytes) per step.
+template <int R>
+__attribute__((always_inline)) inline void rows_q8_0(const uint8_t* row, int64_t row_bytes,
                                                     QuantRow x, int64_t nb, float* out) {
-  constexpr int R = 4;
   __m512 acc[R], dx[R];
-  float tail[R] = {0.f, 0.f, 0.f, 0.f};
+  float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i two = _mm512_set1_epi32(2);
   const int64_t full = nb / 2 * 2;
@@ -371,13 +372,13 @@ inline __m256i load256(const void* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-// Q4_1, four rows at once, two blocks (32 weight bytes) per step; the mins' part (m * sum(x)) is
+// Q4_1, R rows at once, two blocks (32 weight bytes) per step; the mins' part (m * sum(x)) is
 // added to the same accumulators (only their total is used).
-__attribute__((always_inline)) inline void dot4_q4_1(const uint8_t* row, int64_t row_bytes,
+template <int R>
+__attribute__((always_inline)) inline void rows_q4_1(const uint8_t* row, int64_t row_bytes,
                                                     QuantRow x, int64_t nb, float* out) {
-  constexpr int R = 4;
   __m256 acc[R];
-  float tail[R] = {0.f, 0.f, 0.f, 0.f};
+  float tail[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi16(0x0f);
   const int64_t full = nb / 4 * 4;
@@ -429,10 +430,10 @@ __attribute__((always_inline)) inline void dot4_q4_1(const uint8_t* row, int64_t
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + tail[r];
 }
 
-// Q8_0, four rows at once, one block (32 weight bytes) per step.
-__attribute__((always_inline)) inline void dot4_q8_0(const uint8_t* row, int64_t row_bytes,
+// Q8_0, R rows at once, one block (32 weight bytes) per step.
+template <int R>
+__attribute__((always_inline)) inline void rows_q8_0(const uint8_t* row, int64_t row_bytes,
                                                     QuantRow x, int64_t nb, float* out) {
-  constexpr int R = 4;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const int64_t full = nb / 2 * 2;

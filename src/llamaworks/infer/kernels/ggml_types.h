@@ -4,8 +4,9 @@
 // matvec dots that buffer), as plain loops the compiler vectorizes with each tier's flags.
 // Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matvecs are integer dots over the blocks as stored on int8
 // activations: the K-quants one row at a time (`ggml_int8_dot`, 256-bit code in both vector
-// tiers; Q4_K/Q5_K four rows at a time in 512-bit steps in the AVX-512 tier, `qk4_rows`),
-// Q4_0/Q5_0/Q5_1 four rows at a time (`dot_block32`, 512-bit code in the AVX-512 tier); plain
+// tiers; Q4_K/Q5_K in 512-bit steps in the AVX-512 tier, `qk4_rows`), Q4_0/Q5_0/Q5_1 by
+// `dot_block32` (four blocks per 512-bit step in the AVX-512 tier, two per 256-bit step in
+// AVX2); the kernels take R rows, and the matvec streams one at a time (matvec.h); plain
 // integer loops in the portable tier. Layouts and formulas are llama.cpp's ggml-quants.c ones (the
 // reference is gguf-py's dequantize, which the tests use).
 //
@@ -419,13 +420,12 @@ float q6k_dot(const uint8_t* row, Q8Row x, int64_t k) {
 // -- Q4_0, Q5_0, Q5_1: blocks of 32 weights on int8 activation blocks of 32 -------------------
 // Weight j of a block is d (q_j - 8) (Q4_0: q 0..15), d (q_j - 16) (Q5_0) or d q_j + m (Q5_1),
 // q 0..31 with bit j of the block's 32-bit qh as its fifth bit. The low nibbles of the 16 quant
-// bytes are weights 0-15 and their high nibbles 16-31, so a block's 32 unsigned quants meet its 32
-// activations in order: the integer dot sum(q a) is scaled once per block by s = d dx, and the
-// offset (or the min) comes through the block's activation sum, -8 s bsum, -16 s bsum or
-// m dx bsum, summed apart and added at the end.
-// Rows go R at a time (4, then 1 for the rest of a range): the activations are loaded once for
-// the R rows, whose independent accumulators hide the latencies. The vector tiers read the fp16
-// scales of 16 (AVX-512) or 8 (AVX2) blocks of a row with one gather.
+// bytes are weights 0-15 and their high nibbles 16-31: the vector kernels put several blocks'
+// bytes side by side and the activations in the matching order. The integer dot sum(q a) is
+// scaled once per block by s = d dx, and the offset (or the min) comes through the block's
+// activation sum, -8 s bsum, -16 s bsum or m dx bsum, summed apart and added at the end.
+// The kernels take R rows (activations loaded once for the R rows); the matvec passes one. The
+// vector tiers read the fp16 scales of 16 (AVX-512) or 8 (AVX2) blocks of a row per chunk.
 template <int64_t TYPE>
 struct Block32 {
   static constexpr bool FIVE = TYPE != T_Q4_0, MIN = TYPE == T_Q5_1;
@@ -433,6 +433,21 @@ struct Block32 {
   static constexpr int64_t QH = MIN ? 4 : 2, QS = TYPE == T_Q4_0 ? 2 : MIN ? 8 : 6;
   static constexpr int OFFSET = TYPE == T_Q4_0 ? -8 : MIN ? 0 : -16;
 };
+
+// The fp16 fields at p, p + stride, ... of n <= N blocks as N raw halves (0 past n), by plain
+// loads: a gather here was the first touch of the blocks' cache lines, and on Zen 4 it held the
+// stream while they came from memory (the decode step's hottest instructions under perf).
+template <int N>
+inline void block_halves(const uint8_t* p, int64_t stride, int64_t n, uint16_t* h) {
+  if (n == N) {
+    for (int j = 0; j < N; ++j) std::memcpy(h + j, p + j * stride, 2);
+    return;
+  }
+  for (int j = 0; j < N; ++j) {
+    h[j] = 0;
+    if (j < n) std::memcpy(h + j, p + j * stride, 2);
+  }
+}
 
 #ifdef LW_DOT4
 // acc + the sums in fours of unsigned bytes w times signed bytes a, in int32 lanes (VNNI's
@@ -446,6 +461,16 @@ inline __m256i dot_u8(__m256i acc, __m256i w, __m256i a) {
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
 #endif
+}
+
+// bytes i of 32: 16 where bit i of bits is set, else 0 (byte i <- byte i / 8 of bits, then
+// its bit i % 8)
+inline __m256i bits_as_16(uint32_t bits) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), spread), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), _mm256_set1_epi8(16));
 }
 
 // One block's 32 quants in weight order, as the bytes of a 256-bit vector.
@@ -462,12 +487,7 @@ inline __m256i quants32(const uint8_t* p) {
 #ifdef LW_AVX512
     w = _mm256_mask_add_epi8(w, static_cast<__mmask32>(qh), w, _mm256_set1_epi8(16));
 #else
-    // byte i <- byte i / 8 of qh, then 16 where its bit i % 8 is set
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bits = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-    const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), spread), bits);
-    w = _mm256_or_si256(w, _mm256_and_si256(_mm256_cmpeq_epi8(hb, bits), _mm256_set1_epi8(16)));
+    w = _mm256_or_si256(w, bits_as_16(qh));
 #endif
   }
   return w;
@@ -483,10 +503,22 @@ inline __m512i dot_u8(__m512i w, __m512i a) {
 #endif
 }
 
-// fp16 values in the low halves of 16 int32 lanes -> 16 floats
-inline __m512 fp16_lanes(__m512i h) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)); }
 
-// R rows (stride row_bytes) . x, two blocks (64 weights) per 512-bit step.
+// sum of unsigned bytes wl times signed al plus wh times ah, in fours, as 16 int32 lanes (two
+// vpdpbusd; without VNNI two vpmaddubsw added as int16, which cannot overflow: q <= 31, |a| <= 127)
+inline __m512i dot2_u8(__m512i wl, __m512i al, __m512i wh, __m512i ah) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, al), wh, ah);
+#else
+  return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(wl, al), _mm512_maddubs_epi16(wh, ah)),
+                           _mm512_set1_epi16(1));
+#endif
+}
+
+// R rows (stride row_bytes) . x, four blocks (128 weights) per 512-bit step: the 16 quant bytes
+// of blocks j = 0..3 fill quarter j, so the low nibbles are each block's weights 0-15 and the high
+// ones its weights 16-31; the activations are put in that order once for the R rows (two 64-byte
+// loads, two quarter shuffles), and lanes 4j..4j+3 take block j's scale.
 template <int64_t TYPE, int R>
 void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* out) {
   using T = Block32<TYPE>;
@@ -494,15 +526,9 @@ void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* o
   __m512 acc[R], off[R];
   __m256 acc1[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps(), acc1[r] = _mm256_setzero_ps();
-  const __m512i at = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(T::BYTES)));
-  // the 16-bit lanes of 128-bit quarters 1 and 3 shifted by 4: two blocks' quant bytes, each
-  // twice, become [weights 0-15 | 16-31] of each block
-  constexpr int64_t S = 0x0004000400040004;
-  const __m512i shift = _mm512_setr_epi64(0, 0, S, S, 0, 0, S, S);
   const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
-  const __m512i two = _mm512_set1_epi32(2);
+  const __m512i four = _mm512_set1_epi32(4);
+  alignas(32) uint16_t h[16];
   for (int64_t c = 0; c < nb; c += 16) {
     const int64_t n = std::min<int64_t>(16, nb - c);
     const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
@@ -511,33 +537,42 @@ void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* o
     __m512 s[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = row + r * row_bytes + c * T::BYTES;
-      s[r] = _mm512_mul_ps(fp16_lanes(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, at, p, 1)), xd);
+      block_halves<16>(p, T::BYTES, n, h);
+      s[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h))), xd);
       if (T::MIN) {
-        const __m512 m = fp16_lanes(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, at, p + 2, 1));
+        block_halves<16>(p + 2, T::BYTES, n, h);
+        const __m512 m = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
         off[r] = _mm512_fmadd_ps(m, _mm512_mul_ps(xd, xs), off[r]);
       } else {
         off[r] = _mm512_fmadd_ps(s[r], xs, off[r]);
       }
     }
-    __m512i idx = pair_index(0);
+    __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     int64_t i = 0;
-    for (; i + 2 <= n; i += 2, idx = _mm512_add_epi32(idx, two)) {
-      const __m512i a = _mm512_loadu_si512(x.q + (c + i) * QK);
+    for (; i + 4 <= n; i += 4, idx = _mm512_add_epi32(idx, four)) {
+      const int8_t* a = x.q + (c + i) * QK;
+      const __m512i a01 = _mm512_loadu_si512(a), a23 = _mm512_loadu_si512(a + 64);
+      const __m512i al = _mm512_shuffle_i64x2(a01, a23, 0x88), ah = _mm512_shuffle_i64x2(a01, a23, 0xDD);
       for (int r = 0; r < R; ++r) {
         const uint8_t* p = row + r * row_bytes + (c + i) * T::BYTES;
-        const __m512i z = _mm512_castsi256_si512(_mm256_loadu2_m128i(
-            reinterpret_cast<const __m128i*>(p + T::BYTES + T::QS), reinterpret_cast<const __m128i*>(p + T::QS)));
-        __m512i w = _mm512_and_si512(_mm512_srlv_epi16(_mm512_shuffle_i64x2(z, z, 0x50), shift), low);
-        if (T::FIVE) {
-          uint32_t h0, h1;
-          std::memcpy(&h0, p + T::QH, 4), std::memcpy(&h1, p + T::BYTES + T::QH, 4);
-          w = _mm512_mask_add_epi8(w, static_cast<__mmask64>(h0) | static_cast<__mmask64>(h1) << 32, w, sixteen);
+        __m512i q = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + T::QS)));
+        q = _mm512_inserti32x4(q, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + T::BYTES + T::QS)), 1);
+        q = _mm512_inserti32x4(q, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * T::BYTES + T::QS)), 2);
+        q = _mm512_inserti32x4(q, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 3 * T::BYTES + T::QS)), 3);
+        __m512i wl = _mm512_and_si512(q, low), wh = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+        if (T::FIVE) {  // bits 0-15 of block j's qh are its weights 0-15, bits 16-31 weights 16-31
+          uint64_t ml = 0, mh = 0;
+          for (int j = 0; j < 4; ++j) {
+            uint32_t h;
+            std::memcpy(&h, p + j * T::BYTES + T::QH, 4);
+            ml |= static_cast<uint64_t>(h & 0xFFFF) << (16 * j), mh |= static_cast<uint64_t>(h >> 16) << (16 * j);
+          }
+          wl = _mm512_mask_add_epi8(wl, ml, wl, sixteen), wh = _mm512_mask_add_epi8(wh, mh, wh, sixteen);
         }
-        // lanes 0-7 are block i's sums, 8-15 block i + 1's
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8(w, a)), _mm512_permutexvar_ps(idx, s[r]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_u8(wl, al, wh, ah)), _mm512_permutexvar_ps(idx, s[r]), acc[r]);
       }
     }
-    if (i < n) {  // a single last block
+    for (; i < n; ++i) {  // the last one to three blocks, one at a time
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (c + i) * QK));
       const __m512i one = _mm512_set1_epi32(static_cast<int>(i));
       for (int r = 0; r < R; ++r) {
@@ -555,42 +590,68 @@ void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* o
 }
 
 #elif defined(LW_AVX2)
-// fp16 values in the low halves of 8 int32 lanes -> 8 floats
-inline __m256 fp16_lanes(__m256i h) {
-  const __m256i u = _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);
-  return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+
+// as the AVX-512 dot2_u8, in 8 int32 lanes
+inline __m256i dot2_u8(__m256i wl, __m256i al, __m256i wh, __m256i ah) {
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  return dot_u8(dot_u8(_mm256_setzero_si256(), wl, al), wh, ah);
+#else
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(wl, al), _mm256_maddubs_epi16(wh, ah)),
+                           _mm256_set1_epi16(1));
+#endif
 }
 
-// R rows (stride row_bytes) . x, one block (32 weights) per 256-bit step.
+// R rows (stride row_bytes) . x, two blocks (64 weights) per 256-bit step, in the AVX-512
+// kernel's order: block j's 16 quant bytes in half j, its low nibbles weights 0-15.
 template <int64_t TYPE, int R>
 void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* out) {
   using T = Block32<TYPE>;
   const int64_t nb = k / QK;
   __m256 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i at = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(T::BYTES)));
+  const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi32(2);
+  alignas(16) uint16_t h[8];
   for (int64_t c = 0; c < nb; c += 8) {
     const int64_t n = std::min<int64_t>(8, nb - c);
-    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
     const __m256 xd = load_f32x8(x.d + c, n);
     alignas(16) int16_t bs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(bs, x.bsum + c, static_cast<size_t>(n) * 2);
     const __m256 xs = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bs))));
     __m256 s[R];
     for (int r = 0; r < R; ++r) {
-      const int* p = reinterpret_cast<const int*>(row + r * row_bytes + c * T::BYTES);
-      s[r] = _mm256_mul_ps(fp16_lanes(_mm256_mask_i32gather_epi32(_mm256_setzero_si256(), p, at, live, 1)), xd);
+      const uint8_t* p = row + r * row_bytes + c * T::BYTES;
+      block_halves<8>(p, T::BYTES, n, h);
+      s[r] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h))), xd);
       if (T::MIN) {
-        const int* pm = reinterpret_cast<const int*>(row + r * row_bytes + c * T::BYTES + 2);
-        const __m256 m = fp16_lanes(_mm256_mask_i32gather_epi32(_mm256_setzero_si256(), pm, at, live, 1));
+        block_halves<8>(p + 2, T::BYTES, n, h);
+        const __m256 m = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
         off[r] = _mm256_fmadd_ps(m, _mm256_mul_ps(xd, xs), off[r]);
       } else {
         off[r] = _mm256_fmadd_ps(s[r], xs, off[r]);
       }
     }
-    for (int64_t i = 0; i < n; ++i) {
+    __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2, idx = _mm256_add_epi32(idx, two)) {
+      const int8_t* a = x.q + (c + i) * QK;
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + QK));
+      const __m256i al = _mm256_permute2x128_si256(a0, a1, 0x20), ah = _mm256_permute2x128_si256(a0, a1, 0x31);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = row + r * row_bytes + (c + i) * T::BYTES;
+        const __m256i q = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + T::BYTES + T::QS),
+                                              reinterpret_cast<const __m128i*>(p + T::QS));
+        __m256i wl = _mm256_and_si256(q, low), wh = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+        if (T::FIVE) {
+          uint32_t h0, h1;
+          std::memcpy(&h0, p + T::QH, 4), std::memcpy(&h1, p + T::BYTES + T::QH, 4);
+          wl = _mm256_or_si256(wl, bits_as_16((h0 & 0xFFFF) | (h1 << 16)));
+          wh = _mm256_or_si256(wh, bits_as_16((h0 >> 16) | (h1 & 0xFFFF0000u)));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8(wl, al, wh, ah)), _mm256_permutevar8x32_ps(s[r], idx), acc[r]);
+      }
+    }
+    if (i < n) {  // a single last block
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (c + i) * QK));
       const __m256i one = _mm256_set1_epi32(static_cast<int>(i));
       for (int r = 0; r < R; ++r) {
@@ -743,16 +804,6 @@ void qk4_rows(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* 
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) - hsum4(accm[r]);
 }
 #endif
-
-// Whether a K-quant kind has a kernel for four rows at once in this tier.
-inline bool kquant_rows4(int64_t kind) {
-#ifdef LW_AVX512
-  return kind == GGML_KIND + T_Q4_K || kind == GGML_KIND + T_Q5_K;
-#else
-  (void)kind;
-  return false;
-#endif
-}
 
 // R rows (stride row_bytes) of a K-quant matrix . x -> out[R].
 template <int R>

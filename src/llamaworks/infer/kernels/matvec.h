@@ -208,31 +208,36 @@ inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t 
   const uint8_t* end = m.data + m.rows * m.row_bytes;
   float* yc = y + s.col;
   const bool q8b = ggml_q8b_kernel(m.kind), q8k = ggml_q8k_kernel(m.kind);
-  if (q8b || q8k) {  // integer dots over the blocks as stored, on int8 activation blocks: four
-    // rows at a time, then one by one
-    auto rows = [&](auto r_count, int64_t i) {
-      constexpr int R = decltype(r_count)::value;
+  // Quantized rows go one at a time, each streamed start to end, with no software prefetch: a
+  // thread's rows are one sequential stream the hardware prefetcher follows. Four rows at a time
+  // (sharing the activation loads) interleave four streams per thread; on an AMD EPYC Zen 4 that
+  // left 3B decode at 8.7 tok/s (Q4_0) against 14-17 one row at a time (BENCHMARKS 2026-12-04).
+  if (q8b || q8k) {  // integer dots over the blocks as stored, on int8 activation blocks
+    for (int64_t i = r0; i < r1; ++i) {
       const uint8_t* w = m.data + i * m.row_bytes;
-      float v[R];
       for (int64_t b = s.b0; b < b1; ++b) {
-        if (q8b) dot_block32<R>(m.kind, w, m.row_bytes, in.rowb(b), K, v);
-        else kquant_rows<R>(m.kind, w, m.row_bytes, in.rowk(b), K, v);
-        for (int r = 0; r < R; ++r) yc[b * ldy + i + r] = v[r];
+        float v;
+        if (q8b) dot_block32<1>(m.kind, w, m.row_bytes, in.rowb(b), K, &v);
+        else kquant_rows<1>(m.kind, w, m.row_bytes, in.rowk(b), K, &v);
+        yc[b * ldy + i] = v;
       }
-    };
-    int64_t i = r0;
-    if (q8b || kquant_rows4(m.kind)) {
-      for (; i + 4 <= r1; i += 4) {
-        prefetch(m.data + (i + PREFETCH_ROWS) * m.row_bytes, end, 4 * m.row_bytes);
-        rows(std::integral_constant<int, 4>{}, i);
-      }
-    }
-    for (; i < r1; ++i) {  // (a one-row kernel: each row's prefetch before it, as streamed best)
-      prefetch(m.data + (i + PREFETCH_ROWS) * m.row_bytes, end, m.row_bytes);
-      rows(std::integral_constant<int, 1>{}, i);
     }
     return;
   }
+#ifdef LW_DOT4
+  if (m.kind == KQ4_1 || m.kind == KQ8_0) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const uint8_t* w = m.data + i * m.row_bytes;
+      for (int64_t b = s.b0; b < b1; ++b) {
+        float v;
+        if (m.kind == KQ4_1) rows_q4_1<1>(w, m.row_bytes, in.row4(b), nb, &v);
+        else rows_q8_0<1>(w, m.row_bytes, in.row8(b), nb, &v);
+        yc[b * ldy + i] = v;
+      }
+    }
+    return;
+  }
+#endif
   if (is_ggml_kind(m.kind)) {  // F16: each row decoded into a buffer, then one dot per input row
     thread_local std::vector<float> buf;
     if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
@@ -248,8 +253,6 @@ inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t 
   float four[4];
   for (; i + 4 <= r1; i += 4) {
     const uint8_t* w = m.data + i * m.row_bytes;
-    if (m.kind == KQ4_1 || m.kind == KQ8_0)
-      prefetch(w + PREFETCH_ROWS * m.row_bytes, end, 4 * m.row_bytes);
     for (int64_t b = s.b0; b < b1; ++b) {
       switch (m.kind) {
         case F32:
@@ -258,19 +261,11 @@ inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t 
         case BF16:
           dot4_bf16(reinterpret_cast<const uint16_t*>(w), K, x + b * K, K, four);
           break;
-        case KQ4_1:
-#ifdef LW_DOT4
-          dot4_q4_1(w, m.row_bytes, in.row4(b), nb, four);
-#else
+        case KQ4_1:  // (the portable tier's Q4_1 and Q8_0)
           for (int r = 0; r < 4; ++r) four[r] = dot_q4_1(w + r * m.row_bytes, in.row4(b), nb);
-#endif
           break;
         default:
-#ifdef LW_DOT4
-          dot4_q8_0(w, m.row_bytes, in.row8(b), nb, four);
-#else
           for (int r = 0; r < 4; ++r) four[r] = dot_q8_0(w + r * m.row_bytes, in.row8(b), nb);
-#endif
       }
       for (int r = 0; r < 4; ++r) yc[b * ldy + i + r] = four[r];
     }
