@@ -188,14 +188,14 @@ def test_prompt_gemms_are_float32_outside_fast_prompt_and_bf16_inside_when_asked
         assert torch.equal(block_linear(x, blocks, kind, None), exact)
 
 
-def test_auto_prompt_gemm_is_bf16_only_on_the_avx512_tier_with_amx(monkeypatch):
+def test_auto_prompt_gemm_is_bf16_only_on_the_avx512_tier_with_bf16_hardware(monkeypatch):
     monkeypatch.delenv("LLAMAWORKS_PROMPT_GEMM", raising=False)
     assert prompt_gemm_dtype("avx512") == torch.float32  # outside fast_prompt: always exact
-    for amx, tier, want in [(True, "avx512", torch.bfloat16), (True, "avx2", torch.float32),
-                            (True, "scalar", torch.float32), (False, "avx512", torch.float32)]:
-        monkeypatch.setattr("llamaworks.infer.quantize._amx_bf16", lambda amx=amx: amx)
+    for hw, tier, want in [(True, "avx512", torch.bfloat16), (True, "avx2", torch.float32),
+                           (True, "scalar", torch.float32), (False, "avx512", torch.float32)]:
+        monkeypatch.setattr("llamaworks.infer.quantize._bf16_gemm_hardware", lambda hw=hw: hw)
         with fast_prompt():
-            assert prompt_gemm_dtype(tier) == want, (amx, tier)
+            assert prompt_gemm_dtype(tier) == want, (hw, tier)
     monkeypatch.setenv("LLAMAWORKS_PROMPT_GEMM", "int3")
     with fast_prompt(), pytest.raises(ValueError, match="LLAMAWORKS_PROMPT_GEMM='int3'"):
         prompt_gemm_dtype()

@@ -90,9 +90,11 @@ _FAST_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_prompt
 
 
 @functools.cache
-def _amx_bf16() -> bool:
-    """Whether this CPU has AMX's bf16 tiles and PyTorch's oneDNN will use bf16 GEMMs."""
-    return "amx_bf16" in kernels._cpu_flags().split() and bool(
+def _bf16_gemm_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX's bf16 tiles or AVX-512-BF16's
+    vdpbf16ps) and PyTorch's oneDNN will use bf16 GEMMs."""
+    flags = kernels._cpu_flags().split()
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and bool(
         torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -101,8 +103,9 @@ def prompt_gemm_dtype(tier: str | None = None) -> torch.dtype:
     `fast_prompt()` (outside it: float32, exact, as the dequantized model computes it: scoring,
     evaluation, prompt log-probabilities). `LLAMAWORKS_PROMPT_GEMM`: `fp32`; `bf16` (weights,
     activations and the GEMM's output rounded to bfloat16, float32 accumulation: oneDNN's
-    kernels); `auto` (default): bf16 where the CPU has AMX-BF16 and the kernel tier is avx512
-    (its tiles run the GEMM 6-7x faster than float32 there, BENCHMARKS.md), else fp32."""
+    kernels); `auto` (default): bf16 where the CPU has AMX-BF16 or AVX-512-BF16 and the kernel
+    tier is avx512 (prefill 2.4x float32's on a Zen 4, AMX's tiles 6-7x on a Xeon: BENCHMARKS.md),
+    else fp32."""
     if not _FAST_PROMPT.get():
         return torch.float32
     want = os.environ.get("LLAMAWORKS_PROMPT_GEMM", "auto").strip().lower() or "auto"
@@ -110,7 +113,7 @@ def prompt_gemm_dtype(tier: str | None = None) -> torch.dtype:
         raise ValueError(f"LLAMAWORKS_PROMPT_GEMM={want!r}: choose one of "
                          f"{', '.join(PROMPT_GEMMS)}")
     if want == "auto":
-        want = "bf16" if (tier or kernels.tier()) == "avx512" and _amx_bf16() else "fp32"
+        want = "bf16" if (tier or kernels.tier()) == "avx512" and _bf16_gemm_hardware() else "fp32"
     return torch.bfloat16 if want == "bf16" else torch.float32
 
 
