@@ -495,14 +495,6 @@ inline __m256i quants32(const uint8_t* p) {
 #endif
 
 #ifdef LW_AVX512
-inline __m512i dot_u8(__m512i w, __m512i a) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-#else
-  return _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1));
-#endif
-}
-
 
 // sum of unsigned bytes wl times signed al plus wh times ah, in fours, as 16 int32 lanes (two
 // vpdpbusd; without VNNI two vpmaddubsw added as int16, which cannot overflow: q <= 31, |a| <= 127)
@@ -563,9 +555,9 @@ void dot_b32(const uint8_t* row, int64_t row_bytes, Q8Row x, int64_t k, float* o
         if (T::FIVE) {  // bits 0-15 of block j's qh are its weights 0-15, bits 16-31 weights 16-31
           uint64_t ml = 0, mh = 0;
           for (int j = 0; j < 4; ++j) {
-            uint32_t h;
-            std::memcpy(&h, p + j * T::BYTES + T::QH, 4);
-            ml |= static_cast<uint64_t>(h & 0xFFFF) << (16 * j), mh |= static_cast<uint64_t>(h >> 16) << (16 * j);
+            uint32_t qh;
+            std::memcpy(&qh, p + j * T::BYTES + T::QH, 4);
+            ml |= static_cast<uint64_t>(qh & 0xFFFF) << (16 * j), mh |= static_cast<uint64_t>(qh >> 16) << (16 * j);
           }
           wl = _mm512_mask_add_epi8(wl, ml, wl, sixteen), wh = _mm512_mask_add_epi8(wh, mh, wh, sixteen);
         }

@@ -5,7 +5,6 @@
 // (`matvec_segments`).
 #pragma once
 
-#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
