@@ -211,32 +211,27 @@ inline void segment_rows(const Input& in, const Segment& s, int64_t r0, int64_t 
   // thread's rows are one sequential stream the hardware prefetcher follows. Four rows at a time
   // (sharing the activation loads) interleave four streams per thread; on an AMD EPYC Zen 4 that
   // left 3B decode at 8.7 tok/s (Q4_0) against 14-17 one row at a time (BENCHMARKS 2026-12-04).
-  if (q8b || q8k) {  // integer dots over the blocks as stored, on int8 activation blocks
-    for (int64_t i = r0; i < r1; ++i) {
-      const uint8_t* w = m.data + i * m.row_bytes;
-      for (int64_t b = s.b0; b < b1; ++b) {
-        float v;
-        if (q8b) dot_block32<1>(m.kind, w, m.row_bytes, in.rowb(b), K, &v);
-        else kquant_rows<1>(m.kind, w, m.row_bytes, in.rowk(b), K, &v);
-        yc[b * ldy + i] = v;
-      }
-    }
-    return;
-  }
 #ifdef LW_DOT4
-  if (m.kind == KQ4_1 || m.kind == KQ8_0) {
+  const bool own = m.kind == KQ4_1 || m.kind == KQ8_0;  // our Q4_1/Q8_0 rows' vector kernels
+#else
+  const bool own = false;
+#endif
+  if (q8b || q8k || own) {
     for (int64_t i = r0; i < r1; ++i) {
       const uint8_t* w = m.data + i * m.row_bytes;
       for (int64_t b = s.b0; b < b1; ++b) {
-        float v;
-        if (m.kind == KQ4_1) rows_q4_1<1>(w, m.row_bytes, in.row4(b), nb, &v);
+        float v = 0.f;
+        if (q8b) dot_block32<1>(m.kind, w, m.row_bytes, in.rowb(b), K, &v);  // int8 activations
+        else if (q8k) kquant_rows<1>(m.kind, w, m.row_bytes, in.rowk(b), K, &v);
+#ifdef LW_DOT4
+        else if (m.kind == KQ4_1) rows_q4_1<1>(w, m.row_bytes, in.row4(b), nb, &v);
         else rows_q8_0<1>(w, m.row_bytes, in.row8(b), nb, &v);
+#endif
         yc[b * ldy + i] = v;
       }
     }
     return;
   }
-#endif
   if (is_ggml_kind(m.kind)) {  // F16: each row decoded into a buffer, then one dot per input row
     thread_local std::vector<float> buf;
     if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
